@@ -1,0 +1,36 @@
+# make demo: quick-start study on CPU (< 3 min); make test: the whole suite.
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Multi-device code is exercised on CPU through forced host devices.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m experiments.shuffling_rates --config configs/shuffling_rates.py:quick
+
+# pytest exits 5 when it collects nothing: report that as its own failure, never as a pass.
+test: $(STAMP)
+	@$(BIN)/python -m pytest -n 2 --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
+	exit $$rc
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-build-isolation grab-sampler==0.1.3
+	$(BIN)/python -m benchmarks.shuffling_overhead
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

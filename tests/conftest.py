@@ -1,0 +1,26 @@
+"""Test-wide JAX settings: 8 forced CPU devices and key-reuse checking.
+
+XLA_FLAGS must be set before JAX initialises its backends, hence at import time here.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_debug_key_reuse", True)
+
+
+@pytest.fixture
+def x64():
+    """Run a test in float64 (rates are measured down to ~1e-12), restoring the setting after."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
