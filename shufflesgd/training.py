@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from shufflesgd.problems import FiniteSum
@@ -45,6 +46,15 @@ def first_nonfinite(values: jax.Array) -> jax.Array:
     return jnp.where(bad.any(axis=-1), jnp.argmax(bad, axis=-1), -1)
 
 
+def check_learning_rate(learning_rate: Any) -> None:
+    """Raise ``ValueError`` for a negative or non-finite learning rate (no-op on tracers)."""
+    if isinstance(learning_rate, jax.core.Tracer):
+        return
+    values = np.asarray(learning_rate, dtype=float)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"learning_rate must be finite and non-negative, got {learning_rate!r}")
+
+
 def make_sgd_run(
     problem: FiniteSum,
     scheme: ShufflingScheme,
@@ -63,7 +73,9 @@ def make_sgd_run(
     ``optimizer`` is any factory from a (traced) learning rate to an optax transform,
     e.g. ``optax.sgd``, ``optax.adam`` or ``lambda lr: optax.sgd(schedule(lr))``.
 
-    All arguments are validated here, before anything is traced.
+    All arguments are validated here, before anything is traced; ``run`` checks a
+    concrete ``learning_rate`` (a traced one is the caller's to check, with
+    :func:`check_learning_rate`, before the sweep is compiled).
     """
     if scheme.num_examples != problem.num_examples:
         raise ValueError(
@@ -89,6 +101,7 @@ def make_sgd_run(
         return jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), scheme_state
 
     def run(key: jax.Array, x0: jax.Array, learning_rate: jax.Array) -> SGDResult:
+        check_learning_rate(learning_rate)
         opt = optimizer(learning_rate)
 
         def step(carry, batch):
