@@ -172,21 +172,28 @@ def logistic_regression(features: Any, labels: Any, l2: float) -> FiniteSum:
     )
 
 
+def _streams(seed: int) -> list[np.random.Generator]:
+    """Independent NumPy streams for weights, features and noise, so that the instance
+    with ``n`` rows is the first ``n`` rows of any larger one (nested instances)."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
+
+
 def synthetic_regression(
     seed: int, n: int, d: int, noise: float = 1.0, condition: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian features with covariance spectrum from 1 down to ``1/condition``, noisy targets.
 
     Returns ``(features [n, d], targets [n])`` with ``b = A x_true + noise * z``.  Built
-    with NumPy from an integer seed so that the same instance can be rebuilt anywhere.
+    with NumPy from an integer seed so that the same instance can be rebuilt anywhere;
+    the instance with ``n`` rows is the first ``n`` rows of any larger one.
     """
     if n <= 0 or d <= 0:
         raise ValueError(f"n and d must be positive, got n={n}, d={d}")
-    rng = np.random.default_rng(seed)
+    weights_rng, features_rng, noise_rng = _streams(seed)
+    x_true = weights_rng.standard_normal(d)
     scales = np.geomspace(1.0, 1.0 / condition, d) ** 0.5
-    a = rng.standard_normal((n, d)) * scales
-    x_true = rng.standard_normal(d)
-    b = a @ x_true + noise * rng.standard_normal(n)
+    a = features_rng.standard_normal((n, d)) * scales
+    b = a @ x_true + noise * noise_rng.standard_normal(n)
     return a, b
 
 
@@ -194,12 +201,12 @@ def synthetic_classification(seed: int, n: int, d: int, margin: float = 1.0) -> 
     """Gaussian features and ±1 labels drawn from a logistic model with weight norm ``margin``."""
     if n <= 0 or d <= 0:
         raise ValueError(f"n and d must be positive, got n={n}, d={d}")
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((n, d)) / np.sqrt(d)
-    w = rng.standard_normal(d)
+    weights_rng, features_rng, noise_rng = _streams(seed)
+    w = weights_rng.standard_normal(d)
     w *= margin * np.sqrt(d) / np.linalg.norm(w)
+    a = features_rng.standard_normal((n, d)) / np.sqrt(d)
     p = 1.0 / (1.0 + np.exp(-(a @ w)))
-    y = np.where(rng.uniform(size=n) < p, 1.0, -1.0)
+    y = np.where(noise_rng.uniform(size=n) < p, 1.0, -1.0)
     return a, y
 
 

@@ -67,3 +67,14 @@ def test_component_losses_vectorise_and_jit():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_synthetic_instances_are_nested_in_n():
+    a_small, b_small = problems.synthetic_regression(3, 10, 4)
+    a_big, b_big = problems.synthetic_regression(3, 25, 4)
+    np.testing.assert_array_equal(a_small, a_big[:10])
+    np.testing.assert_array_equal(b_small, b_big[:10])
+    f_small, y_small = problems.synthetic_classification(3, 10, 4)
+    f_big, y_big = problems.synthetic_classification(3, 25, 4)
+    np.testing.assert_array_equal(f_small, f_big[:10])
+    np.testing.assert_array_equal(y_small, y_big[:10])

@@ -1,0 +1,45 @@
+"""Config for experiments/shuffling_rates.py.
+
+Variants: ``configs/shuffling_rates.py`` (the full study) and
+``configs/shuffling_rates.py:quick`` (the `make demo` quick-start, < 3 min on 2 CPU cores).
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(variant: str = "full") -> ConfigDict:
+    config = ConfigDict()
+    config.problem = "logistic_regression"  # or "least_squares"
+    config.n = 32  # components in the K sweep
+    config.dim = 4
+    config.l2 = 0.05  # ridge / logistic regularisation (mu for logistic regression)
+    config.noise = 1.0  # least squares target noise
+    config.margin = 2.0  # logistic regression weight norm
+    config.data_seed = 0  # the problem instance
+    config.schemes = [
+        "with_replacement",
+        "random_reshuffle",
+        "single_shuffle",
+        "incremental",
+        "flipflop",
+        "grab_mean_balance",
+        "grab_pair_balance",
+    ]
+    config.epochs = [32, 64, 128, 256, 512, 1024]
+    config.n_values = [16, 32, 64, 128, 256]
+    config.n_sweep_epochs = 256
+    config.num_seeds = 32
+    config.step_size_c = 3.0  # eta = c log(nK) / (mu n K)
+    config.batch_size = 1
+    config.init_offset = 1.0  # x0 = x* + init_offset
+    config.seed = 0  # shuffling randomness
+    config.x64 = True  # rates are measured down to ~1e-10
+    config.results_dir = "results"
+    if variant == "quick":
+        config.epochs = [32, 64, 128, 256]
+        config.n_values = [16, 32, 64, 128]
+        config.n_sweep_epochs = 128
+        config.num_seeds = 16
+    elif variant != "full":
+        raise ValueError(f"config variant must be 'full' or 'quick', got {variant!r}")
+    return config

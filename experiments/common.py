@@ -1,0 +1,61 @@
+"""What every experiment script shares: the results folder, JSON/CSV output, slope fits."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import pathlib
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from ml_collections import ConfigDict
+
+
+def results_folder(config: ConfigDict, name: str) -> pathlib.Path:
+    """``<config.results_dir>/<name>/<UTC timestamp>/``, created, holding ``config.json``."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    folder = pathlib.Path(config.results_dir) / name / stamp
+    folder.mkdir(parents=True, exist_ok=False)
+    (folder / "config.json").write_text(config.to_json(indent=2) + "\n")
+    return folder
+
+
+def write_json(path: pathlib.Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=_to_builtin) + "\n")
+
+
+def write_csv(path: pathlib.Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` (NaN if any ``y`` is not positive)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if np.any(~np.isfinite(y)) or np.any(y <= 0):
+        return float("nan")
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def check_choice(field: str, value: str, allowed: Iterable[str]) -> None:
+    """``ValueError`` naming the config field when ``value`` is not one of ``allowed``."""
+    allowed = sorted(allowed)
+    if value not in allowed:
+        raise ValueError(f"config.{field} must be one of {allowed}, got {value!r}")
+
+
+def check_positive_ints(field: str, values: Any) -> None:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+        raise ValueError(f"config.{field} must be positive integers, got {values!r}")

@@ -1,0 +1,203 @@
+r"""Rate separation of shuffling schemes on strongly convex finite sums.
+
+For each scheme, run SGD for K epochs with the theory's step size
+:math:`\eta = c\log(nK)/(\mu n K)` and measure the final suboptimality :math:`f(x_K)-f_*`,
+averaged over seeds (all seeds and all K in one vmapped call).  Fit the log-log slope
+against K (fixed n) and against n (fixed K) and print them next to the exponents of the
+upper bounds:
+
+=================  ======  ======  ==========================================
+scheme             K       n       source
+=================  ======  ======  ==========================================
+with replacement   -1      -1      e.g. Mishchenko, Khaled, Richtárik 2020
+random reshuffle   -2      -1      Mishchenko et al. 2020, Thm. 1
+single shuffle     -2      -1      Mishchenko et al. 2020, Thm. 3
+incremental        -2       0      Mishchenko et al. 2020, Thm. 3
+GraB               -2      -2      Lu, Guo, De Sa 2022, Thm. 2
+=================  ======  ======  ==========================================
+
+Run: ``python -m experiments.shuffling_rates --config configs/shuffling_rates.py``
+(``:quick`` for the demo; override any field with ``--config.<field>=<value>``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+from absl import app
+from ml_collections import ConfigDict, config_flags
+from tqdm.auto import tqdm
+
+from experiments import common
+from shufflesgd import problems, shuffling, training
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+NAME = "shuffling_rates"
+
+# Exponents of K and n in the upper bounds for eta = c log(nK) / (mu n K); None: no bound stated.
+THEORY: dict[str, tuple[float | None, float | None]] = {
+    "with_replacement": (-1.0, -1.0),
+    "random_reshuffle": (-2.0, -1.0),
+    "single_shuffle": (-2.0, -1.0),
+    "incremental": (-2.0, 0.0),
+    "flipflop": (-2.0, None),
+    "grab_mean_balance": (-2.0, -2.0),
+    "grab_pair_balance": (-2.0, -2.0),
+}
+
+PROBLEMS = ("least_squares", "logistic_regression")
+
+
+def build_problem(config: ConfigDict, n: int) -> problems.FiniteSum:
+    """The config's finite sum with ``n`` components (same generator for every n)."""
+    if config.problem == "least_squares":
+        a, b = problems.synthetic_regression(config.data_seed, n, config.dim, noise=config.noise)
+        return problems.least_squares(a, b, l2=config.l2)
+    a, y = problems.synthetic_classification(config.data_seed, n, config.dim, margin=config.margin)
+    return problems.logistic_regression(a, y, l2=config.l2)
+
+
+def validate(config: ConfigDict) -> None:
+    """Check every field before anything is built or compiled."""
+    common.check_choice("problem", config.problem, PROBLEMS)
+    for scheme in config.schemes:
+        common.check_choice("schemes", scheme, THEORY)
+    common.check_positive_ints("epochs", list(config.epochs))
+    common.check_positive_ints("n_values", list(config.n_values))
+    for field in ("n", "dim", "num_seeds", "n_sweep_epochs", "batch_size"):
+        common.check_positive_ints(field, config[field])
+    for n in [config.n, *config.n_values]:
+        shuffling.check_batch_size(n, config.batch_size)
+    if len(config.epochs) < 2 or len(config.n_values) < 2:
+        raise ValueError("config.epochs and config.n_values need at least two values to fit a slope")
+    if not config.step_size_c > 0:
+        raise ValueError(f"config.step_size_c must be positive, got {config.step_size_c}")
+
+
+def final_suboptimality(
+    problem: problems.FiniteSum, scheme_name: str, epochs: list[int], config: ConfigDict
+) -> np.ndarray:
+    """``f(x_K) - f*`` per seed and per K, shape ``[num_seeds, len(epochs)]``.
+
+    One compiled program runs ``max(epochs)`` epochs for every (seed, K) pair with K's
+    step size, and reads the suboptimality after epoch K.
+    """
+    scheme = shuffling.make_scheme(scheme_name, problem.num_examples)
+    run = training.make_sgd_run(
+        problem, scheme, num_epochs=max(epochs), batch_size=config.batch_size
+    )
+    learning_rates = jnp.array(
+        [training.theory_step_size(problem, k, c=config.step_size_c) for k in epochs]
+    )
+    training.check_learning_rate(learning_rates)
+    keys = jax.random.split(jax.random.key(config.seed), config.num_seeds)
+    x0 = problem.x_star + config.init_offset
+    sweep = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, None, 0)), in_axes=(0, None, None)))
+    curves = np.asarray(sweep(keys, x0, learning_rates).suboptimality)
+    return np.stack([curves[:, i, k - 1] for i, k in enumerate(epochs)], axis=1)
+
+
+def summarise(values: np.ndarray) -> dict[str, list[float]]:
+    """Mean and Monte Carlo standard error over seeds (axis 0)."""
+    return {
+        "mean": values.mean(axis=0).tolist(),
+        "stderr": (values.std(axis=0, ddof=1) / np.sqrt(values.shape[0])).tolist(),
+    }
+
+
+def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
+    fig, (by_k, by_n) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for scheme, result in metrics["schemes"].items():
+        by_k.errorbar(config.epochs, result["by_epochs"]["mean"], yerr=result["by_epochs"]["stderr"],
+                      marker="o", ms=3, label=f"{scheme} ({result['slope_epochs']:+.2f})")
+        by_n.errorbar(config.n_values, result["by_n"]["mean"], yerr=result["by_n"]["stderr"],
+                      marker="o", ms=3, label=f"{scheme} ({result['slope_n']:+.2f})")
+    for axis, xlabel, title in (
+        (by_k, "epochs K", f"n = {config.n}"),
+        (by_n, "components n", f"K = {config.n_sweep_epochs}"),
+    ):
+        axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="f(x_K) - f*", title=title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.suptitle(f"{config.problem}: step size c·log(nK)/(μnK), c = {config.step_size_c}, "
+                 f"{config.num_seeds} seeds (legend: fitted slope)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    def fmt(value: float | None) -> str:
+        return "   —" if value is None else f"{value:+5.2f}"
+
+    lines = [f"{'scheme':20s} {'K slope':>8s} {'theory':>7s} {'n slope':>8s} {'theory':>7s}"]
+    for scheme, result in metrics["schemes"].items():
+        k_theory, n_theory = THEORY[scheme]
+        lines.append(
+            f"{scheme:20s} {result['slope_epochs']:+8.2f} {fmt(k_theory):>7s} "
+            f"{result['slope_n']:+8.2f} {fmt(n_theory):>7s}"
+        )
+    return "\n".join(lines)
+
+
+def run(config: ConfigDict) -> dict[str, Any]:
+    """Run the study; return the metrics and write them, the table and the figure."""
+    validate(config)
+    jax.config.update("jax_enable_x64", bool(config.x64))
+    folder = common.results_folder(config, NAME)
+    epochs, n_values = list(config.epochs), list(config.n_values)
+    base = build_problem(config, config.n)
+    by_n_problems = {n: build_problem(config, n) for n in n_values}
+    metrics: dict[str, Any] = {"problem": config.problem, "mu": float(base.mu),
+                               "smoothness": float(base.smoothness), "schemes": {}}
+    with tqdm(total=len(config.schemes) * (1 + len(n_values)), desc=NAME) as bar:
+        for scheme in config.schemes:
+            by_epochs = final_suboptimality(base, scheme, epochs, config)
+            bar.update()
+            by_n = []
+            for n in n_values:
+                by_n.append(final_suboptimality(by_n_problems[n], scheme, [config.n_sweep_epochs], config)[:, 0])
+                bar.update()
+            by_n = np.stack(by_n, axis=1)
+            metrics["schemes"][scheme] = {
+                "by_epochs": summarise(by_epochs),
+                "by_n": summarise(by_n),
+                "slope_epochs": common.loglog_slope(epochs, by_epochs.mean(axis=0)),
+                "slope_n": common.loglog_slope(n_values, by_n.mean(axis=0)),
+                "theory_epochs": THEORY[scheme][0],
+                "theory_n": THEORY[scheme][1],
+            }
+    table = format_table(metrics)
+    common.write_json(folder / "metrics.json", metrics)
+    common.write_csv(
+        folder / "slopes.csv",
+        ["scheme", "slope_epochs", "theory_epochs", "slope_n", "theory_n"],
+        [[s, r["slope_epochs"], r["theory_epochs"], r["slope_n"], r["theory_n"]]
+         for s, r in metrics["schemes"].items()],
+    )
+    (folder / "slopes.txt").write_text(table + "\n")
+    draw(metrics, config, folder / "figure.png")
+    print(table)
+    print(f"results: {folder}")
+    metrics["folder"] = str(folder)
+    return metrics
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("pass --config configs/shuffling_rates.py")
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

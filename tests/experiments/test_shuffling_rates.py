@@ -1,0 +1,59 @@
+"""The rates study end to end on a small instance: outputs written, slopes as the theory says."""
+
+import json
+
+import pytest
+
+from configs import shuffling_rates as config_module
+from experiments import shuffling_rates
+
+
+def small_config(tmp_path, **overrides):
+    config = config_module.get_config("quick")
+    config.n = 16
+    config.epochs = [32, 64, 128, 256]
+    config.n_values = [8, 16, 32, 64]
+    config.n_sweep_epochs = 128
+    config.num_seeds = 16
+    config.schemes = ["with_replacement", "random_reshuffle", "incremental", "grab_pair_balance"]
+    config.results_dir = str(tmp_path)
+    config.update(overrides)
+    return config
+
+
+def test_small_study_writes_results_and_separates_the_rates(tmp_path, x64):
+    metrics = shuffling_rates.run(small_config(tmp_path))
+    folder = tmp_path / "shuffling_rates"
+    (run_folder,) = list(folder.iterdir())
+    for name in ("config.json", "metrics.json", "slopes.csv", "slopes.txt", "figure.png"):
+        assert (run_folder / name).stat().st_size > 0
+    saved = json.loads((run_folder / "metrics.json").read_text())
+    assert set(saved["schemes"]) == {"with_replacement", "random_reshuffle", "incremental", "grab_pair_balance"}
+    slopes = {s: (r["slope_epochs"], r["slope_n"]) for s, r in metrics["schemes"].items()}
+    # Tolerances stated against the theory exponents (K, n): with replacement (-1, -1),
+    # RR (-2, -1), IG (-2, 0), GraB (-2, -2); see the module docstring.
+    assert -1.4 < slopes["with_replacement"][0] < -0.6, slopes
+    assert slopes["random_reshuffle"][0] < -1.7, slopes
+    assert -2.5 < slopes["incremental"][0] < -1.5, slopes
+    assert -2.6 < slopes["grab_pair_balance"][0] < -1.6, slopes
+    assert -1.5 < slopes["with_replacement"][1] < -0.6, slopes
+    assert slopes["incremental"][1] > -0.8, slopes
+    assert slopes["grab_pair_balance"][1] < -1.6, slopes
+    assert slopes["grab_pair_balance"][1] < slopes["random_reshuffle"][1] - 0.4, slopes
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"problem": "bogus"}, "config.problem must be one of"),
+        ({"schemes": ["random_reshuffle", "bogus"]}, "config.schemes must be one of"),
+        ({"epochs": [32]}, "at least two values"),
+        ({"epochs": [0, 32]}, "config.epochs must be positive integers"),
+        ({"batch_size": 3}, "does not divide"),
+        ({"step_size_c": -1.0}, "config.step_size_c must be positive"),
+    ],
+)
+def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        shuffling_rates.run(small_config(tmp_path, **overrides))
+    assert not (tmp_path / "shuffling_rates").exists()
