@@ -357,8 +357,9 @@ def piecewise_quadratic(
 
     This is the key one-dimensional piece of the random-reshuffling lower bound of Cha, Lee
     & Yun, "Tighter Lower Bounds for Shuffling SGD: Random Permutations and Beyond", ICML
-    2023 (arXiv:2303.07160), Thm. 3.1, whose :math:`\Omega(L G^2/(\mu^2 n K^2))` bound is
-    built on components with curvature :math:`L` on one side of the optimum and
+    2023 (arXiv:2303.07160), Thm. 3.1, whose :math:`\Omega(1/(nK^2))`-order bound (with its
+    :math:`\kappa` dependence) is built on components with curvature :math:`L` on one side
+    of the optimum and
     :math:`\mu` on the other plus :math:`\pm G x`; Rajput, Gupta & Papailiopoulos, "Closing
     the convergence gap of SGD without replacement", ICML 2020 (arXiv:2002.10400), Thm. 2,
     first proved :math:`\Omega(1/(nK^2))` for smooth strongly convex sums with a 1-D
@@ -389,3 +390,133 @@ def piecewise_quadratic(
         smoothness=_float(float(smoothness)),
         component_loss=_piecewise_quadratic_loss,
     )
+
+
+# ------------------------------------------------------------------ distributed sums
+
+
+@struct.dataclass
+class DistributedSum:
+    r"""A finite sum split over workers: :math:`f = \frac1n\sum_i f_i`,
+    :math:`f_i(x) = \frac1m\sum_j \ell(x, \text{example}_{ij})`.
+
+    Attributes:
+      data: pytree of arrays with leading axes ``[num_workers, m]``.
+      x_star, f_star, mu: optimum, minimum and strong convexity of ``f``.
+      smoothness: ``L``, the smoothness constant of ``f``.
+      worker_smoothness: ``[num_workers]``, the smoothness constants ``L_i`` of the ``f_i``.
+      component_loss: ``(x, example) -> scalar``, static.
+    """
+
+    data: PyTree
+    x_star: jax.Array
+    f_star: jax.Array
+    mu: jax.Array
+    smoothness: jax.Array
+    worker_smoothness: jax.Array
+    component_loss: Callable[[jax.Array, PyTree], jax.Array] = struct.field(pytree_node=False)
+
+    @property
+    def num_workers(self) -> int:
+        return jax.tree.leaves(self.data)[0].shape[0]
+
+    @property
+    def examples_per_worker(self) -> int:
+        return jax.tree.leaves(self.data)[0].shape[1]
+
+    def worker_loss(self, x: jax.Array, worker_data: PyTree, indices: jax.Array | None = None) -> jax.Array:
+        """``f_i(x)`` from one worker's data (or the mean over ``indices`` of it)."""
+        if indices is not None:
+            worker_data = jax.tree.map(lambda leaf: leaf[indices], worker_data)
+        return jnp.mean(jax.vmap(self.component_loss, in_axes=(None, 0))(x, worker_data))
+
+    def worker_gradients(self, x: jax.Array, indices: jax.Array | None = None) -> jax.Array:
+        """``[num_workers, ...]`` gradients of the ``f_i`` at ``x`` (minibatch ``indices[i]``
+        of worker ``i`` when given, an ``[num_workers, b]`` integer array)."""
+        grad = jax.grad(self.worker_loss)
+        if indices is None:
+            return jax.vmap(grad, in_axes=(None, 0))(x, self.data)
+        return jax.vmap(grad, in_axes=(None, 0, 0))(x, self.data, indices)
+
+    def loss(self, x: jax.Array) -> jax.Array:
+        return jnp.mean(jax.vmap(self.worker_loss, in_axes=(None, 0))(x, self.data))
+
+    def gradient(self, x: jax.Array) -> jax.Array:
+        return jax.grad(self.loss)(x)
+
+    def suboptimality(self, x: jax.Array) -> jax.Array:
+        return self.loss(x) - self.f_star
+
+
+def _split_rows(num_rows: int, num_workers: int, order: np.ndarray) -> np.ndarray:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers <= 0:
+        raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+    if num_rows % num_workers:
+        raise ValueError(f"num_workers={num_workers} does not divide the {num_rows} examples")
+    return order.reshape(num_workers, num_rows // num_workers)
+
+
+def _distribute(problem: FiniteSum, groups: np.ndarray, curvature: float) -> DistributedSum:
+    """Split a linear-model FiniteSum (data ``(features, targets, l2)``) into worker groups.
+
+    ``L_i = curvature * lambda_max(A_i^T A_i / m) + l2`` and ``L = curvature *
+    lambda_max(A^T A / N) + l2`` (curvature 1 for squared loss, 1/4 for logistic loss).
+    """
+    features = np.asarray(problem.data[0], np.float64)
+    l2 = float(np.asarray(problem.data[2])[0])
+    worker_features = features[groups]
+    worker_smoothness = np.array(
+        [curvature * np.linalg.eigvalsh(a.T @ a / len(a))[-1] + l2 for a in worker_features]
+    )
+    smoothness = curvature * np.linalg.eigvalsh(features.T @ features / len(features))[-1] + l2
+    return DistributedSum(
+        data=jax.tree.map(lambda leaf: leaf[groups], problem.data),
+        x_star=problem.x_star,
+        f_star=problem.f_star,
+        mu=problem.mu,
+        smoothness=_float(smoothness),
+        worker_smoothness=_float(worker_smoothness),
+        component_loss=problem.component_loss,
+    )
+
+
+def distributed_least_squares(
+    features: Any, targets: Any, num_workers: int, l2: float = 0.0
+) -> DistributedSum:
+    """:func:`least_squares` with consecutive rows split evenly over ``num_workers``.
+
+    Make the workers heterogeneous by how the rows are ordered (e.g. scale the rows of
+    each block, :func:`heterogeneous_regression`)."""
+    problem = least_squares(features, targets, l2)
+    groups = _split_rows(problem.num_examples, num_workers, np.arange(problem.num_examples))
+    return _distribute(problem, groups, curvature=1.0)
+
+
+def distributed_logistic_regression(
+    features: Any, labels: Any, num_workers: int, l2: float, *, split_by_label: bool = False
+) -> DistributedSum:
+    """:func:`logistic_regression` split over ``num_workers``: consecutive rows, or sorted by
+    label first (``split_by_label=True``) so that workers see different classes."""
+    problem = logistic_regression(features, labels, l2)
+    order = np.arange(problem.num_examples)
+    if split_by_label:
+        order = np.argsort(np.asarray(labels), kind="stable")
+    groups = _split_rows(problem.num_examples, num_workers, order)
+    return _distribute(problem, groups, curvature=0.25)
+
+
+def heterogeneous_regression(
+    seed: int, num_workers: int, examples_per_worker: int, d: int, spread: float, noise: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Regression data whose per-worker smoothness spans ``spread`` (``L_max / L_min``).
+
+    Worker ``i``'s rows (features and targets) are scaled by :math:`\sqrt{s_i}` with
+    :math:`s_i` log-spaced over :math:`[1, \text{spread}]`, so :math:`L_i \propto s_i`:
+    the setting where EF21-W's :math:`L_{AM}` beats EF21's :math:`L_{QM}`.
+    Rows come in worker order (pass the result to :func:`distributed_least_squares`).
+    """
+    if spread < 1:
+        raise ValueError(f"spread must be at least 1, got spread={spread}")
+    a, b = synthetic_regression(seed, num_workers * examples_per_worker, d, noise=noise)
+    scale = np.sqrt(np.repeat(np.geomspace(1.0, spread, num_workers), examples_per_worker))
+    return a * scale[:, None], b * scale

@@ -1,4 +1,4 @@
-r"""One jitted SGD driver for finite sums, fed by any shuffling scheme and optax optimizer.
+r"""Jitted drivers: shuffling SGD on finite sums, and compressed methods on distributed sums.
 
 :func:`make_sgd_run` closes over the static choices (problem structure, scheme, number of
 epochs, batch size, optimizer family) and returns a pure function
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shufflesgd.problems import FiniteSum
-from shufflesgd.shuffling import ShufflingScheme, check_batch_size, minibatches
+from shufflesgd.error_feedback import ErrorFeedback
+from shufflesgd.problems import DistributedSum, FiniteSum
+from shufflesgd.shuffling import ShufflingScheme, check_batch_size, make_scheme, minibatches
 
 PyTree = Any
 OptimizerFactory = Callable[[jax.Array], optax.GradientTransformation]
@@ -137,3 +138,93 @@ def theory_step_size(problem: FiniteSum, num_epochs: int, c: float = 2.0) -> flo
     """
     n = problem.num_examples
     return float(c * jnp.log(n * num_epochs) / (problem.mu * n * num_epochs))
+
+
+class DistributedResult(NamedTuple):
+    """What one compressed distributed run returns (per-step arrays of length ``num_steps``).
+
+    Attributes:
+      params: the final model.
+      grad_norm_sq: ``||∇f(x_t)||^2`` after each step.
+      suboptimality: ``f(x_t) - f*`` after each step.
+      bits_up: cumulative bits sent per worker (uplink) after each step.
+      bits_down: cumulative bits broadcast by the server after each step.
+      diverged_step: the first step (0-based) whose model is not finite, or ``-1``.
+    """
+
+    params: jax.Array
+    grad_norm_sq: jax.Array
+    suboptimality: jax.Array
+    bits_up: jax.Array
+    bits_down: jax.Array
+    diverged_step: jax.Array
+
+
+def make_distributed_run(
+    problem: DistributedSum,
+    method: ErrorFeedback,
+    *,
+    num_steps: int,
+    batch_size: int | None = None,
+    scheme: str = "random_reshuffle",
+) -> Callable[[jax.Array, jax.Array, jax.Array], DistributedResult]:
+    r"""Build ``run(key, x0, step_size) -> DistributedResult`` for a compressed method.
+
+    Each step the ``n`` workers evaluate their gradients at ``method.query(state)`` and
+    ``method.step`` compresses, aggregates and updates.  With ``batch_size=None`` the
+    workers use full local gradients; otherwise each worker takes minibatches of
+    ``batch_size`` of its ``m`` examples in the order of its own shuffling ``scheme``
+    (any non-herding scheme of :mod:`shufflesgd.shuffling`), which makes EF21 into
+    EF21-SGD; ``num_steps`` must then be whole epochs of ``m / batch_size`` steps.
+    Step ``t`` uses ``fold_in(key, t)``, so the randomness does not depend on how the
+    loop is split.  The step size is a traced argument.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
+        raise ValueError(f"num_steps must be a positive int, got num_steps={num_steps!r}")
+    m = problem.examples_per_worker
+    if batch_size is None:
+        steps_per_epoch, local_scheme = 1, None
+    else:
+        steps_per_epoch = check_batch_size(m, batch_size)
+        local_scheme = make_scheme(scheme, m)
+        if local_scheme.uses_gradients:
+            raise ValueError(f"scheme={scheme!r} herds gradients; use a non-herding scheme for EF21-SGD")
+    if num_steps % steps_per_epoch:
+        raise ValueError(
+            f"num_steps={num_steps} must be a multiple of the {steps_per_epoch} steps of a local epoch"
+        )
+    n = problem.num_workers
+
+    def run(key: jax.Array, x0: jax.Array, step_size: jax.Array) -> DistributedResult:
+        check_learning_rate(step_size)
+        init_key, order_key, step_key = jax.random.split(key, 3)
+        state = method.init(init_key, x0, n)
+
+        def one_step(state, inputs):
+            t, indices = inputs
+            grads = problem.worker_gradients(method.query(state), indices)
+            state, info = method.step(state, grads, jax.random.fold_in(step_key, t), step_size)
+            metrics = (optax.tree.norm(problem.gradient(state.x), squared=True),
+                       problem.suboptimality(state.x), info.bits_up, info.bits_down)
+            return state, metrics
+
+        def epoch(carry, first_step):
+            state, orders = carry
+            steps = first_step + jnp.arange(steps_per_epoch)
+            orders, epoch_orders = jax.vmap(local_scheme.next_epoch)(orders)
+            batches = jnp.swapaxes(jax.vmap(lambda o: minibatches(o, batch_size))(epoch_orders), 0, 1)
+            state, metrics = jax.lax.scan(one_step, state, (steps, batches))
+            return (state, orders), metrics
+
+        if local_scheme is None:
+            state, metrics = jax.lax.scan(one_step, state, (jnp.arange(num_steps), None))
+        else:
+            orders = jax.vmap(lambda i: local_scheme.init(jax.random.fold_in(order_key, i), None))(jnp.arange(n))
+            firsts = jnp.arange(0, num_steps, steps_per_epoch)
+            (state, _), metrics = jax.lax.scan(epoch, (state, orders), firsts)
+            metrics = jax.tree.map(lambda v: v.reshape(num_steps), metrics)
+        grad_norm_sq, subopt, bits_up, bits_down = metrics
+        return DistributedResult(state.x, grad_norm_sq, subopt, jnp.cumsum(bits_up),
+                                 jnp.cumsum(bits_down), first_nonfinite(grad_norm_sq))
+
+    return run

@@ -1,0 +1,389 @@
+r"""Error feedback for compressed distributed gradient methods, as pure ``(init, step)`` pairs.
+
+``n`` workers hold :math:`f_1, \dots, f_n` and minimise :math:`f = \frac1n\sum_i f_i`.
+Each method is an :class:`ErrorFeedback` triple over an :class:`EFState` whose per-worker
+fields carry a leading axis ``n``:
+
+* ``init(key, x0, num_workers) -> state``;
+* ``query(state)``: the point at which the workers evaluate their gradients (the model
+  ``x``, or for bidirectional compression the workers' copy ``w``);
+* ``step(state, worker_grads, key, step_size) -> (state, info)`` with ``worker_grads`` the
+  ``[n, ...]`` gradients at ``query(state)``.
+
+Per-worker work is ``vmap``-ped over the leading axis and the only cross-worker operation
+is the average of the compressed messages, so the same step runs on one device or with
+the worker axis sharded over a mesh (``shufflesgd.parallel``).  Per-worker randomness is
+``fold_in(key, worker)``, independent of how workers are laid out.  Hyper-parameters
+(``step_size``, participation probability) may be traced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from shufflesgd import compression
+from shufflesgd.compression import Compressor
+
+PyTree = Any
+
+
+class EFState(NamedTuple):
+    """State of an error-feedback method (``None`` for the fields a method does not use).
+
+    Attributes:
+      x: the server's model.
+      shadow: the workers' copy ``w`` of the model (EF21-BC), else ``None``.
+      memory: per-worker ``[n, ...]`` memory: ``g_i`` (EF21 family) or the error ``e_i``
+        (EF14).
+      estimate: the server's gradient estimate ``g`` (EF21 family).
+      compressor_state: per-worker compressor states (PowerSGD's factor), leading axis ``n``.
+      server_compressor_state: the downlink compressor's state (EF21-BC).
+      step: number of steps taken.
+    """
+
+    x: PyTree
+    shadow: PyTree
+    memory: PyTree
+    estimate: PyTree
+    compressor_state: PyTree
+    server_compressor_state: PyTree
+    step: jax.Array
+
+
+class EFInfo(NamedTuple):
+    """Diagnostics of one step.
+
+    Attributes:
+      bits_up: bits sent by one worker this step, averaged over workers.
+      bits_down: bits broadcast by the server this step.
+      participants: how many workers sent a message.
+    """
+
+    bits_up: jax.Array
+    bits_down: jax.Array
+    participants: jax.Array
+
+
+class ErrorFeedback(NamedTuple):
+    """A compressed distributed method: ``init``, ``query`` and ``step`` (see module doc)."""
+
+    name: str
+    init: Callable[[jax.Array, PyTree, int], EFState]
+    query: Callable[[EFState], PyTree]
+    step: Callable[[EFState, PyTree, jax.Array, jax.Array], tuple[EFState, EFInfo]]
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def worker_keys(key: jax.Array, num_workers: int) -> jax.Array:
+    """``fold_in(key, i)`` for each worker ``i``: a worker's randomness is its own."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_workers))
+
+
+def _stack(tree: PyTree, num_workers: int) -> PyTree:
+    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_workers, *jnp.shape(leaf))), tree)
+
+
+def _zeros_per_worker(x: PyTree, num_workers: int) -> PyTree:
+    return _stack(optax.tree.zeros_like(x), num_workers)
+
+
+def _mean_over_workers(tree: PyTree, weights: jax.Array | None = None) -> PyTree:
+    if weights is None:
+        return jax.tree.map(lambda leaf: jnp.mean(leaf, axis=0), tree)
+    return jax.tree.map(lambda leaf: jnp.tensordot(weights, leaf, axes=1), tree)
+
+
+def _num_workers(tree: PyTree) -> int:
+    return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _compress_each(
+    compressor: Compressor, keys: jax.Array, vectors: PyTree, states: PyTree, leafwise: bool
+) -> tuple[PyTree, PyTree]:
+    return jax.vmap(lambda k, v, s: compression.compress_tree(compressor, k, v, s, leafwise))(
+        keys, vectors, states
+    )
+
+
+def _init_compressor_states(
+    compressor: Compressor, key: jax.Array, x0: PyTree, num_workers: int, leafwise: bool
+) -> PyTree:
+    return jax.vmap(lambda k: compression.init_tree(compressor, k, x0, leafwise))(
+        worker_keys(key, num_workers)
+    )
+
+
+def _check_num_workers(num_workers: int) -> None:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers <= 0:
+        raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+
+
+def _uplink_bits(compressor: Compressor, x: PyTree, leafwise: bool) -> int:
+    return compression.tree_bits(compressor, x, leafwise)
+
+
+def _dense_bits(x: PyTree) -> int:
+    return compression.FLOAT_BITS * sum(int(np.size(leaf)) for leaf in jax.tree.leaves(x))
+
+
+def _info(bits_up: Any, bits_down: Any, participants: Any) -> EFInfo:
+    return EFInfo(jnp.asarray(bits_up, jnp.float32), jnp.asarray(bits_down, jnp.float32),
+                  jnp.asarray(participants, jnp.int32))
+
+
+def _sgd_update(x: PyTree, direction: PyTree, step_size: jax.Array) -> PyTree:
+    return jax.tree.map(lambda p, g: p - step_size * g, x, direction)
+
+
+# ------------------------------------------------------------------ methods
+
+
+def compressed_gd(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
+    r"""Distributed compressed gradient descent, no error feedback:
+    :math:`x \leftarrow x - \gamma\frac1n\sum_i C(\nabla f_i(x))`.
+
+    With a biased compressor such as Top-k this can diverge even on strongly convex
+    quadratics (Beznosikov, Horváth, Richtárik, Safaryan 2020, "On Biased Compression for
+    Distributed Learning", Example 1), which error feedback repairs.  With an unbiased
+    compressor it is DCGD (Khirirat, Feyzmahdavian, Johansson 2018).
+    """
+
+    def init(key: jax.Array, x0: PyTree, num_workers: int) -> EFState:
+        _check_num_workers(num_workers)
+        states = _init_compressor_states(compressor, key, x0, num_workers, leafwise)
+        return EFState(x0, None, None, None, states, None, jnp.zeros((), jnp.int32))
+
+    def step(state: EFState, grads: PyTree, key: jax.Array, step_size: jax.Array):
+        n = _num_workers(grads)
+        messages, states = _compress_each(compressor, worker_keys(key, n), grads, state.compressor_state, leafwise)
+        x = _sgd_update(state.x, _mean_over_workers(messages), step_size)
+        new = state._replace(x=x, compressor_state=states, step=state.step + 1)
+        return new, _info(_uplink_bits(compressor, state.x, leafwise), _dense_bits(state.x), n)
+
+    return ErrorFeedback("compressed_gd", init, lambda s: s.x, step)
+
+
+def ef14(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
+    r"""EF14 / EF-SGD: error accumulation.
+
+    Seide et al. (2014), "1-Bit Stochastic Gradient Descent ..."; Karimireddy, Rebjock,
+    Stich, Jaggi (ICML 2019), "Error Feedback Fixes SignSGD", Alg. 2 (EF-SGD); Stich &
+    Karimireddy (2020), distributed form.  Each worker keeps the error :math:`e_i`:
+
+    .. math:: p_i = \gamma\nabla f_i(x) + e_i,\quad c_i = C(p_i),\quad e_i \leftarrow p_i - c_i,
+              \quad x \leftarrow x - \tfrac1n\textstyle\sum_i c_i.
+
+    The step size enters before compression, so ``step_size`` must be the same every step
+    for the error to stay consistent.  With stochastic gradients this is EF-SGD.
+    """
+
+    def init(key: jax.Array, x0: PyTree, num_workers: int) -> EFState:
+        _check_num_workers(num_workers)
+        states = _init_compressor_states(compressor, key, x0, num_workers, leafwise)
+        return EFState(x0, None, _zeros_per_worker(x0, num_workers), None, states, None,
+                       jnp.zeros((), jnp.int32))
+
+    def step(state: EFState, grads: PyTree, key: jax.Array, step_size: jax.Array):
+        n = _num_workers(grads)
+        corrected = jax.tree.map(lambda g, e: step_size * g + e, grads, state.memory)
+        messages, states = _compress_each(compressor, worker_keys(key, n), corrected, state.compressor_state, leafwise)
+        errors = optax.tree.sub(corrected, messages)
+        x = optax.tree.sub(state.x, _mean_over_workers(messages))
+        new = state._replace(x=x, memory=errors, compressor_state=states, step=state.step + 1)
+        return new, _info(_uplink_bits(compressor, state.x, leafwise), _dense_bits(state.x), n)
+
+    return ErrorFeedback("ef14", init, lambda s: s.x, step)
+
+
+def _ef21_family(
+    name: str,
+    compressor: Compressor,
+    leafwise: bool,
+    weights: jax.Array | None = None,
+    participation: float | jax.Array | None = None,
+    server_compressor: Compressor | None = None,
+) -> ErrorFeedback:
+    """EF21 and its variants share one step; the options switch the variant on."""
+
+    def init(key: jax.Array, x0: PyTree, num_workers: int) -> EFState:
+        _check_num_workers(num_workers)
+        if weights is not None and np.shape(weights) != (num_workers,):
+            raise ValueError(
+                f"weights must have shape ({num_workers},) for num_workers={num_workers}, got {np.shape(weights)}"
+            )
+        worker_key, server_key = jax.random.split(key)
+        states = _init_compressor_states(compressor, worker_key, x0, num_workers, leafwise)
+        server_state = None
+        if server_compressor is not None:
+            server_state = compression.init_tree(server_compressor, server_key, x0, leafwise)
+        zeros = optax.tree.zeros_like(x0)
+        return EFState(
+            x=x0,
+            shadow=x0 if server_compressor is not None else None,
+            memory=_zeros_per_worker(x0, num_workers),
+            estimate=zeros,
+            compressor_state=states,
+            server_compressor_state=server_state,
+            step=jnp.zeros((), jnp.int32),
+        )
+
+    def query(state: EFState) -> PyTree:
+        return state.x if server_compressor is None else state.shadow
+
+    def step(state: EFState, grads: PyTree, key: jax.Array, step_size: jax.Array):
+        n = _num_workers(grads)
+        uplink_key, participation_key, downlink_key = jax.random.split(key, 3)
+        if weights is not None:  # EF21-W: worker i compresses grad_i / (n w_i)
+            grads = jax.tree.map(lambda g: g / (n * weights.reshape((n,) + (1,) * (g.ndim - 1))), grads)
+        differences = optax.tree.sub(grads, state.memory)
+        messages, states = _compress_each(compressor, worker_keys(uplink_key, n), differences,
+                                          state.compressor_state, leafwise)
+        if participation is None:
+            active = jnp.ones((n,), bool)
+        else:  # EF21-PP: each worker joins independently with probability p
+            active = jax.random.uniform(participation_key, (n,)) < participation
+        messages = jax.tree.map(
+            lambda m: jnp.where(active.reshape((n,) + (1,) * (m.ndim - 1)), m, 0.0), messages
+        )
+        states = jax.tree.map(
+            lambda new, old: jnp.where(active.reshape((n,) + (1,) * (new.ndim - 1)), new, old),
+            states, state.compressor_state,
+        )
+        memory = optax.tree.add(state.memory, messages)
+        estimate = optax.tree.add(state.estimate, _mean_over_workers(messages, weights))
+        x = _sgd_update(state.x, estimate, step_size)
+        shadow, server_state, bits_down = state.shadow, state.server_compressor_state, _dense_bits(state.x)
+        if server_compressor is not None:  # EF21-BC: broadcast C_M(x - w), workers track w
+            broadcast, server_state = compression.compress_tree(
+                server_compressor, downlink_key, optax.tree.sub(x, state.shadow), server_state, leafwise
+            )
+            shadow = optax.tree.add(state.shadow, broadcast)
+            bits_down = compression.tree_bits(server_compressor, state.x, leafwise)
+        participants = jnp.sum(active)
+        bits_up = participants * _uplink_bits(compressor, state.x, leafwise) / n
+        new = EFState(x, shadow, memory, estimate, states, server_state, state.step + 1)
+        return new, _info(bits_up, bits_down, participants)
+
+    return ErrorFeedback(name, init, query, step)
+
+
+def ef21(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
+    r"""EF21 (Richtárik, Sokolov, Fatkhullin, NeurIPS 2021, Alg. 1).
+
+    .. math:: g_i \leftarrow g_i + C(\nabla f_i(x) - g_i),\quad
+              g = \tfrac1n\textstyle\sum_i g_i,\quad x \leftarrow x - \gamma g,
+
+    starting from :math:`g_i = 0` (so the first message is :math:`C(\nabla f_i(x_0))`, the
+    paper's initialisation).  Only the compressed differences cross the network; the
+    server updates :math:`g` by their mean.  Theoretical step size (Thm. 1):
+    :math:`\gamma = 1/(L + L_{QM}\sqrt{\beta/\theta})` with :math:`\theta = 1-\sqrt{1-\alpha}`,
+    :math:`\beta = (1-\alpha)/(1-\sqrt{1-\alpha})`; see :func:`ef21_step_size`.  Fed
+    stochastic gradients (e.g. minibatches from a shuffling scheme) this is EF21-SGD
+    (Fatkhullin, Sokolov, Gorbunov, Li, Richtárik 2021, "EF21 with Bells & Whistles", Alg. 2).
+    """
+    return _ef21_family("ef21", compressor, leafwise)
+
+
+def ef21_w(compressor: Compressor, weights: Any, *, leafwise: bool = False) -> ErrorFeedback:
+    r"""EF21-W (Richtárik, Gasanov, Burlachenko, ICLR 2024, "Error Feedback Reloaded", Alg. 2).
+
+    With weights :math:`w_i = L_i/\sum_j L_j` (:func:`smoothness_weights`), worker ``i``
+    runs EF21 on :math:`\nabla f_i(x)/(n w_i)` and the server averages with weights:
+    :math:`g = \sum_i w_i g_i`.  Step size (Thm. 1 there):
+    :math:`\gamma = 1/(L + L_{AM}\sqrt{\beta/\theta})`, the arithmetic mean
+    :math:`L_{AM}` replacing EF21's quadratic mean :math:`L_{QM} \ge L_{AM}`.
+    """
+    weights = jnp.asarray(weights)
+    if weights.ndim != 1 or not np.all(np.asarray(weights) > 0):
+        raise ValueError("weights must be a vector of positive numbers (one per worker)")
+    if not np.isclose(float(np.sum(np.asarray(weights))), 1.0, rtol=1e-5):
+        raise ValueError(f"weights must sum to 1, got {float(np.sum(np.asarray(weights)))}")
+    return _ef21_family("ef21_w", compressor, leafwise, weights=weights)
+
+
+def ef21_pp(compressor: Compressor, participation: float | jax.Array, *, leafwise: bool = False) -> ErrorFeedback:
+    r"""EF21-PP, partial participation (Fatkhullin et al. 2021, "EF21 with Bells & Whistles",
+    Alg. 4): each step every worker takes part independently with probability ``p``;
+    participants run the EF21 update and send :math:`C(\nabla f_i(x) - g_i)`, the others
+    keep :math:`g_i` and send nothing.  Theory replaces :math:`\theta` by :math:`p\theta`
+    and :math:`\beta` by :math:`p\beta + (1-p)/p\,\cdot` (Thm. 4 there); the helper
+    :func:`ef21_step_size` takes ``participation``.
+    """
+    if not isinstance(participation, jax.core.Tracer):
+        p = float(np.asarray(participation))
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"participation must lie in (0, 1], got participation={p}")
+    return _ef21_family("ef21_pp", compressor, leafwise, participation=participation)
+
+
+def ef21_bc(compressor: Compressor, server_compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
+    r"""EF21-BC, bidirectional compression (Fatkhullin et al. 2021, "EF21 with Bells &
+    Whistles", Alg. 5).
+
+    The server steps :math:`x \leftarrow x - \gamma g` and broadcasts
+    :math:`b = C_M(x - w)`; workers track :math:`w \leftarrow w + b` and run the EF21
+    uplink at :math:`w`: :math:`g_i \leftarrow g_i + C_W(\nabla f_i(w) - g_i)`.
+    """
+    return _ef21_family("ef21_bc", compressor, leafwise, server_compressor=server_compressor)
+
+
+# ------------------------------------------------------------------ theory
+
+
+def smoothness_weights(worker_smoothness: Any) -> np.ndarray:
+    """EF21-W's weights :math:`w_i = L_i / \\sum_j L_j`."""
+    smoothness = np.asarray(worker_smoothness, np.float64)
+    if smoothness.ndim != 1 or np.any(smoothness <= 0):
+        raise ValueError("worker_smoothness must be a vector of positive numbers")
+    return smoothness / smoothness.sum()
+
+
+def ef21_step_size(
+    smoothness: float,
+    worker_smoothness: Any,
+    alpha: float,
+    *,
+    mean: str = "quadratic",
+    participation: float = 1.0,
+) -> float:
+    r"""The EF21 theoretical step size :math:`\gamma = 1/(L + \tilde L\sqrt{\beta/\theta})`.
+
+    :math:`\theta = 1 - \sqrt{1-\alpha}` and :math:`\beta = (1-\alpha)/(1-\sqrt{1-\alpha})`
+    (Richtárik, Sokolov, Fatkhullin 2021, Thm. 1 and Lemma 3).  ``mean="quadratic"`` uses
+    :math:`\tilde L = L_{QM} = \sqrt{\frac1n\sum_i L_i^2}` (the original EF21);
+    ``mean="arithmetic"`` uses :math:`\tilde L = L_{AM} = \frac1n\sum_i L_i`, the improved
+    constant of EF21-W (Richtárik, Gasanov, Burlachenko 2024, Thm. 1).  With participation
+    probability :math:`p < 1` (EF21-PP), :math:`\theta_p = p\theta` and
+    :math:`\beta_p = p\beta + (1-p)/... ` as in Fatkhullin et al. (2021), Thm. 4:
+    :math:`\beta_p = p\beta + (1 - p)(1 + 1/s)` with :math:`s` chosen as in the paper;
+    here we use the simplification :math:`\beta_p = p\beta + (1 - p)\,2/\theta`.
+    """
+    if mean not in ("quadratic", "arithmetic"):
+        raise ValueError(f"mean must be 'quadratic' or 'arithmetic', got {mean!r}")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must lie in (0, 1], got alpha={alpha}")
+    if not 0.0 < participation <= 1.0:
+        raise ValueError(f"participation must lie in (0, 1], got participation={participation}")
+    if smoothness <= 0:
+        raise ValueError(f"smoothness must be positive, got {smoothness}")
+    worker = np.asarray(worker_smoothness, np.float64)
+    if worker.ndim != 1 or np.any(worker <= 0):
+        raise ValueError("worker_smoothness must be a vector of positive numbers")
+    if alpha == 1.0 and participation == 1.0:
+        return 1.0 / smoothness
+    l_tilde = float(np.sqrt(np.mean(worker**2)) if mean == "quadratic" else np.mean(worker))
+    root = math.sqrt(1.0 - alpha)
+    theta, beta = 1.0 - root, (1.0 - alpha) / (1.0 - root)
+    theta, beta = participation * theta, participation * beta + (1.0 - participation) * 2.0 / theta
+    return 1.0 / (smoothness + l_tilde * math.sqrt(beta / theta))
+
+
+METHODS = ("compressed_gd", "ef14", "ef21", "ef21_w", "ef21_pp", "ef21_bc")

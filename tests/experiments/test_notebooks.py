@@ -1,0 +1,112 @@
+"""Every ``colab/*.ipynb`` runs top to bottom on CPU, in the venv's own interpreter.
+
+Notebooks are stored without outputs and executed with nbclient in a fresh kernel.  The
+kernel is the interpreter running pytest: a ``python3`` kernelspec pointing at
+``sys.executable`` is written to a temporary folder and resolved from there only, so a
+``python3`` spec elsewhere (``~/.local/share/jupyter``, a system Jupyter) cannot hijack it.
+The kernel runs on CPU with ``jax_debug_key_reuse`` on, like the rest of the suite.
+Notebook-specific checks (``CHECKS``) run only for the notebook they name; a new
+``colab/*.ipynb`` is picked up by the glob and must at least run without error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+kernelspec = pytest.importorskip("ipykernel.kernelspec")
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
+from jupyter_client.manager import AsyncKernelManager  # noqa: E402
+
+COLAB = pathlib.Path(__file__).resolve().parents[2] / "colab"
+NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
+KERNEL_NAME = "python3"
+# Appended to the executed copy (never to the file): report what the kernel ran in.
+PROBE = "import json as _j, sys as _s\nprint('@@KERNEL@@' + _j.dumps({'prefix': _s.prefix}))"
+
+
+@pytest.fixture(scope="session")
+def kernel_dirs(tmp_path_factory) -> list[str]:
+    """A folder holding one ``python3`` kernelspec whose argv is this interpreter."""
+    root = tmp_path_factory.mktemp("kernels")
+    kernelspec.write_kernel_spec(path=root / KERNEL_NAME)
+    spec = KernelSpecManager(kernel_dirs=[str(root)]).get_kernel_spec(KERNEL_NAME)
+    assert spec.argv[0] == sys.executable, spec.argv
+    return [str(root)]
+
+
+def stream_text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream")
+
+
+def marked_json(nb, marker: str) -> dict:
+    for cell in nb.cells:
+        for line in stream_text(cell).splitlines():
+            if line.startswith(marker):
+                return json.loads(line[len(marker):])
+    raise AssertionError(f"no line starting with {marker!r} in the notebook's output")
+
+
+def execute(path: pathlib.Path, kernel_dirs: list[str], extra_cells: list[str]):
+    nb = nbformat.read(path, as_version=4)
+    for source in extra_cells:
+        nb.cells.append(nbformat.v4.new_code_cell(source))
+    km = AsyncKernelManager(
+        kernel_name=KERNEL_NAME, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs)
+    )
+    client = nbclient.NotebookClient(
+        nb, km=km, timeout=600, kernel_name=KERNEL_NAME,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    # CPU only, and key reuse is an error, as in tests/conftest.py.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEBUG_KEY_REUSE="true")
+    client.execute(env=env)  # raises CellExecutionError on the first failing cell
+    return nb
+
+
+def check_shuffling(nb) -> None:
+    slopes = marked_json(nb, "@@SLOPES@@")
+    assert set(slopes) >= {"with_replacement", "random_reshuffle", "grab_pair_balance"}
+    assert -1.5 < slopes["with_replacement"]["epochs"] < -0.5, slopes
+    assert slopes["random_reshuffle"]["epochs"] < -1.5, slopes
+    table = "".join(stream_text(c) for c in nb.cells)
+    assert "K slope" in table and "with_replacement" in table
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, "the log-log plot was not displayed"
+
+
+CHECKS = {
+    "shuffling.ipynb": (
+        ["import json as _j\nprint('@@SLOPES@@' + _j.dumps(slopes))"],
+        check_shuffling,
+    ),
+}
+
+
+def test_found_notebooks():
+    assert (COLAB / "shuffling.ipynb") in NOTEBOOKS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path: pathlib.Path, kernel_dirs: list[str]):
+    stored = nbformat.read(path, as_version=4)
+    nbformat.validate(stored)
+    for cell in stored.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, (
+                f"{path.name} is stored with outputs; clear them before committing"
+            )
+    extra, check = CHECKS.get(path.name, ([], None))
+    nb = execute(path, kernel_dirs, [*extra, PROBE])
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors
+    assert marked_json(nb, "@@KERNEL@@")["prefix"] == sys.prefix
+    if check is not None:
+        check(nb)
