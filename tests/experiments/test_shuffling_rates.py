@@ -14,7 +14,7 @@ def small_config(tmp_path, **overrides):
     config.epochs = [32, 64, 128, 256]
     config.n_values = [8, 16, 32, 64]
     config.n_sweep_epochs = 128
-    config.num_seeds = 16
+    config.num_seeds = 32
     config.schemes = ["with_replacement", "random_reshuffle", "incremental", "grab_pair_balance"]
     config.results_dir = str(tmp_path)
     config.update(overrides)
@@ -29,17 +29,19 @@ def test_small_study_writes_results_and_separates_the_rates(tmp_path, x64):
         assert (run_folder / name).stat().st_size > 0
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert set(saved["schemes"]) == {"with_replacement", "random_reshuffle", "incremental", "grab_pair_balance"}
-    slopes = {s: (r["slope_epochs"], r["slope_n"]) for s, r in metrics["schemes"].items()}
-    # Tolerances stated against the theory exponents (K, n): with replacement (-1, -1),
-    # RR (-2, -1), IG (-2, 0), GraB (-2, -2); see the module docstring.
-    assert -1.4 < slopes["with_replacement"][0] < -0.6, slopes
-    assert slopes["random_reshuffle"][0] < -1.7, slopes
-    assert -2.5 < slopes["incremental"][0] < -1.5, slopes
-    assert -2.6 < slopes["grab_pair_balance"][0] < -1.6, slopes
-    assert -1.5 < slopes["with_replacement"][1] < -0.6, slopes
-    assert slopes["incremental"][1] > -0.8, slopes
-    assert slopes["grab_pair_balance"][1] < -1.6, slopes
-    assert slopes["grab_pair_balance"][1] < slopes["random_reshuffle"][1] - 0.4, slopes
+    slopes = {s: (r["corrected_slope_epochs"], r["corrected_slope_n"]) for s, r in metrics["schemes"].items()}
+    # Slopes of (f - f*) / log^p(nK) on the piecewise quadratic (fixed seed), against the
+    # theory exponents (K, n): with replacement (-1, -1), RR (-2, -1), IG (-2, 0), GraB (-2, -2).
+    # Over 25 seed sets the RR n-slope scattered by 0.09 (32 seeds) and GraB's by 0.04.
+    assert abs(slopes["with_replacement"][0] + 1) < 0.35, slopes
+    assert abs(slopes["random_reshuffle"][0] + 2) < 0.35, slopes
+    assert abs(slopes["incremental"][0] + 2) < 0.3, slopes
+    assert abs(slopes["grab_pair_balance"][0] + 2) < 0.3, slopes
+    assert abs(slopes["with_replacement"][1] + 1) < 0.4, slopes
+    assert abs(slopes["random_reshuffle"][1] + 1) < 0.4, slopes
+    assert abs(slopes["incremental"][1]) < 0.3, slopes
+    assert slopes["grab_pair_balance"][1] < -1.7, slopes
+    assert slopes["grab_pair_balance"][1] < slopes["random_reshuffle"][1] - 0.6, slopes
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,7 @@ def test_small_study_writes_results_and_separates_the_rates(tmp_path, x64):
         ({"epochs": [32]}, "at least two values"),
         ({"epochs": [0, 32]}, "config.epochs must be positive integers"),
         ({"batch_size": 3}, "does not divide"),
+        ({"n_values": [8, 15]}, "must be even for the piecewise quadratic"),
         ({"step_size_c": -1.0}, "config.step_size_c must be positive"),
     ],
 )
