@@ -5,10 +5,8 @@ Each method is an :class:`ErrorFeedback` triple over an :class:`EFState` whose p
 fields carry a leading axis ``n``:
 
 * ``init(key, x0, num_workers) -> state``;
-* ``query(state)``: the point at which the workers evaluate their gradients (the model
-  ``x``, or for bidirectional compression the workers' copy ``w``);
 * ``step(state, worker_grads, key, step_size) -> (state, info)`` with ``worker_grads`` the
-  ``[n, ...]`` gradients at ``query(state)``.
+  ``[n, ...]`` gradients of the :math:`f_i` at the model ``state.x``.
 
 Per-worker work is ``vmap``-ped over the leading axis and the only cross-worker operation
 is the average of the compressed messages, so the same step runs on one device or with
@@ -37,18 +35,20 @@ class EFState(NamedTuple):
     """State of an error-feedback method (``None`` for the fields a method does not use).
 
     Attributes:
-      x: the server's model.
-      shadow: the workers' copy ``w`` of the model (EF21-BC), else ``None``.
+      x: the model (the same on the server and every worker).
+      broadcast: the gradient estimate the server broadcasts compressed (EF21-BC), else
+        ``None``.
       memory: per-worker ``[n, ...]`` memory: ``g_i`` (EF21 family) or the error ``e_i``
         (EF14).
-      estimate: the server's gradient estimate ``g`` (EF21 family).
+      estimate: the server's gradient estimate, the (weighted) mean of the ``g_i`` (EF21
+        family).
       compressor_state: per-worker compressor states (PowerSGD's factor), leading axis ``n``.
       server_compressor_state: the downlink compressor's state (EF21-BC).
       step: number of steps taken.
     """
 
     x: PyTree
-    shadow: PyTree
+    broadcast: PyTree
     memory: PyTree
     estimate: PyTree
     compressor_state: PyTree
@@ -71,11 +71,10 @@ class EFInfo(NamedTuple):
 
 
 class ErrorFeedback(NamedTuple):
-    """A compressed distributed method: ``init``, ``query`` and ``step`` (see module doc)."""
+    """A compressed distributed method: ``init`` and ``step`` (see module doc)."""
 
     name: str
     init: Callable[[jax.Array, PyTree, int], EFState]
-    query: Callable[[EFState], PyTree]
     step: Callable[[EFState, PyTree, jax.Array, jax.Array], tuple[EFState, EFInfo]]
 
 
@@ -168,7 +167,7 @@ def compressed_gd(compressor: Compressor, *, leafwise: bool = False) -> ErrorFee
         new = state._replace(x=x, compressor_state=states, step=state.step + 1)
         return new, _info(_uplink_bits(compressor, state.x, leafwise), _dense_bits(state.x), n)
 
-    return ErrorFeedback("compressed_gd", init, lambda s: s.x, step)
+    return ErrorFeedback("compressed_gd", init, step)
 
 
 def ef14(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
@@ -200,7 +199,7 @@ def ef14(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
         new = state._replace(x=x, memory=errors, compressor_state=states, step=state.step + 1)
         return new, _info(_uplink_bits(compressor, state.x, leafwise), _dense_bits(state.x), n)
 
-    return ErrorFeedback("ef14", init, lambda s: s.x, step)
+    return ErrorFeedback("ef14", init, step)
 
 
 def _ef21_family(
@@ -227,16 +226,13 @@ def _ef21_family(
         zeros = optax.tree.zeros_like(x0)
         return EFState(
             x=x0,
-            shadow=x0 if server_compressor is not None else None,
+            broadcast=zeros if server_compressor is not None else None,
             memory=_zeros_per_worker(x0, num_workers),
             estimate=zeros,
             compressor_state=states,
             server_compressor_state=server_state,
             step=jnp.zeros((), jnp.int32),
         )
-
-    def query(state: EFState) -> PyTree:
-        return state.x if server_compressor is None else state.shadow
 
     def step(state: EFState, grads: PyTree, key: jax.Array, step_size: jax.Array):
         n = _num_workers(grads)
@@ -259,20 +255,21 @@ def _ef21_family(
         )
         memory = optax.tree.add(state.memory, messages)
         estimate = optax.tree.add(state.estimate, _mean_over_workers(messages, weights))
-        x = _sgd_update(state.x, estimate, step_size)
-        shadow, server_state, bits_down = state.shadow, state.server_compressor_state, _dense_bits(state.x)
-        if server_compressor is not None:  # EF21-BC: broadcast C_M(x - w), workers track w
-            broadcast, server_state = compression.compress_tree(
-                server_compressor, downlink_key, optax.tree.sub(x, state.shadow), server_state, leafwise
+        broadcast, server_state, bits_down = estimate, state.server_compressor_state, _dense_bits(state.x)
+        if server_compressor is not None:  # EF21-BC: EF21 on the downlink too
+            update, server_state = compression.compress_tree(
+                server_compressor, downlink_key, optax.tree.sub(estimate, state.broadcast), server_state, leafwise
             )
-            shadow = optax.tree.add(state.shadow, broadcast)
+            broadcast = optax.tree.add(state.broadcast, update)
             bits_down = compression.tree_bits(server_compressor, state.x, leafwise)
+        x = _sgd_update(state.x, broadcast, step_size)
         participants = jnp.sum(active)
         bits_up = participants * _uplink_bits(compressor, state.x, leafwise) / n
-        new = EFState(x, shadow, memory, estimate, states, server_state, state.step + 1)
+        new = EFState(x, broadcast if server_compressor is not None else None, memory, estimate,
+                      states, server_state, state.step + 1)
         return new, _info(bits_up, bits_down, participants)
 
-    return ErrorFeedback(name, init, query, step)
+    return ErrorFeedback(name, init, step)
 
 
 def ef21(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
@@ -313,9 +310,9 @@ def ef21_pp(compressor: Compressor, participation: float | jax.Array, *, leafwis
     r"""EF21-PP, partial participation (Fatkhullin et al. 2021, "EF21 with Bells & Whistles",
     Alg. 4): each step every worker takes part independently with probability ``p``;
     participants run the EF21 update and send :math:`C(\nabla f_i(x) - g_i)`, the others
-    keep :math:`g_i` and send nothing.  Theory replaces :math:`\theta` by :math:`p\theta`
-    and :math:`\beta` by :math:`p\beta + (1-p)/p\,\cdot` (Thm. 4 there); the helper
-    :func:`ef21_step_size` takes ``participation``.
+    keep :math:`g_i` and send nothing.  The theory (their Thm. for EF21-PP) asks for a
+    step size smaller than EF21's as ``p`` falls; ``p`` may be a traced value, so one
+    compiled program sweeps it.
     """
     if not isinstance(participation, jax.core.Tracer):
         p = float(np.asarray(participation))
@@ -328,9 +325,12 @@ def ef21_bc(compressor: Compressor, server_compressor: Compressor, *, leafwise: 
     r"""EF21-BC, bidirectional compression (Fatkhullin et al. 2021, "EF21 with Bells &
     Whistles", Alg. 5).
 
-    The server steps :math:`x \leftarrow x - \gamma g` and broadcasts
-    :math:`b = C_M(x - w)`; workers track :math:`w \leftarrow w + b` and run the EF21
-    uplink at :math:`w`: :math:`g_i \leftarrow g_i + C_W(\nabla f_i(w) - g_i)`.
+    Error feedback in both directions: workers run the EF21 uplink
+    :math:`g_i \leftarrow g_i + C_W(\nabla f_i(x) - g_i)`, the server forms
+    :math:`w = \frac1n\sum_i g_i` and runs EF21 on the downlink,
+    :math:`g \leftarrow g + C_M(w - g)`, broadcasting only :math:`C_M(w - g)`; everyone
+    steps :math:`x \leftarrow x - \gamma g`, so the model stays in sync without being
+    sent.  Rate :math:`O(1/(\alpha_W\alpha_M\varepsilon^2))` (their Table 1).
     """
     return _ef21_family("ef21_bc", compressor, leafwise, server_compressor=server_compressor)
 
@@ -347,42 +347,32 @@ def smoothness_weights(worker_smoothness: Any) -> np.ndarray:
 
 
 def ef21_step_size(
-    smoothness: float,
-    worker_smoothness: Any,
-    alpha: float,
-    *,
-    mean: str = "quadratic",
-    participation: float = 1.0,
+    smoothness: float, worker_smoothness: Any, alpha: float, *, mean: str = "quadratic"
 ) -> float:
     r"""The EF21 theoretical step size :math:`\gamma = 1/(L + \tilde L\sqrt{\beta/\theta})`.
 
     :math:`\theta = 1 - \sqrt{1-\alpha}` and :math:`\beta = (1-\alpha)/(1-\sqrt{1-\alpha})`
     (Richtárik, Sokolov, Fatkhullin 2021, Thm. 1 and Lemma 3).  ``mean="quadratic"`` uses
     :math:`\tilde L = L_{QM} = \sqrt{\frac1n\sum_i L_i^2}` (the original EF21);
-    ``mean="arithmetic"`` uses :math:`\tilde L = L_{AM} = \frac1n\sum_i L_i`, the improved
-    constant of EF21-W (Richtárik, Gasanov, Burlachenko 2024, Thm. 1).  With participation
-    probability :math:`p < 1` (EF21-PP), :math:`\theta_p = p\theta` and
-    :math:`\beta_p = p\beta + (1-p)/... ` as in Fatkhullin et al. (2021), Thm. 4:
-    :math:`\beta_p = p\beta + (1 - p)(1 + 1/s)` with :math:`s` chosen as in the paper;
-    here we use the simplification :math:`\beta_p = p\beta + (1 - p)\,2/\theta`.
+    ``mean="arithmetic"`` uses :math:`\tilde L = L_{AM} = \frac1n\sum_i L_i`, the constant
+    of EF21-W and of EF21 under the improved analysis (Richtárik, Gasanov, Burlachenko 2024,
+    Thms. 1-2).  EF21-BC and EF21-PP have their own constants (Fatkhullin et al. 2021),
+    which this helper does not compute.
     """
     if mean not in ("quadratic", "arithmetic"):
         raise ValueError(f"mean must be 'quadratic' or 'arithmetic', got {mean!r}")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must lie in (0, 1], got alpha={alpha}")
-    if not 0.0 < participation <= 1.0:
-        raise ValueError(f"participation must lie in (0, 1], got participation={participation}")
     if smoothness <= 0:
         raise ValueError(f"smoothness must be positive, got {smoothness}")
     worker = np.asarray(worker_smoothness, np.float64)
     if worker.ndim != 1 or np.any(worker <= 0):
         raise ValueError("worker_smoothness must be a vector of positive numbers")
-    if alpha == 1.0 and participation == 1.0:
+    if alpha == 1.0:
         return 1.0 / smoothness
     l_tilde = float(np.sqrt(np.mean(worker**2)) if mean == "quadratic" else np.mean(worker))
     root = math.sqrt(1.0 - alpha)
     theta, beta = 1.0 - root, (1.0 - alpha) / (1.0 - root)
-    theta, beta = participation * theta, participation * beta + (1.0 - participation) * 2.0 / theta
     return 1.0 / (smoothness + l_tilde * math.sqrt(beta / theta))
 
 

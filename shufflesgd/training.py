@@ -170,7 +170,7 @@ def make_distributed_run(
 ) -> Callable[[jax.Array, jax.Array, jax.Array], DistributedResult]:
     r"""Build ``run(key, x0, step_size) -> DistributedResult`` for a compressed method.
 
-    Each step the ``n`` workers evaluate their gradients at ``method.query(state)`` and
+    Each step the ``n`` workers evaluate their gradients at the model ``state.x`` and
     ``method.step`` compresses, aggregates and updates.  With ``batch_size=None`` the
     workers use full local gradients; otherwise each worker takes minibatches of
     ``batch_size`` of its ``m`` examples in the order of its own shuffling ``scheme``
@@ -202,7 +202,7 @@ def make_distributed_run(
 
         def one_step(state, inputs):
             t, indices = inputs
-            grads = problem.worker_gradients(method.query(state), indices)
+            grads = problem.worker_gradients(state.x, indices)
             state, info = method.step(state, grads, jax.random.fold_in(step_key, t), step_size)
             metrics = (optax.tree.norm(problem.gradient(state.x), squared=True),
                        problem.suboptimality(state.x), info.bits_up, info.bits_down)
