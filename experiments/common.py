@@ -6,10 +6,11 @@ import csv
 import datetime
 import json
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from ml_collections import ConfigDict
+from absl import app
+from ml_collections import ConfigDict, config_flags
 
 
 def results_folder(config: ConfigDict, name: str) -> pathlib.Path:
@@ -59,3 +60,22 @@ def check_positive_ints(field: str, values: Any) -> None:
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
         raise ValueError(f"config.{field} must be positive integers, got {values!r}")
+
+
+def main(run: Callable[[ConfigDict], Any]) -> None:
+    """Command-line entry of an experiment: ``--config configs/<name>.py[:variant]`` plus
+    ``--config.<field>=<value>`` overrides, then ``run(config)``.
+
+    The flag is defined here, when the script runs, not at import, so that tests and
+    notebooks can import several experiment modules into one process.
+    """
+    config = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file")
+
+    def entry(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if config.value is None:
+            raise app.UsageError("pass --config configs/<experiment>.py")
+        run(config.value)
+
+    app.run(entry)

@@ -38,8 +38,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-from absl import app
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
@@ -215,15 +214,5 @@ def run(config: ConfigDict) -> dict[str, Any]:
     return metrics
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file")
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("pass --config configs/shuffling_rates.py")
-    run(_CONFIG.value)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    common.main(run)

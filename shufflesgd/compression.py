@@ -202,8 +202,10 @@ def scaled_sign() -> Compressor:
     r"""Scaled sign, :math:`C(x) = \frac{\|x\|_1}{d}\mathrm{sign}(x)`.
 
     Karimireddy, Rebjock, Stich, Jaggi (ICML 2019), "Error Feedback Fixes SignSGD", Lemma 8:
-    contractive with :math:`\alpha = \|x\|_1^2/(d\|x\|_2^2) \ge 1/d`; we report the
-    worst case :math:`1/d`.  Bits: :math:`d + 32`.
+    contractive with :math:`\alpha = \|x\|_1^2/(d\|x\|_2^2) \ge 1/d` for a vector with no
+    zero entries (zeros are kept exactly, since :math:`\mathrm{sign}(0) = 0`, which only
+    helps); we report the worst case :math:`1/d`, approached by :math:`e_1 + \epsilon\mathbf 1`.
+    Bits: :math:`d + 32`.
     """
 
     def fn(key: jax.Array, x: jax.Array) -> jax.Array:

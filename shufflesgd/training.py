@@ -147,14 +147,17 @@ class DistributedResult(NamedTuple):
       params: the final model.
       grad_norm_sq: ``||∇f(x_t)||^2`` after each step.
       suboptimality: ``f(x_t) - f*`` after each step.
+      distance_sq: ``||x_t - x*||^2`` after each step.
       bits_up: cumulative bits sent per worker (uplink) after each step.
       bits_down: cumulative bits broadcast by the server after each step.
-      diverged_step: the first step (0-based) whose model is not finite, or ``-1``.
+      diverged_step: the first step (0-based) at which ``||∇f(x_t)||^2`` is not finite
+        (the model or its gradient overflowed), or ``-1``.
     """
 
     params: jax.Array
     grad_norm_sq: jax.Array
     suboptimality: jax.Array
+    distance_sq: jax.Array
     bits_up: jax.Array
     bits_down: jax.Array
     diverged_step: jax.Array
@@ -205,7 +208,9 @@ def make_distributed_run(
             grads = problem.worker_gradients(state.x, indices)
             state, info = method.step(state, grads, jax.random.fold_in(step_key, t), step_size)
             metrics = (optax.tree.norm(problem.gradient(state.x), squared=True),
-                       problem.suboptimality(state.x), info.bits_up, info.bits_down)
+                       problem.suboptimality(state.x),
+                       optax.tree.norm(optax.tree.sub(state.x, problem.x_star), squared=True),
+                       info.bits_up, info.bits_down)
             return state, metrics
 
         def epoch(carry, first_step):
@@ -223,8 +228,8 @@ def make_distributed_run(
             firsts = jnp.arange(0, num_steps, steps_per_epoch)
             (state, _), metrics = jax.lax.scan(epoch, (state, orders), firsts)
             metrics = jax.tree.map(lambda v: v.reshape(num_steps), metrics)
-        grad_norm_sq, subopt, bits_up, bits_down = metrics
-        return DistributedResult(state.x, grad_norm_sq, subopt, jnp.cumsum(bits_up),
+        grad_norm_sq, subopt, distance_sq, bits_up, bits_down = metrics
+        return DistributedResult(state.x, grad_norm_sq, subopt, distance_sq, jnp.cumsum(bits_up),
                                  jnp.cumsum(bits_down), first_nonfinite(grad_norm_sq))
 
     return run

@@ -26,10 +26,12 @@ def test_identity_compression_reduces_every_method_to_gradient_descent(x64):
     gamma = 1.0 / float(p.smoothness)
     weights = EF.smoothness_weights(p.worker_smoothness)
     gd = run(p, EF.compressed_gd(C.identity()), gamma)
-    x = np.zeros(6)
+    x, path = np.zeros(6), []
     for _ in range(200):
         x = x - gamma * np.asarray(p.gradient(jnp.asarray(x)))
+        path.append(x)
     np.testing.assert_allclose(gd.params, x, rtol=1e-10)
+    np.testing.assert_allclose(gd.distance_sq, [np.sum((xs - np.asarray(p.x_star)) ** 2) for xs in path], rtol=1e-6, atol=1e-20)
     for method in [EF.ef14(C.identity()), EF.ef21(C.identity()), EF.ef21_w(C.identity(), weights),
                    EF.ef21_pp(C.identity(), 1.0), EF.ef21_bc(C.identity(), C.identity())]:
         np.testing.assert_allclose(run(p, method, gamma).params, x, rtol=1e-9, err_msg=method.name)

@@ -81,10 +81,45 @@ def check_shuffling(nb) -> None:
     assert images, "the log-log plot was not displayed"
 
 
+def check_error_feedback(nb) -> None:
+    summary = marked_json(nb, "@@EF@@")
+    # 1. Beznosikov et al. (2020), Example 1: Top-1 GD grows at the predicted rate, EF converges.
+    counter = summary["counterexample"]
+    norms = counter["relative_final_norm"]
+    assert norms["compressed GD, Top-1"] > 1e3, norms
+    assert norms["EF14, Top-1"] < 1e-3 and norms["EF21, Top-1"] < 1e-3, norms
+    growth = counter["growth"]
+    assert abs(growth["measured"] - growth["predicted"]) < 1e-6 * growth["predicted"], growth
+    # 2. L_AM vs L_QM: equal workers need about the same bits, unequal ones fewer with L_AM;
+    # EF21-W with Top-k is EF21 with the L_AM step.
+    bits = summary["bits_to_tolerance"]
+    for spread in ("1.0", "1000.0"):
+        assert all(v is not None for k, v in bits[spread].items() if k.startswith("EF21")), bits
+    same = bits["1.0"]
+    assert abs(same["EF21, γ from L_AM"] - same["EF21, γ from L_QM"]) < 0.05 * same["EF21, γ from L_QM"], same
+    spread = bits["1000.0"]
+    assert spread["EF21, γ from L_AM"] < 0.75 * spread["EF21, γ from L_QM"], spread
+    assert summary["ef21_w_vs_ef21_am_gap"] < 1e-9, summary["ef21_w_vs_ef21_am_gap"]
+    # 3. Documented alpha: a lower bound attained by the worst-case vector; Rand-k's is exact.
+    alpha = summary["alpha"]
+    for name in ("top_k", "scaled_sign"):
+        row = alpha[name]
+        assert row["min"] >= row["documented"] - 1e-12, (name, row)
+        assert abs(row["worst_case_vector"] - row["documented"]) < 1e-5 * row["documented"], (name, row)
+    row = alpha["rand_k_unscaled"]
+    assert abs(row["mean"] - row["documented"]) < 4 * row["stderr"], row
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3, "the three figures were not displayed"
+
+
 CHECKS = {
     "shuffling.ipynb": (
         ["import json as _j\nprint('@@SLOPES@@' + _j.dumps(slopes))"],
         check_shuffling,
+    ),
+    "error_feedback.ipynb": (
+        ["import json as _j\nprint('@@EF@@' + _j.dumps(summary))"],
+        check_error_feedback,
     ),
 }
 
