@@ -520,3 +520,99 @@ def heterogeneous_regression(
     a, b = synthetic_regression(seed, num_workers * examples_per_worker, d, noise=noise)
     scale = np.sqrt(np.repeat(np.geomspace(1.0, spread, num_workers), examples_per_worker))
     return a * scale[:, None], b * scale
+
+
+# ------------------------------------------------------------------ Gaussian mixtures
+
+
+@struct.dataclass
+class GaussianMixture:
+    r""":math:`p = \sum_k w_k N(\mu_k, \Sigma_k)` with closed-form score and log-density.
+
+    Under any linear forward process :math:`x_t = \alpha_t x_0 + \sigma_t\varepsilon` the
+    marginal stays a mixture, :math:`p_t = \sum_k w_k N(\alpha_t\mu_k,
+    \alpha_t^2\Sigma_k + \sigma_t^2 I)` (:meth:`diffuse`), so the exact score, and through
+    :func:`shufflesgd.sde.convert` the exact :math:`\varepsilon`, :math:`x_0` and :math:`v`,
+    are available at every t: the analytic test bed for samplers.  Responsibilities are a
+    softmax in log space, stable far from every component.
+    """
+
+    log_weights: jax.Array  # [K], normalised
+    means: jax.Array  # [K, d]
+    covariances: jax.Array  # [K, d, d]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[-1]
+
+    def diffuse(self, alpha: jax.Array, sigma: jax.Array) -> "GaussianMixture":
+        """The law of :math:`\\alpha x + \\sigma\\varepsilon` for :math:`x \\sim p`."""
+        eye = jnp.eye(self.dim, dtype=self.means.dtype)
+        return GaussianMixture(self.log_weights, alpha * self.means, alpha**2 * self.covariances + sigma**2 * eye)
+
+    def _component_log_probs(self, x: jax.Array) -> jax.Array:
+        chol = jnp.linalg.cholesky(self.covariances)
+        diff = x - self.means
+        solved = jax.scipy.linalg.solve_triangular(chol, diff[..., None], lower=True)[..., 0]
+        log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+        return -0.5 * (jnp.sum(solved**2, axis=-1) + log_det + self.dim * jnp.log(2 * jnp.pi))
+
+    def log_prob(self, x: jax.Array) -> jax.Array:
+        """:math:`\\log p(x)` for one point ``x`` of shape ``[d]`` (vmap for batches)."""
+        return jax.nn.logsumexp(self.log_weights + self._component_log_probs(x))
+
+    def responsibilities(self, x: jax.Array) -> jax.Array:
+        return jax.nn.softmax(self.log_weights + self._component_log_probs(x))
+
+    def score(self, x: jax.Array) -> jax.Array:
+        r""":math:`\nabla\log p(x) = -\sum_k r_k(x)\Sigma_k^{-1}(x-\mu_k)`."""
+        precision_diff = jnp.linalg.solve(self.covariances, (x - self.means)[..., None])[..., 0]
+        return -jnp.sum(self.responsibilities(x)[:, None] * precision_diff, axis=0)
+
+    def sample(self, key: jax.Array, num: int) -> jax.Array:
+        component_key, noise_key = jax.random.split(key)
+        k = jax.random.categorical(component_key, self.log_weights, shape=(num,))
+        z = jax.random.normal(noise_key, (num, self.dim), self.means.dtype)
+        chol = jnp.linalg.cholesky(self.covariances)
+        return self.means[k] + jnp.einsum("nij,nj->ni", chol[k], z)
+
+
+def gaussian_mixture(weights: Any, means: Any, covariances: Any) -> GaussianMixture:
+    """Build a :class:`GaussianMixture`, checking shapes, weights and positive definiteness."""
+    w = np.asarray(weights, np.float64)
+    mu = np.asarray(means, np.float64)
+    cov = np.asarray(covariances, np.float64)
+    if mu.ndim != 2:
+        raise ValueError(f"means must have shape [K, d], got {mu.shape}")
+    k, d = mu.shape
+    if w.shape != (k,) or np.any(w <= 0):
+        raise ValueError(f"weights must be {k} positive numbers, got {w}")
+    if cov.shape != (k, d, d):
+        raise ValueError(f"covariances must have shape {(k, d, d)}, got {cov.shape}")
+    if not np.allclose(cov, np.swapaxes(cov, 1, 2)) or np.any(np.linalg.eigvalsh(cov) <= 0):
+        raise ValueError("covariances must be symmetric positive definite")
+    return GaussianMixture(_float(np.log(w / w.sum())), _float(mu), _float(cov))
+
+
+def gaussian_kl(mean_p: jax.Array, cov_p: jax.Array, mean_q: jax.Array, cov_q: jax.Array) -> jax.Array:
+    r""":math:`KL(N(m_p, C_p)\,\|\,N(m_q, C_q))` in nats."""
+    d = mean_p.shape[-1]
+    chol_q = jnp.linalg.cholesky(cov_q)
+    solve = lambda b: jax.scipy.linalg.cho_solve((chol_q, True), b)  # noqa: E731
+    diff = mean_q - mean_p
+    log_det_q = 2.0 * jnp.sum(jnp.log(jnp.diag(chol_q)))
+    log_det_p = jnp.linalg.slogdet(cov_p)[1]
+    return 0.5 * (jnp.trace(solve(cov_p)) + diff @ solve(diff) - d + log_det_q - log_det_p)
+
+
+def gaussian_w2(mean_p: jax.Array, cov_p: jax.Array, mean_q: jax.Array, cov_q: jax.Array) -> jax.Array:
+    r"""Squared 2-Wasserstein distance between Gaussians,
+    :math:`\|m_p-m_q\|^2 + \mathrm{tr}(C_p + C_q - 2(C_q^{1/2}C_pC_q^{1/2})^{1/2})`."""
+
+    def sqrtm(c: jax.Array) -> jax.Array:
+        vals, vecs = jnp.linalg.eigh(c)
+        return (vecs * jnp.sqrt(jnp.clip(vals, 0.0))) @ vecs.T
+
+    root_q = sqrtm(cov_q)
+    cross = sqrtm(root_q @ cov_p @ root_q)
+    return jnp.sum((mean_p - mean_q) ** 2) + jnp.trace(cov_p + cov_q - 2.0 * cross)
