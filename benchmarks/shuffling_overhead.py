@@ -1,7 +1,8 @@
 r"""How much does GraB's ordering cost per epoch, here and in the PyTorch peer?
 
-Three timings on one L2-regularised logistic regression (``problems.synthetic_classification``
-+ ``problems.logistic_regression``; ``n = 10_000`` examples, ``d = 1_000`` features, float32):
+Three timings on one L2-regularised logistic regression
+(``problems.synthetic_classification`` + ``problems.logistic_regression``; ``n = 10_240 =
+160 * 64`` examples, ``d = 1_000`` features, float32, step size ``1 / (2 L)``):
 
 1. **JAX.**  Seconds per epoch of the same jitted loop (:func:`shufflesgd.training.make_sgd_run`)
    under ``random_reshuffle`` (RR), ``grab_pair_balance`` and ``grab_mean_balance``, for
@@ -15,10 +16,13 @@ Three timings on one L2-regularised logistic regression (``problems.synthetic_cl
    ``torch.func.vmap(torch.func.grad(...))`` and handing them to ``sampler.step`` as the
    package requires.  Both loops index the data tensors directly with the sampler's
    order (no ``DataLoader`` collation, which would add the same cost to both sides).
-   ``torch`` and ``grab-sampler`` are optional (``pip install -e '.[bench]'``); without
-   them the JSON says ``"peer": "not installed"``.
-3. **Seeds.**  32 seeds of one run ``jax.vmap``-ed in one jitted call against 32 sequential
-   calls of the jitted single-seed run (each call waited for before the next).
+   ``torch`` and ``grab-sampler`` are optional (``make bench`` installs them); without
+   them the JSON says ``"peer": "not installed"``.  grab-sampler 0.1.3 needs two shims on
+   torch 2.13, both recorded in the JSON: a stand-in ``torch_sparse`` module when the real
+   one does not import, and a mixin for the removed ``Sampler.__init__(data_source)``.
+3. **Seeds.**  For each scheme, 32 seeds of one run (minibatch 64, 2 epochs) ``jax.vmap``-ed
+   in one jitted call against 32 sequential calls of the jitted single-seed run (each call
+   waited for before the next); the speed-up is sequential / vmapped.
 
 Every timing is the median of at least 5 repeats after one warm-up call that compiles and
 runs (JAX results are waited for with ``block_until_ready``); all repeats are kept in the
@@ -32,6 +36,7 @@ JSON with the machine description.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import math
@@ -41,7 +46,9 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+import types
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +64,9 @@ SCHEMES = ("random_reshuffle",) + GRAB_SCHEMES
 PEER_BALANCE = {"grab_pair_balance": "pair", "grab_mean_balance": "mean"}
 
 FULL = dict(
-    n=10_000, d=1_000, l2=1e-3, seed=0, batch_sizes=(1, 64), jax_epochs=2, repeats=7,
+    n=10_240, d=1_000, l2=1e-3, seed=0, batch_sizes=(1, 64), jax_epochs=2, repeats=7,
     peer_batch_sizes=(64, 1), peer_repeats=5, num_seeds=32, seeds_batch_size=64,
-    seeds_epochs=1, seeds_repeats=5,
+    seeds_epochs=2, seeds_repeats=5,
 )
 QUICK = dict(
     n=256, d=16, l2=1e-2, seed=0, batch_sizes=(16,), jax_epochs=1, repeats=5,
@@ -78,16 +85,37 @@ def summarize(seconds: list[float], per: int = 1) -> dict[str, Any]:
 
 
 def time_jax_calls(call: Callable[[jax.Array], Any], keys: jax.Array) -> tuple[float, list[float]]:
-    """Time ``call(keys[0])`` (warm-up: compile + run), then ``call(k)`` for each later key."""
+    """Time ``call(keys[0])`` (warm-up: compile + run), then ``call(k)`` for each later key.
+
+    Raises if a run diverged (its ``SGDResult.diverged_epoch`` is not ``-1``): a timing of
+    NaN arithmetic would mean nothing.
+    """
     start = time.perf_counter()
-    jax.block_until_ready(call(keys[0]))
+    output = jax.block_until_ready(call(keys[0]))
     first = time.perf_counter() - start
     times = []
     for key in keys[1:]:
         start = time.perf_counter()
-        jax.block_until_ready(call(key))
+        output = jax.block_until_ready(call(key))
         times.append(time.perf_counter() - start)
+    diverged = [r.diverged_epoch for r in (output if isinstance(output, list) else [output])]
+    if any(int(jnp.max(epoch)) != -1 for epoch in diverged):
+        raise RuntimeError("an SGD run diverged; lower the step size")
     return first, times
+
+
+def add_ratios(rows: dict[str, Any]) -> None:
+    """GraB / RR per-epoch time: of the medians, and of the fastest repeats (less skewed by
+    other work on a shared machine)."""
+    rr = rows["random_reshuffle"]["epoch_seconds"]
+    for name in GRAB_SCHEMES:
+        grab = rows[name]["epoch_seconds"]
+        rows[name]["ratio_to_random_reshuffle"] = grab["median"] / rr["median"]
+        rows[name]["ratio_to_random_reshuffle_of_min"] = grab["min"] / rr["min"]
+
+
+def call_run(run: Callable, key: jax.Array, *, x0: jax.Array, learning_rate: jax.Array):
+    return run(key, x0, learning_rate)
 
 
 def version(package: str) -> str | None:
@@ -103,10 +131,12 @@ def machine_info() -> dict[str, Any]:
         processor=platform.machine(),
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
+        load_average_1_5_15_min=list(os.getloadavg()),  # other work on the machine skews timings
         jax=jax.__version__,
         jaxlib=version("jaxlib"),
         jax_backend=jax.default_backend(),
-        jax_devices=[str(device) for device in jax.devices()],
+        jax_device_count=jax.device_count(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
         numpy=np.__version__,
         optax=version("optax"),
         torch=version("torch"),
@@ -126,35 +156,72 @@ def build_problem(cfg: dict[str, Any]) -> tuple[problems.FiniteSum, float, float
 # ----------------------------------------------------------------------------- 1. JAX
 
 
-def bench_jax(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any], key: jax.Array):
-    n, epochs = problem.num_examples, cfg["jax_epochs"]
+def jitted_run(
+    problem: problems.FiniteSum, name: str, batch_size: int, num_epochs: int, cache: dict
+):
+    """``jax.jit(make_sgd_run(...))``, built once per (scheme, batch size, epochs) and reused."""
+    spec = (name, batch_size, num_epochs)
+    if spec not in cache:
+        run = training.make_sgd_run(
+            problem, shuffling.make_scheme(name, problem.num_examples), num_epochs=num_epochs,
+            batch_size=batch_size, drop_remainder=False,
+        )
+        cache[spec] = (run, jax.jit(run))
+    return cache[spec]
+
+
+def bench_jax(
+    problem: problems.FiniteSum, lr: float, cfg: dict[str, Any], key: jax.Array, cache: dict
+):
+    epochs = cfg["jax_epochs"]
     x0 = jnp.zeros_like(problem.x_star)
     learning_rate = jnp.asarray(lr, x0.dtype)
     out: dict[str, Any] = {}
     for batch_size in cfg["batch_sizes"]:
         rows: dict[str, Any] = {}
         for name in SCHEMES:
-            run = jax.jit(
-                training.make_sgd_run(
-                    problem, shuffling.make_scheme(name, n), num_epochs=epochs,
-                    batch_size=batch_size, drop_remainder=True,
-                )
-            )
+            _, run = jitted_run(problem, name, batch_size, epochs, cache)
             key, sub = jax.random.split(key)
             first, times = time_jax_calls(
-                lambda k: run(k, x0, learning_rate), jax.random.split(sub, cfg["repeats"] + 1)
+                functools.partial(call_run, run, x0=x0, learning_rate=learning_rate),
+                jax.random.split(sub, cfg["repeats"] + 1),
             )
             rows[name] = dict(
                 epoch_seconds=summarize(times, per=epochs), first_call_seconds=first
             )
-        rr = rows["random_reshuffle"]["epoch_seconds"]["median"]
-        for name in GRAB_SCHEMES:
-            rows[name]["ratio_to_random_reshuffle"] = rows[name]["epoch_seconds"]["median"] / rr
+        add_ratios(rows)
         out[f"batch_size_{batch_size}"] = rows
     return out
 
 
 # ----------------------------------------------------------------------------- 2. peer
+
+
+def import_torch_sparse_or_stub() -> str:
+    """Make ``import torch_sparse`` succeed for grab-sampler; say whether it is real or a stub.
+
+    grab-sampler 0.1.3 imports ``torch_sparse.SparseTensor`` unconditionally
+    (``grabsampler/utils/random_projection/__init__.py``) but uses it only in its
+    very-sparse JL random projection, which this benchmark never selects.  torch-sparse is
+    a source-only C++ build (about 15 minutes on 2 cores) and 0.6.18 also needs
+    torch-scatter (another source build) that it does not declare.  When it does not
+    import, an empty stand-in is registered so grab-sampler's sorters can be timed; any
+    use of it would fail loudly.
+    """
+    try:
+        import torch_sparse  # noqa: F401
+    except ImportError as error:
+        reason = f"{type(error).__name__}: {error}"
+        stub = types.ModuleType("torch_sparse")
+
+        class SparseTensor:  # never constructed by the sorters timed here
+            def __init__(self, *args, **kwargs):
+                raise ImportError(f"torch_sparse is a stand-in here ({reason})")
+
+        stub.SparseTensor = SparseTensor
+        sys.modules["torch_sparse"] = stub
+        return f"stub ({reason})"
+    return "installed"
 
 
 def bench_peer(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any]) -> dict[str, Any] | str:
@@ -163,15 +230,33 @@ def bench_peer(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any]) -> d
         import torch
         from torch.utils.data import RandomSampler
 
-        from grabsampler import GraBSampler
+        torch_sparse = import_torch_sparse_or_stub()
+        from grabsampler import GraBSampler as _GraBSampler
     except ImportError as error:  # torch or grab-sampler (or one of its dependencies) missing
         print(f"peer skipped: {error}", file=sys.stderr)
         return "not installed"
 
+    class _AcceptsDataSource:
+        """Takes the ``data_source`` that ``Sampler.__init__`` accepted before torch 2.13.
+
+        grab-sampler 0.1.3 calls ``super().__init__(data_source)``; torch 2.13's ``Sampler``
+        has no ``__init__`` (the argument was deprecated in 2.2), so the call reaches
+        ``object.__init__`` and raises ``TypeError``.  Placed after ``Sampler`` in the MRO
+        below, this class swallows the argument; nothing else changes.
+        """
+
+        def __init__(self, data_source=None):
+            del data_source
+            super().__init__()
+
+    class GraBSampler(_GraBSampler, _AcceptsDataSource):
+        pass
+
+    if cfg["torch_threads"]:
+        torch.set_num_threads(cfg["torch_threads"])
     torch.manual_seed(cfg["seed"])
-    features_np, labels_np, _ = (np.asarray(leaf) for leaf in problem.data)
-    features = torch.from_numpy(np.ascontiguousarray(features_np, np.float32))
-    labels = torch.from_numpy(np.ascontiguousarray(labels_np, np.float32))
+    features_np, labels_np, _ = (np.array(leaf, np.float32) for leaf in problem.data)
+    features, labels = torch.from_numpy(features_np), torch.from_numpy(labels_np)
     n, d = features.shape
     l2 = cfg["l2"]
 
@@ -211,6 +296,7 @@ def bench_peer(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any]) -> d
                     w.grad = grads.mean(dim=0)
                     optimizer.step()
 
+        epoch.sampler = sampler
         return epoch
 
     out: dict[str, Any] = {}
@@ -229,11 +315,18 @@ def bench_peer(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any]) -> d
                 epoch()
                 times.append(time.perf_counter() - start)
             rows[method] = dict(epoch_seconds=summarize(times), first_call_seconds=first)
-        rr = rows["random_reshuffle"]["epoch_seconds"]["median"]
-        for method in GRAB_SCHEMES:
-            rows[method]["ratio_to_random_reshuffle"] = rows[method]["epoch_seconds"]["median"] / rr
+            if method != "random_reshuffle":  # the herded next order is a permutation
+                next_order = torch.sort(epoch.sampler.sorter.next_orders).values
+                if not torch.equal(next_order, torch.arange(n)):
+                    raise RuntimeError(f"grab-sampler {method}: next order is not a permutation")
+        add_ratios(rows)
         out[f"batch_size_{batch_size}"] = rows
     out["torch_num_threads"] = torch.get_num_threads()
+    out["torch_sparse"] = torch_sparse
+    out["compat"] = (
+        "GraBSampler subclassed with a mixin that accepts Sampler.__init__(data_source), "
+        "removed in torch 2.13"
+    )
     out["sampler"] = {
         "random_reshuffle": "torch.utils.data.RandomSampler",
         **{m: f"grabsampler.GraBSampler(balance_type={b!r})" for m, b in PEER_BALANCE.items()},
@@ -244,22 +337,22 @@ def bench_peer(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any]) -> d
 # ----------------------------------------------------------------------------- 3. seeds
 
 
-def bench_seeds(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any], key: jax.Array):
-    n, num_seeds = problem.num_examples, cfg["num_seeds"]
+def bench_seeds(
+    problem: problems.FiniteSum, lr: float, cfg: dict[str, Any], key: jax.Array, cache: dict
+):
+    num_seeds = cfg["num_seeds"]
     x0 = jnp.zeros_like(problem.x_star)
     learning_rate = jnp.asarray(lr, x0.dtype)
     out: dict[str, Any] = dict(
         num_seeds=num_seeds, batch_size=cfg["seeds_batch_size"], num_epochs=cfg["seeds_epochs"]
     )
-    for name in ("random_reshuffle", "grab_pair_balance"):
-        run = training.make_sgd_run(
-            problem, shuffling.make_scheme(name, n), num_epochs=cfg["seeds_epochs"],
-            batch_size=cfg["seeds_batch_size"], drop_remainder=True,
+    for name in SCHEMES:
+        run, single = jitted_run(
+            problem, name, cfg["seeds_batch_size"], cfg["seeds_epochs"], cache
         )
-        single = jax.jit(run)
         batched = jax.jit(jax.vmap(run, in_axes=(0, None, None)))
 
-        def sequential(keys):
+        def sequential(keys, single=single):
             results = []
             for k in keys:  # each call waited for: truly one after the other
                 results.append(jax.block_until_ready(single(k, x0, learning_rate)))
@@ -270,7 +363,9 @@ def bench_seeds(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any], key
         seq_keys = jax.random.split(k_seq, (repeats, num_seeds))
         vmap_keys = jax.random.split(k_vmap, (repeats, num_seeds))
         seq_first, seq_times = time_jax_calls(sequential, seq_keys)
-        vmap_first, vmap_times = time_jax_calls(lambda k: batched(k, x0, learning_rate), vmap_keys)
+        vmap_first, vmap_times = time_jax_calls(
+            functools.partial(call_run, batched, x0=x0, learning_rate=learning_rate), vmap_keys
+        )
         seq, vm = summarize(seq_times), summarize(vmap_times)
         out[name] = dict(
             sequential_seconds=seq,
@@ -286,23 +381,27 @@ def bench_seeds(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any], key
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| part | batch | scheme | s / epoch (median) | x RR |", "|---|---|---|---|---|"]
+    lines = [
+        "| part | batch | scheme | s / epoch (median) | x RR (medians) | x RR (fastest) |",
+        "|---|---|---|---|---|---|",
+    ]
     sections = [("JAX", results["jax"])]
     if isinstance(results["peer"], dict):
-        sections.append(("grab-sampler (PyTorch)", results["peer"]))
+        sections.append(("PyTorch peer", results["peer"]))
     for label, section in sections:
         for batch_key, rows in section.items():
             if not batch_key.startswith("batch_size_"):
                 continue
             for name, row in rows.items():
-                ratio = row.get("ratio_to_random_reshuffle")
+                ratios = [
+                    row.get(f"ratio_to_random_reshuffle{suffix}", 1.0) for suffix in ("", "_of_min")
+                ]
                 lines.append(
                     f"| {label} | {batch_key.removeprefix('batch_size_')} | {name} | "
-                    f"{row['epoch_seconds']['median']:.4g} | "
-                    f"{'1' if ratio is None else f'{ratio:.2f}'} |"
+                    f"{row['epoch_seconds']['median']:.4g} | {ratios[0]:.2f} | {ratios[1]:.2f} |"
                 )
     if not isinstance(results["peer"], dict):
-        lines.append(f"| grab-sampler (PyTorch) | | {results['peer']} | | |")
+        lines.append(f"| PyTorch peer | | {results['peer']} | | | |")
     seeds = results["seeds"]
     lines += [
         "",
@@ -310,11 +409,12 @@ def table(results: dict[str, Any]) -> str:
         "| scheme | sequential s | vmapped s | speed-up |",
         "|---|---|---|---|",
     ]
-    for name in ("random_reshuffle", "grab_pair_balance"):
+    for name in SCHEMES:
         row = seeds[name]
         lines.append(
             f"| {name} | {row['sequential_seconds']['median']:.4g} | "
-            f"{row['vmapped_seconds']['median']:.4g} | {row['speedup_vmapped_over_sequential']:.2f} |"
+            f"{row['vmapped_seconds']['median']:.4g} | "
+            f"{row['speedup_vmapped_over_sequential']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -335,8 +435,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON path")
     parser.add_argument("--quick", action="store_true", help="tiny smoke version (seconds)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads for the peer (0: torch's default). 1 by default: its "
+        "tensors are small, and on a busy 2-core machine OpenMP's spinning barriers made a "
+        "2-thread torch up to 100x slower",
+    )
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    if args.torch_threads < 0:
+        parser.error(f"--torch-threads must be >= 0, got {args.torch_threads}")
+    cfg = dict(QUICK if args.quick else FULL, torch_threads=args.torch_threads)
     wall = time.perf_counter()
 
     problem, build_seconds, lr = build_problem(cfg)
@@ -356,9 +466,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
     )
     print(f"problem n={cfg['n']} d={cfg['d']} built in {build_seconds:.1f}s", file=sys.stderr)
-    results["jax"] = bench_jax(problem, lr, cfg, key_jax)
+    cache: dict = {}
+    results["jax"] = bench_jax(problem, lr, cfg, key_jax, cache)
     results["peer"] = bench_peer(problem, lr, cfg)
-    results["seeds"] = bench_seeds(problem, lr, cfg, key_seeds)
+    results["seeds"] = bench_seeds(problem, lr, cfg, key_seeds, cache)
     results["total_seconds"] = time.perf_counter() - wall
     check_finite({k: results[k] for k in ("jax", "peer", "seeds")})
 

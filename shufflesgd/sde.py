@@ -58,7 +58,7 @@ class _Process:
         return self.drift_coefficient(t) * x - weight * self.diffusion_squared(t) * score
 
     def prior_sample(self, key: Array, shape: tuple[int, ...]) -> Array:
-        """A draw from the prior :math:`N(0, \sigma_T^2 I)` (:math:`\sigma_T = 1` for VP, sub-VP)."""
+        r"""A draw from the prior :math:`N(0, \sigma_T^2 I)` (:math:`\sigma_T = 1` for VP, sub-VP)."""
         return self.prior_std * jax.random.normal(key, shape)
 
     def prior_log_prob(self, x: Array) -> Array:
