@@ -81,6 +81,9 @@ class VP(_Process):
     t_min: float = 1e-3
     t_max: float = 1.0
 
+    def beta(self, t: Array) -> Array:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
     def log_alpha(self, t: Array) -> Array:
         return -0.5 * _beta_integral(t, self.beta_min, self.beta_max)
 
@@ -88,10 +91,10 @@ class VP(_Process):
         return jnp.sqrt(-jnp.expm1(2.0 * self.log_alpha(t)))
 
     def drift_coefficient(self, t: Array) -> Array:
-        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+        return -0.5 * self.beta(t)
 
     def diffusion_squared(self, t: Array) -> Array:
-        return self.beta_min + t * (self.beta_max - self.beta_min)
+        return self.beta(t)
 
     def time_of_log_snr(self, log_snr: Array) -> Array:
         # alpha^2 = sigmoid(lambda) for a variance-preserving process
@@ -104,29 +107,17 @@ class VP(_Process):
 
 
 @struct.dataclass
-class SubVP(_Process):
+class SubVP(VP):
     r"""Sub-VP SDE (Song et al. 2021, Eq. 29): VP's drift with
     :math:`g^2 = \beta(t)(1 - e^{-2\int_0^t\beta})`, so :math:`\sigma = 1 - \alpha^2`
     (a standard deviation below VP's at every t); prior :math:`N(0, I)`.
     """
 
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    t_min: float = 1e-3
-    t_max: float = 1.0
-
-    def log_alpha(self, t: Array) -> Array:
-        return -0.5 * _beta_integral(t, self.beta_min, self.beta_max)
-
     def sigma(self, t: Array) -> Array:
         return -jnp.expm1(2.0 * self.log_alpha(t))
 
-    def drift_coefficient(self, t: Array) -> Array:
-        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
-
     def diffusion_squared(self, t: Array) -> Array:
-        beta = self.beta_min + t * (self.beta_max - self.beta_min)
-        return beta * -jnp.expm1(4.0 * self.log_alpha(t))
+        return self.beta(t) * -jnp.expm1(4.0 * self.log_alpha(t))
 
     def time_of_log_snr(self, log_snr: Array) -> Array:
         # alpha / (1 - alpha^2) = r = e^{lambda/2}  =>  r alpha^2 + alpha - r = 0
@@ -134,13 +125,19 @@ class SubVP(_Process):
         alpha = 2.0 * r / (1.0 + jnp.sqrt(1.0 + 4.0 * r**2))
         return _vp_time_of_half_log_alpha_sq(2.0 * jnp.log(alpha), self.beta_min, self.beta_max)
 
-    @property
-    def prior_std(self) -> float:
-        return 1.0
+
+class _UnitAlpha:
+    """Processes that only add noise: :math:`\alpha = 1`, :math:`f = 0`."""
+
+    def log_alpha(self, t: Array) -> Array:
+        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(float)))
+
+    def drift_coefficient(self, t: Array) -> Array:
+        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(float)))
 
 
 @struct.dataclass
-class VE(_Process):
+class VE(_UnitAlpha, _Process):
     r"""Variance-exploding SDE (SMLD's continuous limit; Song et al. 2021, Eq. 9).
 
     :math:`\sigma(t) = \sigma_{min}(\sigma_{max}/\sigma_{min})^t`, :math:`\alpha = 1`,
@@ -154,14 +151,8 @@ class VE(_Process):
     t_min: float = 1e-5
     t_max: float = 1.0
 
-    def log_alpha(self, t: Array) -> Array:
-        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(float)))
-
     def sigma(self, t: Array) -> Array:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
-
-    def drift_coefficient(self, t: Array) -> Array:
-        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(float)))
 
     def diffusion_squared(self, t: Array) -> Array:
         return 2.0 * self.sigma(t) ** 2 * math.log(self.sigma_max / self.sigma_min)
@@ -175,7 +166,7 @@ class VE(_Process):
 
 
 @struct.dataclass
-class EDM(_Process):
+class EDM(_UnitAlpha, _Process):
     r"""The σ-parameterised process of Karras et al. (2022), "Elucidating the Design Space of
     Diffusion-Based Generative Models", Table 1: :math:`x_\sigma = x_0 + \sigma\varepsilon`
     with time equal to noise level, :math:`\alpha = 1`, :math:`\sigma(t) = t`, :math:`f = 0`,
@@ -193,14 +184,8 @@ class EDM(_Process):
     def t_max(self) -> float:
         return self.sigma_max
 
-    def log_alpha(self, t: Array) -> Array:
-        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(float)))
-
     def sigma(self, t: Array) -> Array:
         return jnp.asarray(t, dtype=jnp.result_type(float))
-
-    def drift_coefficient(self, t: Array) -> Array:
-        return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(float)))
 
     def diffusion_squared(self, t: Array) -> Array:
         return 2.0 * jnp.asarray(t, dtype=jnp.result_type(float))
@@ -310,11 +295,10 @@ def time_of_sigma(sde: SDE, sigma: Array) -> Array:
     """The time at which the process has noise level ``sigma`` (through the log-SNR)."""
     if isinstance(sde, (VE, EDM)):
         return sde.time_of_log_snr(-2.0 * jnp.log(sigma))
-    if isinstance(sde, VP):  # alpha = sqrt(1 - sigma^2)
-        return sde.time_of_log_snr(jnp.log1p(-sigma**2) - 2.0 * jnp.log(sigma))
-    # sub-VP: sigma = 1 - alpha^2
-    alpha = jnp.sqrt(1.0 - sigma)
-    return sde.time_of_log_snr(2.0 * (jnp.log(alpha) - jnp.log(sigma)))
+    if isinstance(sde, SubVP):  # sigma = 1 - alpha^2
+        return sde.time_of_log_snr(jnp.log1p(-sigma) - 2.0 * jnp.log(sigma))
+    # VP: alpha = sqrt(1 - sigma^2)
+    return sde.time_of_log_snr(jnp.log1p(-sigma**2) - 2.0 * jnp.log(sigma))
 
 
 def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str) -> np.ndarray:
