@@ -1,0 +1,317 @@
+r"""MCMC kernels as pure ``(init, step)`` pairs, in the manner of BlackJAX.
+
+A kernel is a :class:`SamplingAlgorithm` built from a log-density (static), with
+
+* ``init(position) -> state``;
+* ``step(key, state, *hyper) -> (state, info)``, the hyper-parameters (step size, ...)
+  passed as possibly traced arguments, so one compiled program serves a vmapped sweep.
+
+Chains are ``jax.vmap`` over keys and initial positions; runs are ``lax.scan`` over steps
+with ``fold_in(key, step)`` keys (:func:`run_chain`).  Positions are pytrees.  ``info``
+always carries the acceptance probability and the number of gradient evaluations, so the
+loops never look inside a kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+LogDensity = Callable[[PyTree], jax.Array]
+
+
+class SamplingAlgorithm(NamedTuple):
+    """``init(position) -> state`` and ``step(key, state, *hyper) -> (state, info)``."""
+
+    init: Callable[[PyTree], Any]
+    step: Callable[..., tuple[Any, Any]]
+
+
+class GradientState(NamedTuple):
+    """Position with its log-density and gradient (so a rejected move costs nothing)."""
+
+    position: PyTree
+    logdensity: jax.Array
+    logdensity_grad: PyTree
+
+
+class MCMCInfo(NamedTuple):
+    """Per-step diagnostics.
+
+    Attributes:
+      acceptance_rate: the Metropolis–Hastings acceptance probability (1 for unadjusted
+        kernels).
+      is_accepted: whether the proposal was taken.
+      num_grad_evals: gradient evaluations spent by this step.
+      energy_error: the change of the Hamiltonian (HMC; 0 elsewhere).
+    """
+
+    acceptance_rate: jax.Array
+    is_accepted: jax.Array
+    num_grad_evals: jax.Array
+    energy_error: jax.Array
+
+
+def _value_and_grad(logdensity_fn: LogDensity, position: PyTree) -> GradientState:
+    value, grad = jax.value_and_grad(logdensity_fn)(position)
+    return GradientState(position, value, grad)
+
+
+def check_logdensity(logdensity_fn: LogDensity, position: PyTree) -> None:
+    """``ValueError`` unless ``logdensity_fn(position)`` is a real scalar (checked by shape only)."""
+    out = jax.eval_shape(logdensity_fn, position)
+    if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"logdensity_fn must return a real scalar, got shape {out.shape} and dtype {out.dtype}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``ValueError`` naming ``name`` for a concrete value that is not positive (tracers pass)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(value) > 0):
+        raise ValueError(f"{name} must be positive, got {name}={value!r}")
+
+
+def _normal_like(key: jax.Array, tree: PyTree) -> PyTree:
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
+
+
+def _axpy(a: jax.Array, x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(lambda u, v: a * u + v, x, y)
+
+
+def _langevin_proposal(state: GradientState, step_size: jax.Array, noise: PyTree) -> PyTree:
+    drift = _axpy(step_size, state.logdensity_grad, state.position)
+    return _axpy(jnp.sqrt(2.0 * step_size), noise, drift)
+
+
+def _info(acceptance: Any, accepted: Any, grads: int, energy: Any = 0.0) -> MCMCInfo:
+    return MCMCInfo(jnp.asarray(acceptance), jnp.asarray(accepted), jnp.asarray(grads, jnp.int32),
+                    jnp.asarray(energy))
+
+
+def ula(logdensity_fn: LogDensity) -> SamplingAlgorithm:
+    r"""Unadjusted Langevin algorithm (Roberts & Tweedie 1996, Eq. 1.3; Durmus & Moulines 2017):
+    :math:`x' = x + h\nabla\log\pi(x) + \sqrt{2h}\,z`.  Biased at :math:`O(h)`; one gradient
+    a step.  ``step(key, state, step_size)``."""
+
+    def init(position: PyTree) -> GradientState:
+        check_logdensity(logdensity_fn, position)
+        return _value_and_grad(logdensity_fn, position)
+
+    def step(key: jax.Array, state: GradientState, step_size: jax.Array):
+        check_positive("step_size", step_size)
+        proposal = _langevin_proposal(state, step_size, _normal_like(key, state.position))
+        return _value_and_grad(logdensity_fn, proposal), _info(1.0, True, 1)
+
+    return SamplingAlgorithm(init, step)
+
+
+def mala(logdensity_fn: LogDensity) -> SamplingAlgorithm:
+    r"""Metropolis-adjusted Langevin (Roberts & Tweedie 1996, Sec. 1.4): the ULA proposal
+    :math:`q(x'|x) = N(x + h\nabla\log\pi(x), 2h I)` accepted with probability
+    :math:`\min(1, \pi(x')q(x|x')/(\pi(x)q(x'|x)))`, which makes :math:`\pi` invariant.
+    One gradient a step.  ``step(key, state, step_size)``."""
+
+    def log_q(to: GradientState, frm: GradientState, step_size: jax.Array) -> jax.Array:
+        mean = _axpy(step_size, frm.logdensity_grad, frm.position)
+        diff = optax.tree.sub(to.position, mean)
+        return -optax.tree.norm(diff, squared=True) / (4.0 * step_size)
+
+    def init(position: PyTree) -> GradientState:
+        check_logdensity(logdensity_fn, position)
+        return _value_and_grad(logdensity_fn, position)
+
+    def step(key: jax.Array, state: GradientState, step_size: jax.Array):
+        check_positive("step_size", step_size)
+        noise_key, accept_key = jax.random.split(key)
+        proposal = _value_and_grad(
+            logdensity_fn, _langevin_proposal(state, step_size, _normal_like(noise_key, state.position))
+        )
+        log_ratio = (proposal.logdensity + log_q(state, proposal, step_size)
+                     - state.logdensity - log_q(proposal, state, step_size))
+        log_ratio = jnp.where(jnp.isnan(log_ratio), -jnp.inf, log_ratio)
+        acceptance = jnp.exp(jnp.minimum(log_ratio, 0.0))
+        accepted = jnp.log(jax.random.uniform(accept_key)) < log_ratio
+        new = jax.tree.map(lambda p, s: jnp.where(accepted, p, s), proposal, state)
+        return new, _info(acceptance, accepted, 1)
+
+    return SamplingAlgorithm(init, step)
+
+
+def hmc(logdensity_fn: LogDensity, num_leapfrog: int) -> SamplingAlgorithm:
+    r"""Hamiltonian Monte Carlo with a leapfrog integrator (Duane et al. 1987; Neal 2011,
+    "MCMC using Hamiltonian dynamics", Fig. 2).
+
+    Momentum :math:`p \sim N(0, M)` with a diagonal mass ``inverse_mass`` :math:`= M^{-1}`;
+    ``num_leapfrog`` (static) leapfrog steps of size :math:`\epsilon`; accept with
+    probability :math:`\min(1, e^{-\Delta H})`, :math:`H = -\log\pi(x) + \frac12 p^\top
+    M^{-1}p`.  ``num_leapfrog`` gradients a step.  ``step(key, state, step_size,
+    inverse_mass=1.0)``."""
+    if isinstance(num_leapfrog, bool) or not isinstance(num_leapfrog, int) or num_leapfrog <= 0:
+        raise ValueError(f"num_leapfrog must be a positive int, got num_leapfrog={num_leapfrog!r}")
+
+    def init(position: PyTree) -> GradientState:
+        check_logdensity(logdensity_fn, position)
+        return _value_and_grad(logdensity_fn, position)
+
+    def step(key: jax.Array, state: GradientState, step_size: jax.Array, inverse_mass: Any = 1.0):
+        check_positive("step_size", step_size)
+        check_positive("inverse_mass", inverse_mass)
+        flat, unravel = ravel_pytree(state.position)
+        inv_mass = jnp.broadcast_to(jnp.asarray(inverse_mass, flat.dtype), flat.shape)
+        momentum_key, accept_key = jax.random.split(key)
+        p0 = jax.random.normal(momentum_key, flat.shape, flat.dtype) / jnp.sqrt(inv_mass)
+
+        def flat_grad(s: GradientState) -> jax.Array:
+            return ravel_pytree(s.logdensity_grad)[0]
+
+        def leapfrog(carry, _):
+            s, p = carry
+            p = p + 0.5 * step_size * flat_grad(s)
+            x = ravel_pytree(s.position)[0] + step_size * inv_mass * p
+            s = _value_and_grad(logdensity_fn, unravel(x))
+            p = p + 0.5 * step_size * flat_grad(s)
+            return (s, p), None
+
+        (proposal, p1), _ = jax.lax.scan(leapfrog, (state, p0), length=num_leapfrog)
+        kinetic = lambda p: 0.5 * jnp.sum(inv_mass * p**2)  # noqa: E731
+        energy_error = (-proposal.logdensity + kinetic(p1)) - (-state.logdensity + kinetic(p0))
+        energy_error = jnp.where(jnp.isnan(energy_error), jnp.inf, energy_error)
+        acceptance = jnp.exp(jnp.minimum(-energy_error, 0.0))
+        accepted = jax.random.uniform(accept_key) < acceptance
+        new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), proposal, state)
+        return new, _info(acceptance, accepted, num_leapfrog, energy_error)
+
+    return SamplingAlgorithm(init, step)
+
+
+# ------------------------------------------------------------------ step-size adaptation
+
+
+class DualAveragingState(NamedTuple):
+    log_step: jax.Array
+    log_step_average: jax.Array
+    error_sum: jax.Array
+    count: jax.Array
+    mu: jax.Array
+
+
+def dual_averaging_init(initial_step_size: float) -> DualAveragingState:
+    """Start dual averaging at ``initial_step_size`` with :math:`\\mu = \\log(10\\epsilon_0)`."""
+    log_step = jnp.log(jnp.asarray(initial_step_size, jnp.result_type(float)))
+    zero = jnp.zeros_like(log_step)
+    return DualAveragingState(log_step, zero, zero, jnp.zeros((), jnp.int32), jnp.log(10.0) + log_step)
+
+
+def dual_averaging_update(
+    state: DualAveragingState, acceptance: jax.Array, target: float = 0.8,
+    gamma: float = 0.05, t0: float = 10.0, kappa: float = 0.75,
+) -> DualAveragingState:
+    r"""One step of Nesterov dual averaging on :math:`\log\epsilon` (Hoffman & Gelman 2014,
+    "The No-U-Turn Sampler", Alg. 5, Eq. 6):
+    :math:`\bar H_m = (1-\frac1{m+t_0})\bar H_{m-1} + \frac{\delta - \alpha_m}{m+t_0}`,
+    :math:`\log\epsilon_m = \mu - \frac{\sqrt m}{\gamma}\bar H_m`,
+    :math:`\log\bar\epsilon_m = m^{-\kappa}\log\epsilon_m + (1-m^{-\kappa})\log\bar\epsilon_{m-1}`.
+    Use ``exp(log_step_average)`` after adaptation."""
+    m = state.count + 1
+    mf = m.astype(state.log_step.dtype)
+    weight = 1.0 / (mf + t0)
+    error_sum = (1.0 - weight) * state.error_sum + weight * (target - acceptance)
+    log_step = state.mu - jnp.sqrt(mf) / gamma * error_sum
+    eta = mf ** (-kappa)
+    average = eta * log_step + (1.0 - eta) * state.log_step_average
+    return DualAveragingState(log_step, average, error_sum, m, state.mu)
+
+
+def adapt_step_size(
+    kernel: SamplingAlgorithm, key: jax.Array, state: Any, initial_step_size: float,
+    num_steps: int, target: float = 0.8, **hyper: Any,
+) -> tuple[Any, jax.Array]:
+    """Run ``num_steps`` of ``kernel`` while dual averaging tunes the step size to reach the
+    mean acceptance ``target``; return the final state and the adapted step size."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target must lie in (0, 1), got target={target}")
+
+    def body(carry, t):
+        chain_state, da = carry
+        chain_state, info = kernel.step(jax.random.fold_in(key, t), chain_state, jnp.exp(da.log_step), **hyper)
+        return (chain_state, dual_averaging_update(da, info.acceptance_rate, target)), None
+
+    (state, da), _ = jax.lax.scan(body, (state, dual_averaging_init(initial_step_size)), jnp.arange(num_steps))
+    return state, jnp.exp(da.log_step_average)
+
+
+def run_chain(
+    kernel: SamplingAlgorithm, key: jax.Array, state: Any, num_steps: int, *hyper: Any,
+) -> tuple[Any, PyTree, MCMCInfo]:
+    """``num_steps`` of ``kernel`` with keys ``fold_in(key, t)``: returns the final state, the
+    positions after every step (leading axis ``num_steps``) and the per-step infos."""
+
+    def body(chain_state, t):
+        chain_state, info = kernel.step(jax.random.fold_in(key, t), chain_state, *hyper)
+        return chain_state, (chain_state.position, info)
+
+    state, (positions, infos) = jax.lax.scan(body, state, jnp.arange(num_steps))
+    return state, positions, infos
+
+
+# ------------------------------------------------------------------ diagnostics
+
+
+def _autocovariance(x: np.ndarray) -> np.ndarray:
+    """Autocovariance of each chain along the last axis, via FFT (biased estimator)."""
+    n = x.shape[-1]
+    centred = x - x.mean(axis=-1, keepdims=True)
+    size = 1 << (2 * n - 1).bit_length()
+    spectrum = np.fft.rfft(centred, n=size, axis=-1)
+    return np.fft.irfft(spectrum * np.conj(spectrum), n=size, axis=-1)[..., :n] / n
+
+
+def effective_sample_size(chains: Any) -> np.ndarray:
+    r"""ESS of ``chains`` with shape ``[num_chains, num_draws, ...]`` (per trailing entry).
+
+    The multi-chain estimator of Vehtari et al. (2021), "Rank-normalization, folding, and
+    localization: An improved R-hat", Eq. 10-11 (without rank normalisation), with Geyer's
+    (1992) initial monotone sequence truncation: :math:`\hat\rho_t = 1 -
+    (W - \overline{\gamma_t})/\widehat{var}^+`, summed in pairs while positive.
+    """
+    x = np.asarray(chains, np.float64)
+    m, n = x.shape[:2]
+    x = np.moveaxis(x.reshape(m, n, -1), 1, -1)  # [m, k, n]
+    acov = _autocovariance(x)
+    chain_var = acov[..., 0] * n / (n - 1.0)
+    within = chain_var.mean(axis=0)
+    between = x.mean(axis=-1).var(axis=0, ddof=1) if m > 1 else np.zeros_like(within)
+    var_plus = within * (n - 1.0) / n + between
+    rho = 1.0 - (within[:, None] - acov.mean(axis=0)) / var_plus[:, None]  # [k, n]
+    rho[:, 0] = 1.0
+    ess = np.empty(rho.shape[0])
+    for j, r in enumerate(rho):
+        pairs = r[: 2 * (n // 2)].reshape(-1, 2).sum(axis=1)
+        positive = np.where(pairs < 0)[0]
+        pairs = pairs[: positive[0]] if positive.size else pairs
+        pairs = np.minimum.accumulate(pairs)  # initial monotone sequence
+        tau = -1.0 + 2.0 * pairs.sum()
+        ess[j] = m * n / max(tau, 1.0 / np.log10(m * n))
+    return ess.reshape(np.asarray(chains).shape[2:])
+
+
+def split_rhat(chains: Any) -> np.ndarray:
+    r"""Split-:math:`\hat R` (Gelman et al., BDA3, Eq. 11.4; Vehtari et al. 2021, Eq. 4):
+    each chain is cut in two halves, then :math:`\hat R = \sqrt{\widehat{var}^+/W}`."""
+    x = np.asarray(chains, np.float64)
+    m, n = x.shape[:2]
+    half = n // 2
+    x = np.concatenate([x[:, :half], x[:, n - half:]], axis=0)
+    within = x.var(axis=1, ddof=1).mean(axis=0)
+    between = half * x.mean(axis=1).var(axis=0, ddof=1)
+    var_plus = (half - 1.0) / half * within + between / half
+    return np.sqrt(var_plus / within)
