@@ -18,7 +18,8 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.l2 = 0.05  # ridge / logistic regularisation (mu for logistic regression)
     config.margin = 2.0  # logistic regression weight norm
     config.data_seed = 0  # the problem instance
-    config.schemes = [
+    # Tuples, so that --config.epochs='(16,32,64)' overrides them from the command line.
+    config.schemes = (
         "with_replacement",
         "random_reshuffle",
         "single_shuffle",
@@ -26,9 +27,9 @@ def get_config(variant: str = "full") -> ConfigDict:
         "flipflop",
         "grab_mean_balance",
         "grab_pair_balance",
-    ]
-    config.epochs = [32, 64, 128, 256, 512, 1024]
-    config.n_values = [8, 16, 32, 64, 128]
+    )
+    config.epochs = (32, 64, 128, 256, 512, 1024)
+    config.n_values = (8, 16, 32, 64, 128)
     config.n_sweep_epochs = 128
     config.num_seeds = 64
     config.step_size_c = 3.0  # eta = c log(nK) / (mu n K)
@@ -38,8 +39,8 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.x64 = True  # rates are measured down to ~1e-10
     config.results_dir = "results"
     if variant == "quick":
-        config.epochs = [32, 64, 128, 256, 512]
-        config.n_values = [8, 16, 32, 64]
+        config.epochs = (32, 64, 128, 256, 512)
+        config.n_values = (8, 16, 32, 64)
         config.n_sweep_epochs = 128
         config.num_seeds = 32
     elif variant != "full":

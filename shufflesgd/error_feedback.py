@@ -299,10 +299,13 @@ def ef21_w(compressor: Compressor, weights: Any, *, leafwise: bool = False) -> E
     :math:`L_{AM}` replacing EF21's quadratic mean :math:`L_{QM} \ge L_{AM}`.
     """
     weights = jnp.asarray(weights)
-    if weights.ndim != 1 or not np.all(np.asarray(weights) > 0):
-        raise ValueError("weights must be a vector of positive numbers (one per worker)")
-    if not np.isclose(float(np.sum(np.asarray(weights))), 1.0, rtol=1e-5):
-        raise ValueError(f"weights must sum to 1, got {float(np.sum(np.asarray(weights)))}")
+    if weights.ndim != 1:
+        raise ValueError(f"weights must be a vector (one per worker), got shape {weights.shape}")
+    if not isinstance(weights, jax.core.Tracer):  # traced weights are the caller's to check
+        if not np.all(np.asarray(weights) > 0):
+            raise ValueError("weights must be positive")
+        if not np.isclose(float(np.sum(np.asarray(weights))), 1.0, rtol=1e-5):
+            raise ValueError(f"weights must sum to 1, got {float(np.sum(np.asarray(weights)))}")
     return _ef21_family("ef21_w", compressor, leafwise, weights=weights)
 
 
