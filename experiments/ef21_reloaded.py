@@ -101,7 +101,7 @@ def build_problem(config: ConfigDict, spread: float) -> problems.DistributedSum:
     """Least squares split over ``config.num_workers`` workers whose L_i span ``spread``."""
     a, b = problems.heterogeneous_regression(
         config.data_seed, config.num_workers, config.examples_per_worker, config.dim,
-        spread=float(spread), noise=config.noise,
+        spread=float(spread), noise=config.noise, profile=config.profile,
     )
     return problems.distributed_least_squares(a, b, config.num_workers, l2=config.l2)
 
@@ -175,6 +175,7 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.epsilon must lie in (0, 1) (relative to ||grad f(x0)||^2), got {config.epsilon!r}")
     if not (isinstance(config.l2, (int, float)) and config.l2 >= 0):
         raise ValueError(f"config.l2 must be non-negative, got {config.l2!r}")
+    common.check_choice("profile", config.profile, ("geometric", "outlier"))
     if not (isinstance(config.noise, (int, float)) and config.noise >= 0):
         raise ValueError(f"config.noise must be non-negative, got {config.noise!r}")
     if config.l2 == 0 and config.examples_per_worker * config.num_workers < config.dim:

@@ -506,19 +506,31 @@ def distributed_logistic_regression(
 
 
 def heterogeneous_regression(
-    seed: int, num_workers: int, examples_per_worker: int, d: int, spread: float, noise: float = 0.1
+    seed: int, num_workers: int, examples_per_worker: int, d: int, spread: float,
+    noise: float = 0.1, profile: str = "geometric",
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Regression data whose per-worker smoothness spans ``spread`` (``L_max / L_min``).
 
-    Worker ``i``'s rows (features and targets) are scaled by :math:`\sqrt{s_i}` with
-    :math:`s_i` log-spaced over :math:`[1, \text{spread}]`, so :math:`L_i \propto s_i`:
-    the setting where EF21-W's :math:`L_{AM}` beats EF21's :math:`L_{QM}`.
-    Rows come in worker order (pass the result to :func:`distributed_least_squares`).
+    Worker ``i``'s rows (features and targets) are scaled by :math:`\sqrt{s_i}`, so
+    :math:`L_i \propto s_i`: the setting where EF21-W's :math:`L_{AM}` beats EF21's
+    :math:`L_{QM}`.  ``profile="geometric"``: :math:`s_i` log-spaced over
+    :math:`[1, \text{spread}]` (then :math:`L_{QM}/L_{AM}` grows only like
+    :math:`\sqrt{\log \text{spread}}`); ``profile="outlier"``: one worker at ``spread``,
+    the others at 1 (then :math:`L_{QM}/L_{AM} \to \sqrt n`, the regime of the large gains
+    in Richtárik, Gasanov, Burlachenko 2024).  Rows come in worker order (pass the result
+    to :func:`distributed_least_squares`).
     """
     if spread < 1:
         raise ValueError(f"spread must be at least 1, got spread={spread}")
+    if profile not in ("geometric", "outlier"):
+        raise ValueError(f"profile must be 'geometric' or 'outlier', got {profile!r}")
     a, b = synthetic_regression(seed, num_workers * examples_per_worker, d, noise=noise)
-    scale = np.sqrt(np.repeat(np.geomspace(1.0, spread, num_workers), examples_per_worker))
+    if profile == "geometric":
+        worker_scale = np.geomspace(1.0, spread, num_workers)
+    else:
+        worker_scale = np.ones(num_workers)
+        worker_scale[-1] = spread
+    scale = np.sqrt(np.repeat(worker_scale, examples_per_worker))
     return a * scale[:, None], b * scale
 
 

@@ -78,3 +78,15 @@ def test_synthetic_instances_are_nested_in_n():
     f_big, y_big = problems.synthetic_classification(3, 25, 4)
     np.testing.assert_array_equal(f_small, f_big[:10])
     np.testing.assert_array_equal(y_small, y_big[:10])
+
+
+def test_heterogeneous_regression_profiles_set_the_spread_of_worker_smoothness():
+    means = {}
+    for profile in ("geometric", "outlier"):
+        a, b = problems.heterogeneous_regression(0, 10, 30, 4, spread=1e4, profile=profile)
+        worker = np.asarray(problems.distributed_least_squares(a, b, 10).worker_smoothness, np.float64)
+        assert 5e3 < worker.max() / worker.min() < 2e4  # the spread, up to sampling of the rows
+        means[profile] = np.sqrt(np.mean(worker**2)) / np.mean(worker)  # L_QM / L_AM
+    assert means["geometric"] < 2.5 < means["outlier"]  # sqrt(10) = 3.16 is the outlier limit
+    with pytest.raises(ValueError, match="profile must be"):
+        problems.heterogeneous_regression(0, 2, 2, 2, spread=10.0, profile="bogus")
