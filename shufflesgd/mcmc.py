@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from shufflesgd.shuffling import ShufflingScheme, check_batch_size, minibatches
+
 PyTree = Any
 LogDensity = Callable[[PyTree], jax.Array]
 
@@ -191,6 +193,113 @@ def hmc(logdensity_fn: LogDensity, num_leapfrog: int) -> SamplingAlgorithm:
         return new, _info(acceptance, accepted, num_leapfrog, energy_error)
 
     return SamplingAlgorithm(init, step)
+
+
+# ------------------------------------------------------------------ stochastic gradients
+
+GradientEstimator = Callable[[PyTree, jax.Array], PyTree]
+
+
+class SGState(NamedTuple):
+    """Position (and momentum, for SGHMC) of a stochastic-gradient chain."""
+
+    position: PyTree
+    momentum: PyTree
+
+
+def sgld(grad_estimator: GradientEstimator) -> SamplingAlgorithm:
+    r"""Stochastic gradient Langevin dynamics (Welling & Teh 2011, Eq. 4), in ULA's scaling:
+    :math:`x' = x + h\,\hat g(x) + \sqrt{2h}\,z` with :math:`\hat g` an unbiased estimate of
+    :math:`
+abla\log\pi` from a minibatch, e.g. :math:`
+abla\log p(x) + rac{N}{b}
+    \sum_{i\in B}
+abla\log p(y_i|x)`.  ``grad_estimator(position, batch_indices)``;
+    ``step(key, state, batch_indices, step_size)``; one gradient a step."""
+
+    def init(position: PyTree) -> SGState:
+        return SGState(position, None)
+
+    def step(key: jax.Array, state: SGState, batch: jax.Array, step_size: jax.Array):
+        check_positive("step_size", step_size)
+        grad = grad_estimator(state.position, batch)
+        drift = _axpy(step_size, grad, state.position)
+        position = _axpy(jnp.sqrt(2.0 * step_size), _normal_like(key, state.position), drift)
+        return SGState(position, None), _info(1.0, True, 1)
+
+    return SamplingAlgorithm(init, step)
+
+
+SGHMC_INTEGRATORS = ("euler", "baoab")
+
+
+def sghmc(grad_estimator: GradientEstimator, integrator: str = "euler") -> SamplingAlgorithm:
+    r"""Stochastic gradient HMC (Chen, Fox, Guestrin 2014), unit mass, friction :math:`\gamma`.
+
+    ``integrator="euler"`` is their Eq. 9 (with :math:`\hat B = 0`):
+    :math:`v' = v + h\hat g(x) - h\gamma v + \sqrt{2\gamma h}\,z`, :math:`x' = x + h v'`; one
+    gradient a step.  ``integrator="baoab"`` is the symmetric splitting of Leimkuhler &
+    Matthews (2013) for underdamped Langevin: half kick B, half drift A, exact
+    Ornstein–Uhlenbeck O (:math:`v \leftarrow e^{-\gamma h}v + \sqrt{1-e^{-2\gamma h}}\,z`),
+    A, B, both kicks with the same minibatch (symmetric in the data as well); two gradients a
+    step.  With exact gradients BAOAB samples a Gaussian target's positions exactly.
+    ``step(key, state, batch_indices, step_size, friction)``.
+    """
+    if integrator not in SGHMC_INTEGRATORS:
+        raise ValueError(f"integrator must be one of {list(SGHMC_INTEGRATORS)}, got {integrator!r}")
+
+    def init(position: PyTree) -> SGState:
+        return SGState(position, optax.tree.zeros_like(position))
+
+    def step(key: jax.Array, state: SGState, batch: jax.Array, step_size: jax.Array, friction: jax.Array):
+        check_positive("step_size", step_size)
+        check_positive("friction", friction)
+        x, v = state
+        z = _normal_like(key, v)
+        if integrator == "euler":
+            v = jax.tree.map(lambda v, g, z: v + step_size * g - step_size * friction * v
+                             + jnp.sqrt(2.0 * friction * step_size) * z, v, grad_estimator(x, batch), z)
+            return SGState(_axpy(step_size, v, x), v), _info(1.0, True, 1)
+        half = 0.5 * step_size
+        v = _axpy(half, grad_estimator(x, batch), v)
+        x = _axpy(half, v, x)
+        decay = jnp.exp(-friction * step_size)
+        v = jax.tree.map(lambda v, z: decay * v + jnp.sqrt(1.0 - decay**2) * z, v, z)
+        x = _axpy(half, v, x)
+        v = _axpy(half, grad_estimator(x, batch), v)
+        return SGState(x, v), _info(1.0, True, 2)
+
+    return SamplingAlgorithm(init, step)
+
+
+def run_minibatch_chain(
+    kernel: SamplingAlgorithm, key: jax.Array, state: SGState, scheme: ShufflingScheme, num_epochs: int,
+    batch_size: int, *hyper: Any,
+) -> tuple[SGState, PyTree, MCMCInfo]:
+    """A stochastic-gradient chain whose minibatches follow a shuffling scheme of
+    :mod:`shufflesgd.shuffling` (with replacement, RR, SS, ...): ``num_epochs`` epochs of
+    ``epoch_length / batch_size`` steps; the positions after every step are returned."""
+    steps_per_epoch = check_batch_size(scheme.epoch_length, batch_size)
+    order_key, step_key = jax.random.split(key)
+
+    def epoch(carry, k):
+        chain_state, scheme_state = carry
+        scheme_state, order = scheme.next_epoch(scheme_state)
+
+        def one(chain_state, inputs):
+            t, batch = inputs
+            chain_state, info = kernel.step(jax.random.fold_in(step_key, t), chain_state, batch, *hyper)
+            return chain_state, (chain_state.position, info)
+
+        steps = k * steps_per_epoch + jnp.arange(steps_per_epoch)
+        chain_state, out = jax.lax.scan(one, chain_state, (steps, minibatches(order, batch_size)))
+        return (chain_state, scheme_state), out
+
+    (state, _), (positions, infos) = jax.lax.scan(
+        epoch, (state, scheme.init(order_key, None)), jnp.arange(num_epochs)
+    )
+    flatten = lambda tree: jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)  # noqa: E731
+    return state, flatten(positions), flatten(infos)
 
 
 # ------------------------------------------------------------------ step-size adaptation
