@@ -168,13 +168,18 @@ def rand_k(k: int | None = None, *, fraction: float | None = None, scaled: bool 
     Scaled by :math:`d/k` it is unbiased with :math:`\omega = d/k - 1`; unscaled it is
     contractive with :math:`\alpha = k/d` (Beznosikov et al. 2020, Sec. 2; Stich et al.
     2018).  The indices come from a key shared with the receiver, so only the values are
-    sent: :math:`32k` bits.
+    sent: :math:`32k` bits.  They are the ``k`` largest of ``d`` random 30-bit keys (a
+    uniform k-subset, up to ties at the k-th key, which have probability about
+    :math:`d/2^{30}` and go to the lower index); ``lax.top_k`` on the keys is 20x faster
+    on CPU than a full ``jax.random.permutation`` (``benchmarks/ef21_step.py``).
     """
     count = _count(k, fraction)
 
     def fn(key: jax.Array, x: jax.Array) -> jax.Array:
         d, kept = _size(x.shape), count(x.shape)
-        indices = jax.random.permutation(key, d)[:kept]
+        # 30-bit integers read as float32 bit patterns: finite, non-negative and ordered
+        bits = jax.random.bits(key, (d,), jnp.uint32) >> 2
+        _, indices = jax.lax.top_k(jax.lax.bitcast_convert_type(bits, jnp.float32), kept)
         return _keep(x, indices, d / kept if scaled else 1.0)
 
     return Compressor(

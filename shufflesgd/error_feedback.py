@@ -95,9 +95,15 @@ def _zeros_per_worker(x: PyTree, num_workers: int) -> PyTree:
 
 
 def _mean_over_workers(tree: PyTree, weights: jax.Array | None = None) -> PyTree:
-    if weights is None:
-        return jax.tree.map(lambda leaf: jnp.mean(leaf, axis=0), tree)
-    return jax.tree.map(lambda leaf: jnp.tensordot(weights, leaf, axes=1), tree)
+    """The (weighted) average over the leading worker axis, written as a contraction with a
+    weight vector: on XLA:CPU (jaxlib 0.10) ``jnp.mean(axis=0)`` over ``[32, 10^6]`` lowers
+    to a fusion 30x slower than the dot (``benchmarks/ef21_step.py``)."""
+
+    def average(leaf: jax.Array) -> jax.Array:
+        w = jnp.full(leaf.shape[:1], 1.0 / leaf.shape[0], leaf.dtype) if weights is None else weights
+        return jnp.tensordot(w, leaf, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.tree.map(average, tree)
 
 
 def _num_workers(tree: PyTree) -> int:

@@ -200,11 +200,11 @@ def make_sharded_distributed_run(
     * the per-step diagnostics ``||∇f(x)||^2`` and ``f(x) - f*`` reduce over all workers'
       data: an ``all-reduce`` of a ``d``-vector and a scalar, and one of a scalar;
       EF21-PP also all-reduces its participant count (a scalar);
-    * with :func:`shufflesgd.compression.top_k` (and other ``lax.top_k`` users), XLA does
-      not partition the TopK operation along the worker (batch) dimension: an
-      ``all-gather`` of the ``[n, d]`` magnitudes precedes the selection, so the dense
-      differences cross devices too (correct, but more traffic).  Rand-k and the
-      elementwise compressors (e.g. scaled sign) stay local.
+    * with :func:`shufflesgd.compression.top_k` and :func:`~shufflesgd.compression.rand_k`
+      (both select with ``lax.top_k``), XLA does not partition the TopK operation along
+      the worker (batch) dimension: an ``all-gather`` of the ``[n, d]`` keys precedes the
+      selection (correct, but more traffic).  The elementwise compressors (scaled sign,
+      QSGD, natural compression) stay local.
 
     Raises ``ValueError`` before compiling for bad run options (as
     ``make_distributed_run``), an ``axis`` missing from the mesh, or "mismatched worker
