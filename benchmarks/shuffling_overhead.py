@@ -8,7 +8,8 @@ Three timings on one L2-regularised logistic regression
    under ``random_reshuffle`` (RR), ``grab_pair_balance`` and ``grab_mean_balance``, for
    minibatches of 1 and of 64, and the GraB/RR ratio (target: at most 1.3x).  An epoch
    here is one pass of SGD steps plus the loop's end-of-epoch full loss and gradient
-   (two ``n x d`` matrix-vector products), the same for every scheme.
+   (two ``n x d`` matrix-vector products), the same for every scheme; those metrics are
+   also timed alone, and a steps-only ratio subtracts them from both sides.
 2. **Peer.**  The same ratio for the PyTorch ``grab-sampler`` package (``GraBSampler`` with
    its ``mean`` and ``pair`` sorters) against a plain ``torch.utils.data.RandomSampler``
    loop on the same data and model: SGD on one weight vector, the RR loop differentiating
@@ -25,12 +26,17 @@ Three timings on one L2-regularised logistic regression
    waited for before the next); the speed-up is sequential / vmapped.
 
 Every timing is the median of at least 5 repeats after one warm-up call that compiles and
-runs (JAX results are waited for with ``block_until_ready``); all repeats are kept in the
-JSON with the machine description.
+runs (JAX results are waited for with ``block_until_ready``).  The methods compared take
+turns within each repeat, so load from other work on a shared machine falls on all of them
+alike, and each ratio is given twice: as the ratio of the medians and as the median of the
+per-repeat (paired) ratios.  All repeats are kept in the JSON, with the machine, its load
+average and the library versions.  The peer runs with ``torch.set_num_threads(1)`` unless
+``--torch-threads`` says otherwise.
 
-    python -m benchmarks.shuffling_overhead [--quick] [--out PATH]
+    python -m benchmarks.shuffling_overhead [--quick] [--out PATH] [--torch-threads N]
 
-``--quick`` shrinks everything (a few seconds) for the smoke test.
+``--quick`` shrinks everything (a few seconds) for the smoke test.  On an idle 2-core
+machine the full run takes about 3 minutes.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from shufflesgd import problems, shuffling, training
 
@@ -84,38 +91,56 @@ def summarize(seconds: list[float], per: int = 1) -> dict[str, Any]:
     return dict(median=statistics.median(values), min=min(values), repeats=values)
 
 
-def time_jax_calls(call: Callable[[jax.Array], Any], keys: jax.Array) -> tuple[float, list[float]]:
-    """Time ``call(keys[0])`` (warm-up: compile + run), then ``call(k)`` for each later key.
+def time_interleaved(
+    calls: dict[str, Callable[[int], Any]], repeats: int, per: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Time ``calls[name](r)`` for ``r = 0..repeats``, the names taking turns in each repeat.
 
-    Raises if a run diverged (its ``SGDResult.diverged_epoch`` is not ``-1``): a timing of
-    NaN arithmetic would mean nothing.
+    ``r = 0`` is the warm-up (compile and run), reported apart as ``first_call_seconds``.
+    Taking turns (RR, GraB, GraB, RR, ...) exposes every method to the same load when other
+    work on a shared machine comes and goes, and gives paired per-repeat ratios.  Each call
+    must wait for its own result (``block_until_ready`` for JAX).
     """
-    start = time.perf_counter()
-    output = jax.block_until_ready(call(keys[0]))
-    first = time.perf_counter() - start
-    times = []
-    for key in keys[1:]:
-        start = time.perf_counter()
-        output = jax.block_until_ready(call(key))
-        times.append(time.perf_counter() - start)
-    diverged = [r.diverged_epoch for r in (output if isinstance(output, list) else [output])]
-    if any(int(jnp.max(epoch)) != -1 for epoch in diverged):
-        raise RuntimeError("an SGD run diverged; lower the step size")
-    return first, times
+    first, times = {}, {name: [] for name in calls}
+    for r in range(repeats + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(r)
+            elapsed = time.perf_counter() - start
+            if r == 0:
+                first[name] = elapsed
+            else:
+                times[name].append(elapsed)
+    return {
+        name: dict(epoch_seconds=summarize(times[name], per), first_call_seconds=first[name])
+        for name in calls
+    }
 
 
 def add_ratios(rows: dict[str, Any]) -> None:
-    """GraB / RR per-epoch time: of the medians, and of the fastest repeats (less skewed by
-    other work on a shared machine)."""
+    """GraB / RR time: the ratio of the medians, and the median of the per-repeat ratios."""
     rr = rows["random_reshuffle"]["epoch_seconds"]
     for name in GRAB_SCHEMES:
         grab = rows[name]["epoch_seconds"]
         rows[name]["ratio_to_random_reshuffle"] = grab["median"] / rr["median"]
-        rows[name]["ratio_to_random_reshuffle_of_min"] = grab["min"] / rr["min"]
+        rows[name]["ratio_to_random_reshuffle_paired"] = statistics.median(
+            g / r for g, r in zip(grab["repeats"], rr["repeats"], strict=True)
+        )
 
 
-def call_run(run: Callable, key: jax.Array, *, x0: jax.Array, learning_rate: jax.Array):
-    return run(key, x0, learning_rate)
+def check_converged(result: training.SGDResult) -> training.SGDResult:
+    """Raise if a run diverged: a timing of NaN arithmetic would mean nothing."""
+    if int(jnp.max(result.diverged_epoch)) != -1:
+        raise RuntimeError("an SGD run diverged; lower the step size")
+    return result
+
+
+def call_run(
+    run: Callable, keys: jax.Array, r: int, *, x0: jax.Array, learning_rate: jax.Array,
+    check: Callable = lambda result: result,
+):
+    """``run(keys[r], x0, learning_rate)``, waited for, then passed through ``check``."""
+    return check(jax.block_until_ready(run(keys[r], x0, learning_rate)))
 
 
 def version(package: str) -> str | None:
@@ -176,20 +201,35 @@ def bench_jax(
     epochs = cfg["jax_epochs"]
     x0 = jnp.zeros_like(problem.x_star)
     learning_rate = jnp.asarray(lr, x0.dtype)
-    out: dict[str, Any] = {}
+    # The loop's end-of-epoch metrics (full loss and gradient), timed alone so that the
+    # step-only ratio can be given too.
+    metrics = jax.jit(
+        lambda x: (problem.suboptimality(x), optax.tree.norm(problem.gradient(x), squared=True))
+    )
+    times = []
+    for repeat in range(cfg["repeats"] + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(metrics(x0 + repeat))
+        times.append(time.perf_counter() - start)
+    out: dict[str, Any] = {"epoch_metrics_seconds": summarize(times[1:])}
     for batch_size in cfg["batch_sizes"]:
-        rows: dict[str, Any] = {}
+        calls = {}
         for name in SCHEMES:
             _, run = jitted_run(problem, name, batch_size, epochs, cache)
             key, sub = jax.random.split(key)
-            first, times = time_jax_calls(
-                functools.partial(call_run, run, x0=x0, learning_rate=learning_rate),
-                jax.random.split(sub, cfg["repeats"] + 1),
+            keys = jax.random.split(sub, cfg["repeats"] + 1)
+            calls[name] = functools.partial(
+                call_run, run, keys, x0=x0, learning_rate=learning_rate, check=check_converged
             )
-            rows[name] = dict(
-                epoch_seconds=summarize(times, per=epochs), first_call_seconds=first
-            )
+        rows = time_interleaved(calls, cfg["repeats"], per=epochs)
         add_ratios(rows)
+        metrics_median = out["epoch_metrics_seconds"]["median"]
+        rr_steps = rows["random_reshuffle"]["epoch_seconds"]["median"] - metrics_median
+        for name in GRAB_SCHEMES:
+            grab_steps = rows[name]["epoch_seconds"]["median"] - metrics_median
+            rows[name]["ratio_to_random_reshuffle_steps_only"] = (
+                grab_steps / rr_steps if min(grab_steps, rr_steps) > 0 else None  # noise
+            )
         out[f"batch_size_{batch_size}"] = rows
     return out
 
@@ -303,22 +343,15 @@ def bench_peer(problem: problems.FiniteSum, lr: float, cfg: dict[str, Any]) -> d
     for batch_size in cfg["peer_batch_sizes"]:
         if n % batch_size:
             raise ValueError(f"peer batch_size={batch_size} must divide n={n}")
-        rows: dict[str, Any] = {}
-        for method in SCHEMES:
-            epoch = make_epoch(method, batch_size)
-            start = time.perf_counter()
-            epoch()  # warm-up
-            first = time.perf_counter() - start
-            times = []
-            for _ in range(cfg["peer_repeats"]):
-                start = time.perf_counter()
-                epoch()
-                times.append(time.perf_counter() - start)
-            rows[method] = dict(epoch_seconds=summarize(times), first_call_seconds=first)
-            if method != "random_reshuffle":  # the herded next order is a permutation
-                next_order = torch.sort(epoch.sampler.sorter.next_orders).values
-                if not torch.equal(next_order, torch.arange(n)):
-                    raise RuntimeError(f"grab-sampler {method}: next order is not a permutation")
+        epochs = {method: make_epoch(method, batch_size) for method in SCHEMES}
+        rows = time_interleaved(
+            {method: (lambda r, epoch=epoch: epoch()) for method, epoch in epochs.items()},
+            cfg["peer_repeats"],
+        )
+        for method in GRAB_SCHEMES:  # the herded next order is a permutation
+            next_order = torch.sort(epochs[method].sampler.sorter.next_orders).values
+            if not torch.equal(next_order, torch.arange(n)):
+                raise RuntimeError(f"grab-sampler {method}: next order is not a permutation")
         add_ratios(rows)
         out[f"batch_size_{batch_size}"] = rows
     out["torch_num_threads"] = torch.get_num_threads()
@@ -352,27 +385,34 @@ def bench_seeds(
         )
         batched = jax.jit(jax.vmap(run, in_axes=(0, None, None)))
 
-        def sequential(keys, single=single):
-            results = []
-            for k in keys:  # each call waited for: truly one after the other
-                results.append(jax.block_until_ready(single(k, x0, learning_rate)))
-            return results
+        def sequential(r, keys, single=single):
+            for k in keys[r]:  # each call waited for: truly one after the other
+                check_converged(jax.block_until_ready(single(k, x0, learning_rate)))
 
         key, k_seq, k_vmap = jax.random.split(key, 3)
-        repeats = cfg["seeds_repeats"] + 1
-        seq_keys = jax.random.split(k_seq, (repeats, num_seeds))
-        vmap_keys = jax.random.split(k_vmap, (repeats, num_seeds))
-        seq_first, seq_times = time_jax_calls(sequential, seq_keys)
-        vmap_first, vmap_times = time_jax_calls(
-            functools.partial(call_run, batched, x0=x0, learning_rate=learning_rate), vmap_keys
+        repeats = cfg["seeds_repeats"]
+        seq_keys = jax.random.split(k_seq, (repeats + 1, num_seeds))
+        vmap_keys = jax.random.split(k_vmap, (repeats + 1, num_seeds))
+        rows = time_interleaved(
+            dict(
+                sequential=functools.partial(sequential, keys=seq_keys),
+                vmapped=functools.partial(
+                    call_run, batched, vmap_keys, x0=x0, learning_rate=learning_rate,
+                    check=check_converged,
+                ),
+            ),
+            repeats,
         )
-        seq, vm = summarize(seq_times), summarize(vmap_times)
+        seq, vm = rows["sequential"]["epoch_seconds"], rows["vmapped"]["epoch_seconds"]
         out[name] = dict(
             sequential_seconds=seq,
             vmapped_seconds=vm,
-            sequential_first_call_seconds=seq_first,
-            vmapped_first_call_seconds=vmap_first,
+            sequential_first_call_seconds=rows["sequential"]["first_call_seconds"],
+            vmapped_first_call_seconds=rows["vmapped"]["first_call_seconds"],
             speedup_vmapped_over_sequential=seq["median"] / vm["median"],
+            speedup_paired=statistics.median(
+                s / v for s, v in zip(seq["repeats"], vm["repeats"], strict=True)
+            ),
         )
     return out
 
@@ -382,8 +422,9 @@ def bench_seeds(
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| part | batch | scheme | s / epoch (median) | x RR (medians) | x RR (fastest) |",
-        "|---|---|---|---|---|---|",
+        "| part | batch | scheme | s / epoch (median) | x RR (medians) | x RR (paired) "
+        "| x RR (steps only) |",
+        "|---|---|---|---|---|---|---|",
     ]
     sections = [("JAX", results["jax"])]
     if isinstance(results["peer"], dict):
@@ -394,27 +435,33 @@ def table(results: dict[str, Any]) -> str:
                 continue
             for name, row in rows.items():
                 ratios = [
-                    row.get(f"ratio_to_random_reshuffle{suffix}", 1.0) for suffix in ("", "_of_min")
+                    row.get(f"ratio_to_random_reshuffle{suffix}", 1.0) for suffix in ("", "_paired")
                 ]
+                default = 1.0 if label == "JAX" else None  # the peer has no steps-only ratio
+                steps = row.get("ratio_to_random_reshuffle_steps_only", default)
                 lines.append(
                     f"| {label} | {batch_key.removeprefix('batch_size_')} | {name} | "
-                    f"{row['epoch_seconds']['median']:.4g} | {ratios[0]:.2f} | {ratios[1]:.2f} |"
+                    f"{row['epoch_seconds']['median']:.4g} | {ratios[0]:.2f} | {ratios[1]:.2f} | "
+                    f"{'-' if steps is None else f'{steps:.2f}'} |"
                 )
     if not isinstance(results["peer"], dict):
-        lines.append(f"| PyTorch peer | | {results['peer']} | | | |")
+        lines.append(f"| PyTorch peer | | {results['peer']} | | | | |")
     seeds = results["seeds"]
     lines += [
         "",
+        "JAX epoch metrics (full loss + gradient, in every epoch above): "
+        f"{results['jax']['epoch_metrics_seconds']['median']:.4g} s",
+        "",
         f"{seeds['num_seeds']} seeds, batch {seeds['batch_size']}, {seeds['num_epochs']} epoch(s):",
-        "| scheme | sequential s | vmapped s | speed-up |",
-        "|---|---|---|---|",
+        "| scheme | sequential s | vmapped s | speed-up (medians) | speed-up (paired) |",
+        "|---|---|---|---|---|",
     ]
     for name in SCHEMES:
         row = seeds[name]
         lines.append(
             f"| {name} | {row['sequential_seconds']['median']:.4g} | "
             f"{row['vmapped_seconds']['median']:.4g} | "
-            f"{row['speedup_vmapped_over_sequential']:.2f} |"
+            f"{row['speedup_vmapped_over_sequential']:.2f} | {row['speedup_paired']:.2f} |"
         )
     return "\n".join(lines)
 
