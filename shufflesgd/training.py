@@ -48,12 +48,12 @@ def first_nonfinite(values: jax.Array) -> jax.Array:
 
 
 def check_learning_rate(learning_rate: Any) -> None:
-    """Raise ``ValueError`` for a negative or non-finite learning rate (no-op on tracers)."""
+    """Raise ``ValueError`` for a learning rate that is not positive and finite (no-op on tracers)."""
     if isinstance(learning_rate, jax.core.Tracer):
         return
     values = np.asarray(learning_rate, dtype=float)
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError(f"learning_rate must be finite and non-negative, got {learning_rate!r}")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
 
 
 def make_sgd_run(

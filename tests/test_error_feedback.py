@@ -219,8 +219,9 @@ def test_bad_arguments(call, match):
         call()
 
 
-def test_negative_step_size_is_rejected_before_running():
+@pytest.mark.parametrize("step_size", [-0.1, 0.0, float("nan")])
+def test_non_positive_step_size_is_rejected_before_running(step_size):
     p = quadratic_problem()
     runner = training.make_distributed_run(p, EF.ef21(C.top_k(2)), num_steps=5)
-    with pytest.raises(ValueError, match="learning_rate must be finite and non-negative"):
-        runner(jax.random.key(0), jnp.zeros(6), -0.1)
+    with pytest.raises(ValueError, match="learning_rate must be positive and finite"):
+        runner(jax.random.key(0), jnp.zeros(6), step_size)

@@ -131,7 +131,7 @@ def test_bad_arguments_raise_before_tracing():
     with pytest.raises(ValueError, match="does not divide"):
         training.make_sgd_run(p, shuffling.random_reshuffle(8), num_epochs=1, batch_size=3)
     run = training.make_sgd_run(p, shuffling.random_reshuffle(8), num_epochs=1)
-    with pytest.raises(ValueError, match="learning_rate must be finite and non-negative"):
+    with pytest.raises(ValueError, match="learning_rate must be positive and finite"):
         run(jax.random.key(0), jnp.zeros(3), -0.1)
     with pytest.raises(ValueError, match="learning_rate"):
         training.check_learning_rate(np.array([0.1, -1.0]))
