@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Multi-device code is exercised on CPU through forced host devices.
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false
 export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test install bench clean
