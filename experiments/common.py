@@ -41,6 +41,13 @@ def _to_builtin(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def finish(folder: pathlib.Path, table: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Print a study's table and results folder; return its metrics with the folder added."""
+    print(table)
+    print(f"results: {folder}")
+    return {**metrics, "folder": str(folder)}
+
+
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x`` (NaN if any ``y`` is not positive)."""
     x, y = np.asarray(x, float), np.asarray(y, float)

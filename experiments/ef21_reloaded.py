@@ -421,10 +421,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     write_csvs(metrics, folder)
     (folder / "table.txt").write_text(table + "\n")
     draw(metrics, config, folder / "figure.png")
-    print(table)
-    print(f"results: {folder}")
-    metrics["folder"] = str(folder)
-    return metrics
+    return common.finish(folder, table, metrics)
 
 
 if __name__ == "__main__":

@@ -382,10 +382,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     )
     (folder / "table.txt").write_text(table + "\n")
     draw(metrics, curves, config, folder / "figure.png")
-    print(table)
-    print(f"results: {folder}")
-    metrics["folder"] = str(folder)
-    return metrics
+    return common.finish(folder, table, metrics)
 
 
 if __name__ == "__main__":
