@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from shufflesgd.sde import SDE
-from shufflesgd.solvers import Model
+from shufflesgd.solvers import Model, pf_ode_drift
 
 Array = jax.Array
 DIVERGENCES = ("exact", "hutchinson")
@@ -82,11 +82,6 @@ class LikelihoodResult(NamedTuple):
     delta_log_prob: Array
     latent: Array
     success: Array
-
-
-def pf_ode_drift(model: Model, sde: SDE, x: Array, t: Array) -> Array:
-    r"""The probability-flow drift :math:`f x - \frac12 g^2 s_\theta(x, t)`."""
-    return sde.reverse_drift(x, t, model.predict(sde, x, t, "score"), probability_flow=True)
 
 
 def exact_divergence(fn: Callable[[Array], Array], x: Array) -> tuple[Array, Array]:

@@ -82,7 +82,9 @@ def _scan(step: Callable, x: Array, grid: Array, nfe_per_step: int) -> tuple[Arr
     return x, jnp.asarray(nfe_per_step * (grid.shape[0] - 1)), bad
 
 
-def _pf_drift(model: Model, sde: SDE, x: Array, t: Array) -> Array:
+def pf_ode_drift(model: Model, sde: SDE, x: Array, t: Array) -> Array:
+    r"""The probability-flow drift :math:`f(x, t) - \frac12 g(t)^2 s_\theta(x, t)` (Song et al.
+    2021, Eq. 13), from any kind of model output."""
     return sde.reverse_drift(x, t, model.predict(sde, x, t, "score"), probability_flow=True)
 
 
@@ -93,7 +95,7 @@ def _finish(
     if final == "denoise":
         x, nfe = model.predict(sde, x, t_last, "x0"), nfe + 1
     elif final == "euler_to_zero":
-        x, nfe = x - t_last * _pf_drift(model, sde, x, t_last), nfe + 1
+        x, nfe = x - t_last * pf_ode_drift(model, sde, x, t_last), nfe + 1
     bad = jnp.where((bad < 0) & ~jnp.all(jnp.isfinite(x)), jnp.asarray(grid).shape[0] - 1, bad)
     return x, SamplerInfo(nfe.astype(jnp.int32), bad.astype(jnp.int32))
 
@@ -258,7 +260,7 @@ def pf_ode_euler(
     _check(grid, final)
 
     def step(x, i, t, t_next):
-        return x + (t_next - t) * _pf_drift(model, sde, x, t)
+        return x + (t_next - t) * pf_ode_drift(model, sde, x, t)
 
     x, nfe, bad = _scan(step, x, grid, 1)
     return _finish(model, sde, x, grid, final, nfe, bad)
@@ -275,9 +277,9 @@ def pf_ode_heun(
 
     def step(x, i, t, t_next):
         dt = t_next - t
-        d = _pf_drift(model, sde, x, t)
+        d = pf_ode_drift(model, sde, x, t)
         guess = x + dt * d
-        return x + 0.5 * dt * (d + _pf_drift(model, sde, guess, t_next))
+        return x + 0.5 * dt * (d + pf_ode_drift(model, sde, guess, t_next))
 
     x, nfe, bad = _scan(step, x, grid, 2)
     return _finish(model, sde, x, grid, final, nfe, bad)
@@ -312,7 +314,7 @@ def _finish_safe(
     def apply(x):
         if final == "denoise":
             return model.predict(sde, x, t_eval, "x0")
-        return x - t_eval * _pf_drift(model, sde, x, t_eval)
+        return x - t_eval * pf_ode_drift(model, sde, x, t_eval)
 
     x = jax.lax.cond(positive, apply, lambda x: x, x)
     return _finish(model, sde, x, grid, "none", nfe + positive.astype(nfe.dtype), bad)
@@ -685,12 +687,12 @@ def pf_ode_adaptive(
         raise ValueError("pf_ode_adaptive needs a grid that ends at sigma > 0 (Dopri5 evaluates the end point)")
     grid = jnp.asarray(grid)
     t0, t1 = grid[0], grid[-1]
-    term = diffrax.ODETerm(lambda t, y, args: _pf_drift(model, sde, y, t))
+    term = diffrax.ODETerm(lambda t, y, args: pf_ode_drift(model, sde, y, t))
     solution = diffrax.diffeqsolve(
         term, diffrax.Dopri5(), t0, t1, (t1 - t0) / 64, x,
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=False,
-        solver_state=(jnp.asarray(False), _pf_drift(model, sde, x, t0)),  # FSAL: f(t0, x_T), evaluated once
+        solver_state=(jnp.asarray(False), pf_ode_drift(model, sde, x, t0)),  # FSAL: f(t0, x_T), evaluated once
     )
     ok = solution.result == diffrax.RESULTS.successful
     x = jnp.where(ok, solution.ys[0], jnp.nan)
