@@ -45,13 +45,8 @@ with ``block_until_ready``); all repeats are kept in the JSON with the machine d
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
 import math
-import os
 import pathlib
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import machine_info, summarize, usable_cores, write_results
 from shufflesgd import compression, error_feedback
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/ef21_step.json")
@@ -73,44 +69,6 @@ QUICK = dict(n=4, d=10_000, fraction=0.01, step_size=0.1, seed=0, repeats=5,
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def summarize(seconds: list[float]) -> dict[str, Any]:
-    """Median (the reported number), min and every repeat."""
-    return dict(median=statistics.median(seconds), min=min(seconds), repeats=list(seconds))
-
-
-def version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (what XLA's CPU thread pool is sized by)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def machine_info() -> dict[str, Any]:
-    return dict(
-        platform=platform.platform(),
-        processor=platform.machine(),
-        python=platform.python_version(),
-        cpu_count=os.cpu_count(),
-        usable_cores=usable_cores(),
-        load_average_1_5_15_min=list(os.getloadavg()),  # other work on the machine skews timings
-        jax=jax.__version__,
-        jaxlib=version("jaxlib"),
-        jax_backend=jax.default_backend(),
-        jax_device_count=jax.device_count(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        numpy=np.__version__,
-        torch=version("torch"),
-    )
 
 
 class Stepper(NamedTuple):
@@ -428,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         benchmark="ef21_step",
         quick=args.quick,
         target_ratio=TARGET_RATIO,
-        machine=machine_info(),
+        machine=machine_info("torch"),
         settings=dict(**cfg, dtype="float32", donate_state=True,
                       gradients="jax.random.normal(key, (n, d)), fixed for every step",
                       method="error_feedback.ef21(compression.top_k(fraction=fraction))"),
@@ -444,8 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["total_seconds"] = time.perf_counter() - wall
     timings_positive({k: results[k] for k in ("steps", "rand_k", "breakdown")})
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(table(results))
     print(f"\nwrote {args.out} in {results['total_seconds']:.0f}s")
     return results

@@ -43,12 +43,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.metadata
-import json
 import math
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -61,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.common import machine_info, summarize, write_results
 from shufflesgd import problems, shuffling, training
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/shuffling_overhead.json")
@@ -83,12 +80,6 @@ QUICK = dict(
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def summarize(seconds: list[float], per: int = 1) -> dict[str, Any]:
-    """Median (the reported number), min and every repeat, each divided by ``per``."""
-    values = [s / per for s in seconds]
-    return dict(median=statistics.median(values), min=min(values), repeats=values)
 
 
 def time_interleaved(
@@ -141,32 +132,6 @@ def call_run(
 ):
     """``run(keys[r], x0, learning_rate)``, waited for, then passed through ``check``."""
     return check(jax.block_until_ready(run(keys[r], x0, learning_rate)))
-
-
-def version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    return dict(
-        platform=platform.platform(),
-        processor=platform.machine(),
-        python=platform.python_version(),
-        cpu_count=os.cpu_count(),
-        load_average_1_5_15_min=list(os.getloadavg()),  # other work on the machine skews timings
-        jax=jax.__version__,
-        jaxlib=version("jaxlib"),
-        jax_backend=jax.default_backend(),
-        jax_device_count=jax.device_count(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        numpy=np.__version__,
-        optax=version("optax"),
-        torch=version("torch"),
-        grab_sampler=version("grab-sampler"),
-    )
 
 
 def build_problem(cfg: dict[str, Any]) -> tuple[problems.FiniteSum, float, float]:
@@ -503,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         benchmark="shuffling_overhead",
         quick=args.quick,
         target_ratio=TARGET_RATIO,
-        machine=machine_info(),
+        machine=machine_info("optax", "torch", "grab-sampler"),
         settings=dict(
             **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
             dtype=str(problem.x_star.dtype),
@@ -520,8 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["total_seconds"] = time.perf_counter() - wall
     check_finite({k: results[k] for k in ("jax", "peer", "seeds")})
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(table(results))
     print(f"\nwrote {args.out} in {results['total_seconds']:.0f}s")
     return results

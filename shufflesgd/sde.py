@@ -21,7 +21,7 @@ denoiser :math:`D(x;\sigma)`) or :math:`v = \alpha\varepsilon - \sigma x_0`;
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp

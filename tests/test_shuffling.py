@@ -150,7 +150,6 @@ def test_next_epoch_compiles_once():
 
 def numpy_mean_balance(first_order, grads_per_epoch):
     """Lu, Guo, De Sa (2022) Alg. 4 + 5 written directly: herd centred gradients, reorder."""
-    n = len(first_order)
     order = list(first_order)
     stale_mean = np.zeros(grads_per_epoch[0].shape[1])
     orders = [np.array(order)]
