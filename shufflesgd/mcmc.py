@@ -210,11 +210,8 @@ class SGState(NamedTuple):
 def sgld(grad_estimator: GradientEstimator) -> SamplingAlgorithm:
     r"""Stochastic gradient Langevin dynamics (Welling & Teh 2011, Eq. 4), in ULA's scaling:
     :math:`x' = x + h\,\hat g(x) + \sqrt{2h}\,z` with :math:`\hat g` an unbiased estimate of
-    :math:`
-abla\log\pi` from a minibatch, e.g. :math:`
-abla\log p(x) + rac{N}{b}
-    \sum_{i\in B}
-abla\log p(y_i|x)`.  ``grad_estimator(position, batch_indices)``;
+    :math:`\nabla\log\pi` from a minibatch, e.g. :math:`\nabla\log p(x) + \frac{N}{b}
+    \sum_{i\in B}\nabla\log p(y_i|x)`.  ``grad_estimator(position, batch_indices)``;
     ``step(key, state, batch_indices, step_size)``; one gradient a step."""
 
     def init(position: PyTree) -> SGState:
