@@ -54,6 +54,10 @@ def machine_info(*packages: str) -> dict[str, Any]:
     )
 
 
-def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
+def write_results(path: pathlib.Path, results: dict[str, Any], table: str) -> dict[str, Any]:
+    """Write ``results`` as JSON to ``path``, print the table and where it went; return them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+    print(table)
+    print(f"\nwrote {path} in {results['total_seconds']:.0f}s")
+    return results

@@ -485,10 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["total_seconds"] = time.perf_counter() - wall
     check_finite({k: results[k] for k in ("jax", "peer", "seeds")})
 
-    write_results(args.out, results)
-    print(table(results))
-    print(f"\nwrote {args.out} in {results['total_seconds']:.0f}s")
-    return results
+    return write_results(args.out, results, table(results))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,24 @@ def check_choice(field: str, value: str, allowed: Iterable[str]) -> None:
         raise ValueError(f"config.{field} must be one of {allowed}, got {value!r}")
 
 
+def check_names(field: str, values: Any, allowed: Iterable[str]) -> list[str]:
+    """``ValueError`` naming ``config.<field>`` unless ``values`` are distinct names from ``allowed``."""
+    names = list(values)
+    if not names:
+        raise ValueError(f"config.{field} must name at least one choice")
+    for name in names:
+        check_choice(field, name, allowed)
+    if len(names) != len(set(names)):
+        raise ValueError(f"config.{field} must not repeat a name, got {names!r}")
+    return names
+
+
+def check_fraction(field: str, value: Any) -> None:
+    """``ValueError`` naming ``config.<field>`` unless ``value`` lies in (0, 1]."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise ValueError(f"config.{field} must lie in (0, 1], got {value!r}")
+
+
 def check_positive_ints(field: str, values: Any) -> None:
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):

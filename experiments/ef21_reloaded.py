@@ -161,16 +161,9 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.spreads must be numbers >= 1, got {spreads!r}")
     if len(spreads) != len(set(spreads)):
         raise ValueError(f"config.spreads must not repeat a value, got {spreads!r}")
-    names = list(config.compressors)
-    if not names:
-        raise ValueError("config.compressors must name at least one compressor")
-    for name in names:
-        common.check_choice("compressors", name, COMPRESSORS)
-    if len(names) != len(set(names)):
-        raise ValueError(f"config.compressors must not repeat a name, got {names!r}")
+    names = common.check_names("compressors", config.compressors, COMPRESSORS)
     for field in ("top_k_fraction", "rand_k_fraction"):
-        if not (isinstance(config[field], (int, float)) and 0.0 < config[field] <= 1.0):
-            raise ValueError(f"config.{field} must lie in (0, 1], got {config[field]!r}")
+        common.check_fraction(field, config[field])
     if not (isinstance(config.epsilon, float) and 0.0 < config.epsilon < 1.0):
         raise ValueError(f"config.epsilon must lie in (0, 1) (relative to ||grad f(x0)||^2), got {config.epsilon!r}")
     if not (isinstance(config.l2, (int, float)) and config.l2 >= 0):

@@ -186,16 +186,9 @@ def validate(config: ConfigDict) -> None:
             raise ValueError(f"config.{field} must be a non-negative integer, got {config[field]!r}")
     if isinstance(config.spread, bool) or not isinstance(config.spread, (int, float)) or not config.spread >= 1:
         raise ValueError(f"config.spread must be a number >= 1, got {config.spread!r}")
-    names = list(config.compressors)
-    if not names:
-        raise ValueError("config.compressors must name at least one compressor")
-    for name in names:
-        common.check_choice("compressors", name, COMPRESSORS)
-    if len(names) != len(set(names)):
-        raise ValueError(f"config.compressors must not repeat a name, got {names!r}")
+    names = common.check_names("compressors", config.compressors, COMPRESSORS)
     for field in ("top_k_fraction", "rand_k_fraction"):
-        if not (isinstance(config[field], (int, float)) and 0.0 < config[field] <= 1.0):
-            raise ValueError(f"config.{field} must lie in (0, 1], got {config[field]!r}")
+        common.check_fraction(field, config[field])
     common.check_positive_ints("qsgd_levels", config.qsgd_levels)
     if "qsgd" in names:
         d, s = config.dim, config.qsgd_levels
