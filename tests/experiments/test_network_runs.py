@@ -1,0 +1,57 @@
+"""experiments.network_runs: a run killed after an epoch and resumed ends bit-identical to an
+uninterrupted one, with one metrics line per epoch; another experiment's directory is refused."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import network_runs
+from shufflesgd import data, models, network_training, shuffling
+
+
+def setup(num_examples=48):
+    rng = np.random.default_rng(0)
+    source = data.ArraySource({"image": rng.normal(size=(num_examples, 4, 4, 1)).astype(np.float32),
+                               "label": rng.integers(0, 3, num_examples)})
+    model = models.MLP(hidden=(8,), num_classes=3, batch_norm=True)
+    params, stats = models.init_model(model, jax.random.key(0), jnp.zeros((2, 4, 4, 1)))
+    optimizer = optax.sgd(0.1)
+    scheme = shuffling.make_scheme("random_reshuffle", num_examples)
+    trainer = network_training.make_trainer(network_training.cross_entropy_loss(model), optimizer, scheme,
+                                            batch_size=16)
+    state = network_training.init_train_state(jax.random.key(1), params, stats, optimizer, scheme)
+    return trainer, state, source
+
+
+def run(tmp_path, name, num_epochs, experiment="demo"):
+    trainer, state, source = setup()
+    return network_runs.train_resumable(
+        trainer, state, source, num_epochs, checkpoint_dir=tmp_path / f"{name}_ckpt", experiment=experiment,
+        metrics_path=tmp_path / f"{name}.jsonl", evaluate=lambda s: trainer.evaluate(s, source, jax.random.key(2)),
+    )
+
+
+def test_resume_after_an_epoch_equals_uninterrupted_run(tmp_path):
+    whole, whole_records = run(tmp_path, "whole", 3)
+    run(tmp_path, "split", 1)  # "killed" after one epoch
+    resumed, records = run(tmp_path, "split", 3)
+    for a, b in zip(jax.tree.leaves(jax.random.key_data(whole.key)), jax.tree.leaves(jax.random.key_data(resumed.key))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves((whole.params, whole.batch_stats, whole.opt_state)),
+                    jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records == whole_records
+    lines = (tmp_path / "split.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert {"train_loss", "loss"} <= set(records[0])
+
+
+def test_another_experiments_directory_is_refused(tmp_path):
+    run(tmp_path, "a", 1, experiment="first")
+    with pytest.raises(ValueError, match="experiment"):
+        run(tmp_path, "a", 2, experiment="second")
