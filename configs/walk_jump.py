@@ -1,0 +1,51 @@
+"""Config for experiments/walk_jump.py.
+
+Variants: ``configs/walk_jump.py`` (both mixtures, every sampler) and ``configs/walk_jump.py:quick``
+(the 2-D mixture, fewer chains and a smaller budget; the test runs it).
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(variant: str = "full") -> ConfigDict:
+    config = ConfigDict()
+    # Tuples, so that --config.samplers='("ula","walk_jump")' overrides them from the command line.
+    config.problems = ("mixture_2d", "mixture_high_dim")
+    config.samplers = ("exact", "exact_jump", "ula", "mala", "walk_jump", "walk_jump_mc", "chain_of_chains",
+                       "follmer")
+    # the mixtures: isotropic components N(mu_k, component_std^2 I), neighbouring means `separation` apart
+    config.weights = (0.4, 0.3, 0.2, 0.1)
+    config.component_std = 0.5
+    config.separation = 8.0  # 16 component standard deviations: no Langevin chain crosses
+    config.high_dim = 8  # dimension of the second mixture (means on a regular simplex)
+    config.start_mode = 0  # every chain starts at this component's mean
+    # equal budget: evaluations per chain (gradients of log p or log p_sigma, or log-density values)
+    config.budget = 8192
+    config.samples_per_chain = 64  # kept (thinned) samples of ULA, MALA and walk-jump; exact draws
+    config.num_chains = 64  # all vmapped in one call per (problem, sampler)
+    config.num_groups = 8  # chains pooled in groups for W2 (mean +- SE over groups)
+    config.w2_points = 256  # points per group on each side of the exact-assignment W2
+    # samplers
+    config.ula_step_size = 0.05  # against component variance 0.25: stable, small bias
+    config.mala_step_size = 0.05
+    config.sigma = 2.0  # walk-jump smoothing; p_sigma's modes are bridged at this scale
+    config.walk_step_fraction = 0.5  # walk step h = walk_step_fraction * sigma^2 (p_sigma is 1/sigma^2-smooth)
+    config.mc_samples = 16  # log-density evaluations per Monte-Carlo score (walk_jump_mc, follmer)
+    config.num_measurements = 16  # chain of log-concave chains: m (jump noise sigma/sqrt(m))
+    config.steps_per_measurement = 8
+    config.follmer_steps = 16  # Euler steps of the Föllmer sampler
+    config.follmer_scale = 4.0  # reference N(0, follmer_scale^2 I): the sampler runs on u = x / scale
+    config.visit_radius = 2.0  # a mode is visited by a sample within 2 RMS radii of its mean (and assigned to it)
+    config.seed = 0
+    config.x64 = True
+    config.results_dir = "results"
+    if variant == "quick":
+        config.problems = ("mixture_2d",)
+        config.budget = 4096
+        config.samples_per_chain = 32
+        config.num_chains = 32
+        config.num_groups = 4
+        config.w2_points = 128
+    elif variant != "full":
+        raise ValueError(f"config variant must be 'full' or 'quick', got {variant!r}")
+    return config
