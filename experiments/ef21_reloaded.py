@@ -161,7 +161,7 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.spreads must be numbers >= 1, got {spreads!r}")
     if len(spreads) != len(set(spreads)):
         raise ValueError(f"config.spreads must not repeat a value, got {spreads!r}")
-    names = common.check_names("compressors", config.compressors, COMPRESSORS)
+    common.check_names("compressors", config.compressors, COMPRESSORS)
     for field in ("top_k_fraction", "rand_k_fraction"):
         common.check_fraction(field, config[field])
     if not (isinstance(config.epsilon, float) and 0.0 < config.epsilon < 1.0):
