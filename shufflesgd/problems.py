@@ -562,24 +562,35 @@ class GaussianMixture:
         eye = jnp.eye(self.dim, dtype=self.means.dtype)
         return GaussianMixture(self.log_weights, alpha * self.means, alpha**2 * self.covariances + sigma**2 * eye)
 
-    def _component_log_probs(self, x: jax.Array) -> jax.Array:
+    def _inverse_cholesky(self) -> jax.Array:
+        r""":math:`L_k^{-1}` with :math:`\Sigma_k = L_k L_k^\top`.  Computed from the
+        covariances only, so under ``vmap`` over points it is computed once, and the
+        per-point work is matrix-vector products (no batched LAPACK calls)."""
         chol = jnp.linalg.cholesky(self.covariances)
-        diff = x - self.means
-        solved = jax.scipy.linalg.solve_triangular(chol, diff[..., None], lower=True)[..., 0]
-        log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-        return -0.5 * (jnp.sum(solved**2, axis=-1) + log_det + self.dim * jnp.log(2 * jnp.pi))
+        eye = jnp.broadcast_to(jnp.eye(self.dim, dtype=chol.dtype), chol.shape)
+        return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+
+    def _whitened(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(L^{-1}, L_k^{-1}(x - mu_k), log N(x; mu_k, Sigma_k))`` for every component k."""
+        inverse = self._inverse_cholesky()
+        whitened = jnp.einsum("kij,kj->ki", inverse, x - self.means)
+        log_det = -2.0 * jnp.sum(jnp.log(jnp.diagonal(inverse, axis1=-2, axis2=-1)), axis=-1)
+        log_probs = -0.5 * (jnp.sum(whitened**2, axis=-1) + log_det + self.dim * jnp.log(2 * jnp.pi))
+        return inverse, whitened, log_probs
 
     def log_prob(self, x: jax.Array) -> jax.Array:
-        """:math:`\\log p(x)` for one point ``x`` of shape ``[d]`` (vmap for batches)."""
-        return jax.nn.logsumexp(self.log_weights + self._component_log_probs(x))
+        r""":math:`\log p(x)` for one point ``x`` of shape ``[d]`` (vmap for batches)."""
+        return jax.nn.logsumexp(self.log_weights + self._whitened(x)[2])
 
     def responsibilities(self, x: jax.Array) -> jax.Array:
-        return jax.nn.softmax(self.log_weights + self._component_log_probs(x))
+        return jax.nn.softmax(self.log_weights + self._whitened(x)[2])
 
     def score(self, x: jax.Array) -> jax.Array:
-        r""":math:`\nabla\log p(x) = -\sum_k r_k(x)\Sigma_k^{-1}(x-\mu_k)`."""
-        precision_diff = jnp.linalg.solve(self.covariances, (x - self.means)[..., None])[..., 0]
-        return -jnp.sum(self.responsibilities(x)[:, None] * precision_diff, axis=0)
+        r""":math:`\nabla\log p(x) = -\sum_k r_k(x)\Sigma_k^{-1}(x-\mu_k)`, with
+        :math:`\Sigma_k^{-1}(x-\mu_k) = L_k^{-\top}L_k^{-1}(x-\mu_k)`."""
+        inverse, whitened, log_probs = self._whitened(x)
+        precision_diff = jnp.einsum("kji,kj->ki", inverse, whitened)
+        return -jnp.sum(jax.nn.softmax(self.log_weights + log_probs)[:, None] * precision_diff, axis=0)
 
     def sample(self, key: jax.Array, num: int) -> jax.Array:
         component_key, noise_key = jax.random.split(key)

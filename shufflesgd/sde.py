@@ -260,8 +260,11 @@ def time_grid(sde: SDE, kind: str, num_steps: int, *, t_min: float | None = None
     * ``quadratic_time``: :math:`t_i = t_{min} + (t_{max}-t_{min})(1 - i/N)^2`, denser near
       the data (Song, Meng, Ermon 2021, DDIM App. D.3).
     * ``uniform_log_snr``: equal steps in :math:`\lambda` (Lu et al. 2022, DPM-Solver, Sec. 3.4).
-    * ``karras``: :math:`\sigma_i = (\sigma_{max}^{1/\rho} + \frac iN(\sigma_{min}^{1/\rho} -
-      \sigma_{max}^{1/\rho}))^\rho`, mapped to t through the process (Karras et al. 2022, Eq. 5).
+    * ``karras``: :math:`\tilde\sigma_i = (\tilde\sigma_{max}^{1/\rho} + \frac iN(\tilde\sigma_{min}^{1/\rho} -
+      \tilde\sigma_{max}^{1/\rho}))^\rho` (Karras et al. 2022, Eq. 5) in the noise level
+      :math:`\tilde\sigma = \sigma/\alpha = e^{-\lambda/2}` of the scaled process (their
+      Table 1: for VP, :math:`\sigma(t) = \sqrt{e^{\frac12\beta_d t^2 + \beta_{min}t} - 1}`),
+      mapped to t through the log-SNR; for VE and EDM :math:`\tilde\sigma = \sigma`.
 
     The grid is data: samplers take it as an array, so any other spacing works too.
     """
@@ -284,9 +287,10 @@ def time_grid(sde: SDE, kind: str, num_steps: int, *, t_min: float | None = None
         lam_hi, lam_lo = (float(sde.log_snr(jnp.asarray(t))) for t in (hi, lo))
         grid = np.array(sde.time_of_log_snr(jnp.asarray(lam_hi + u * (lam_lo - lam_hi))), np.float64)
     else:
-        s_hi, s_lo = (float(sde.sigma(jnp.asarray(t))) for t in (hi, lo))
+        # sigma/alpha = exp(-lambda/2): the EDM noise level of the scaled process
+        s_hi, s_lo = (math.exp(-0.5 * float(sde.log_snr(jnp.asarray(t)))) for t in (hi, lo))
         sigmas = (s_hi ** (1 / rho) + u * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
-        grid = np.array(time_of_sigma(sde, jnp.asarray(sigmas)), np.float64)
+        grid = np.array(sde.time_of_log_snr(jnp.asarray(-2.0 * np.log(sigmas))), np.float64)
     grid[0], grid[-1] = hi, lo  # exact ends despite rounding and the round trips
     return grid
 

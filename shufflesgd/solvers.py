@@ -550,7 +550,8 @@ def edm_heun(
     Alg. 2 verbatim, and with ``S_churn = 0`` on EDM it is :func:`pf_ode_heun`.
     :math:`S_{tmin}, S_{tmax}` are compared with :math:`\tilde\sigma` (EDM's :math:`t`).
     ``nfe = 2N``, minus one when the grid ends at :math:`\sigma = 0` (the Euler last step).
-    All four options may be traced; one draw a step (``draws_per_step = 1``)."""
+    All four options may be traced; one draw a step (``draws_per_step = 1``), none when
+    ``S_churn`` is a concrete zero (the result is the same: the draw would be scaled by 0)."""
     _check(grid, final)
     for name, value, ok, rule in (("S_churn", S_churn, lambda v: v >= 0, "must be >= 0"),
                                   ("S_noise", S_noise, lambda v: v > 0, "must be positive"),
@@ -563,13 +564,15 @@ def edm_heun(
     num_steps = grid.shape[0] - 1
     s_grid = _scaled_sigma(sde, grid)
     gamma_max = jnp.minimum(S_churn / num_steps, math.sqrt(2.0) - 1.0)
+    churn_free = _concrete(S_churn) and float(S_churn) == 0.0  # static: skip the draws entirely
 
     def body(x, inputs):
         i, t, t_next, s, s_next = inputs
         gamma = jnp.where((s >= S_tmin) & (s <= S_tmax), gamma_max, 0.0)
         s_hat = s * (1.0 + gamma)
         t_hat = jnp.where(gamma > 0, _time_of_scaled_sigma(sde, s_hat), t)
-        x = x + s * jnp.sqrt(gamma * (2.0 + gamma)) * S_noise * _draw(key, noise, i, 0, x)  # sqrt(s_hat^2 - s^2)
+        if not churn_free:
+            x = x + s * jnp.sqrt(gamma * (2.0 + gamma)) * S_noise * _draw(key, noise, i, 0, x)  # sqrt(s_hat^2 - s^2)
         x = _heun_sigma_step(model, sde, x, s_hat, t_hat, s_next, t_next)
         return x, jnp.all(jnp.isfinite(x))
 

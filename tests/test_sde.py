@@ -112,6 +112,20 @@ def test_karras_grid_is_eq5_on_edm_and_log_snr_grid_is_uniform(x64):
     np.testing.assert_allclose(np.diff(lam), np.full(6, (lam[-1] - lam[0]) / 6), rtol=1e-8)
 
 
+@pytest.mark.parametrize("name", ["vp", "subvp"])
+def test_karras_grid_spaces_sigma_over_alpha_on_variance_preserving_processes(x64, name):
+    """Karras et al. 2022, Table 1: on VP the rho-spacing is in sigma/alpha (up to ~157 at t = 1
+    for beta in [0.1, 20]), not in sigma <= 1."""
+    sde = S.make_sde(name)
+    grid = S.time_grid(sde, "karras", 10)
+    scaled = np.asarray(sde.sigma(jnp.asarray(grid)) / sde.alpha(jnp.asarray(grid)))
+    hi, lo = scaled[0], scaled[-1]
+    i = np.arange(11)
+    expected = (hi ** (1 / 7) + i / 10 * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    np.testing.assert_allclose(scaled, expected, rtol=1e-7)
+    assert hi > 10  # sigma/alpha, not sigma
+
+
 def test_discrete_spacings_of_lin_et_al():
     np.testing.assert_array_equal(S.discrete_timesteps(1000, 10, "trailing"), [999, 899, 799, 699, 599, 499, 399, 299, 199, 99])
     np.testing.assert_array_equal(S.discrete_timesteps(1000, 10, "leading"), [900, 800, 700, 600, 500, 400, 300, 200, 100, 0])
