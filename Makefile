@@ -30,11 +30,19 @@ test: $(STAMP)
 # grab-sampler 0.1.3 goes in without its dependencies: it requires torch-sparse, a C++ source
 # build of ~15 min here that also needs the undeclared torch-scatter (another source build),
 # yet uses it only in a random projection that the benchmark never selects (which stubs it).
+# k-diffusion 0.1.1.post1 goes in without its dependencies too: its package __init__ imports its
+# training stack (torchvision, clean-fid, clip-anytorch, kornia, wandb, accelerate, ...), and no
+# torchvision wheel on the index works with torch 2.13.0+cpu (0.28.0's C ops fail to register,
+# 0.29 wants torch 2.14). benchmarks/sde_samplers.py loads k_diffusion/sampling.py alone under a
+# bare package (needing scipy, tqdm, torchsde, torchdiffeq) and stands in utils.append_dims.
+# It runs on one core with the default XLA flags: see its docstring.
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-deps grab-sampler==0.1.3
-	$(BIN)/python -m pip install --quiet pandas overrides scikit-learn
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet --no-deps grab-sampler==0.1.3 k-diffusion==0.1.1.post1
 	$(BIN)/python -m benchmarks.shuffling_overhead
+	$(BIN)/python -m benchmarks.ef21_step
+	$(BIN)/python -m benchmarks.mcmc_ess
+	XLA_FLAGS= taskset -c 0 $(BIN)/python -m benchmarks.sde_samplers
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -12,6 +12,7 @@ Notebook-specific checks (``CHECKS``) run only for the notebook they name; a new
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -111,14 +112,94 @@ def check_error_feedback(nb) -> None:
     assert len(images) >= 3, "the three figures were not displayed"
 
 
+def check_sde_solvers(nb) -> None:
+    summary = marked_json(nb, "@@SDE@@")
+    # 1. Exact KL (no Monte Carlo): weak order 1 gives slope -2 in NFE, Heun (order 2) -4.
+    kl = summary["kl"]
+    assert set(kl) >= {"euler_maruyama", "ddim", "edm_heun"}, kl
+    for name in ("euler_maruyama", "ddim"):
+        assert -2.8 < kl[name]["slope"] < -1.5, (name, kl[name])
+    assert kl["edm_heun"]["slope"] < -3.3, kl["edm_heun"]
+    assert all(b < a for row in kl.values() for a, b in zip(row["kl"], row["kl"][1:])), kl
+    # 2. Mixture samples: the fine samplers sit near the Monte Carlo floor of the sliced W2
+    # (about 0.1 for 1000 samples); a broken sampler lands far above it.
+    mixture = summary["mixture"]
+    for name, row in mixture["runs"].items():
+        assert math.isfinite(row["sliced_w2"]), (name, row)
+        if not name.startswith("edm_heun"):  # 8 Heun steps are visibly coarse, as the notebook says
+            assert row["sliced_w2"] < mixture["floor"] + 0.15, (name, mixture)
+    # 3. PF-ODE log-likelihood with the exact p_tmax equals the closed form to solver tolerance.
+    ll = summary["likelihood"]
+    assert ll["all_success"] and ll["max_abs_error_nats"] < 1e-4, ll
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3, "the three figures were not displayed"
+
+
+def check_mcmc(nb) -> None:
+    summary = marked_json(nb, "@@MCMC@@")
+    # 1. MALA and HMC at the same gradient budget: the Gaussian's mean within 5 Monte Carlo SEs
+    # (s_i / sqrt(ESS_i)) in every coordinate, and a real number of effective samples.
+    efficiency = summary["efficiency"]
+    assert efficiency["mala"]["grads_per_chain"] == efficiency["hmc"]["grads_per_chain"], efficiency
+    for name, row in efficiency.items():
+        assert row["max_abs_z"] < 5.0, (name, row)
+        assert row["min_ess"] > 100 and 0.3 < row["acceptance"] < 1.0, (name, row)
+    # 2. SGLD: random reshuffling leaves a smaller second-moment error than with replacement,
+    # separated by 4 joint standard errors.
+    sgld = summary["sgld"]
+    wr, rr = sgld["with_replacement"], sgld["random_reshuffle"]
+    assert rr["error"] + 4 * math.hypot(rr["se"], wr["se"]) < wr["error"], sgld
+    # 3. Equal gradient budgets; ULA stays in its starting mode (a quarter of the modes), walk-jump
+    # visits most of them.
+    tunnel = summary["tunnelling"]
+    assert tunnel["ula"]["grads_per_chain"] == tunnel["walk_jump"]["grads_per_chain"], tunnel
+    assert tunnel["ula"]["modes_visited"] == 0.25, tunnel
+    assert tunnel["walk_jump"]["modes_visited"] - 4 * tunnel["walk_jump"]["se"] > 0.55, tunnel
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3, "the three figures were not displayed"
+
+
+def check_networks(nb) -> None:
+    summary = marked_json(nb, "@@NETWORKS@@")
+    # 1. Both schemes learn the digits (chance is 10 %) and share their first epoch (same network,
+    # same first permutation); no claim on which is ahead after 4 epochs and 2 seeds.
+    digits = summary["digits"]
+    assert set(digits) == {"random_reshuffle", "grab_mean_balance"}, digits
+    for name, accuracy in digits.items():
+        assert len(accuracy) == 4 and accuracy[-1] > 0.75, (name, accuracy)
+    assert abs(digits["random_reshuffle"][0] - digits["grab_mean_balance"][0]) < 0.01, digits
+    # 2. The score model learns (loss falls) and its samples sit on the four modes, about equally.
+    score = summary["score"]
+    assert score["finite"], score
+    assert score["last_epoch_loss"] < 0.8 * score["first_epoch_loss"], score
+    assert score["within_3_std_of_a_mean"] > 0.8, score
+    assert all(0.15 < f < 0.35 for f in score["mode_fractions"]), score
+    # prior draws N(0, I) would score about -40 nats; the trained model is within 1.5 of exact draws
+    assert score["mean_log_p_samples"] > score["mean_log_p_exact"] - 1.5, score
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, "the two figures were not displayed"
+
+
 CHECKS = {
+    "sde_solvers.ipynb": (
+        ["import json as _j\nprint('@@SDE@@' + _j.dumps(summary))"],
+        check_sde_solvers,
+    ),
     "shuffling.ipynb": (
         ["import json as _j\nprint('@@SLOPES@@' + _j.dumps(slopes))"],
         check_shuffling,
     ),
+    "networks.ipynb": (
+        ["import json as _j\nprint('@@NETWORKS@@' + _j.dumps(summary))"],
+        check_networks,
+    ),
     "error_feedback.ipynb": (
         ["import json as _j\nprint('@@EF@@' + _j.dumps(summary))"],
         check_error_feedback,
+    ),
+    "mcmc.ipynb": (
+        ["import json as _j\nprint('@@MCMC@@' + _j.dumps(summary))"],
+        check_mcmc,
     ),
 }
 
