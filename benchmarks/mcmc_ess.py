@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import machine_info, summarize, write_results
-from shufflesgd import mcmc, targets
+from shufflesgd import data, mcmc, targets
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/mcmc_ess.json")
 TARGET_RATIO = 1.0
@@ -60,7 +60,7 @@ def build_target(name: str, cfg: dict[str, Any]) -> tuple[Callable[[jax.Array], 
     if name == "gaussian":
         scales = jnp.asarray(np.geomspace(0.5, 2.0, cfg["dim"]), jnp.float32)
         return (lambda x: -0.5 * jnp.sum((x / scales) ** 2)), jnp.zeros((cfg["dim"],), jnp.float32)
-    features, labels = targets.sklearn_dataset("breast_cancer")
+    features, labels = data.sklearn_dataset("breast_cancer")
     target = targets.bayesian_logistic_regression(features, labels, prior_variance=1.0)
     return target.logdensity, jnp.asarray(target.mode, jnp.float32)
 

@@ -91,7 +91,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import mcmc, shuffling, targets
+from shufflesgd import data, mcmc, shuffling, targets
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -151,7 +151,7 @@ def validate(config: ConfigDict) -> None:
     for field in ("whiten_features", "x64"):
         if not isinstance(config[field], bool):
             raise ValueError(f"config.{field} must be True or False, got {config[field]!r}")
-    num_examples = targets.sklearn_dataset("diabetes")[0].shape[0]
+    num_examples = data.sklearn_dataset("diabetes")[0].shape[0]
     if num_examples % config.batch_size:
         raise ValueError(f"config.batch_size must divide the {num_examples} examples, got {config.batch_size}")
 
@@ -195,7 +195,7 @@ class Problem(NamedTuple):
 
 def build_problem(config: ConfigDict) -> Problem:
     """Diabetes regression (optionally whitened) with :math:`s^2` the least-squares residual variance."""
-    features, responses = targets.sklearn_dataset("diabetes")
+    features, responses = data.sklearn_dataset("diabetes")
     n, d = features.shape
     if config.whiten_features:
         eigvals, eigvecs = np.linalg.eigh(features.T @ features)

@@ -284,3 +284,27 @@ def epoch_batches(source: Source, order: Any, batch_size: int,
     num_batches = check_batch_size(order.shape[0], batch_size, drop_remainder)
     for indices in order[: num_batches * batch_size].reshape(num_batches, batch_size):
         yield indices, source[indices]
+
+
+SKLEARN_DATASETS = ("diabetes", "breast_cancer")
+
+
+def sklearn_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A small real dataset shipped inside scikit-learn (no download), standardised.
+
+    ``"diabetes"`` (Efron et al. 2004; 442 x 10): features and the target standardised
+    to mean 0 and variance 1 (so no intercept is needed).  ``"breast_cancer"`` (Wisconsin
+    diagnostic; 569 x 30): standardised features with a trailing column of ones (the
+    intercept) and labels mapped to -1 (malignant) / +1 (benign).
+    """
+    from sklearn import datasets  # local import: only this loader needs scikit-learn
+
+    if name not in SKLEARN_DATASETS:
+        raise ValueError(f"name must be one of {list(SKLEARN_DATASETS)}, got {name!r}")
+    standardise = lambda u: (u - u.mean(axis=0)) / u.std(axis=0)  # noqa: E731
+    if name == "diabetes":
+        features, targets = datasets.load_diabetes(return_X_y=True)
+        return standardise(features), standardise(targets)
+    features, labels = datasets.load_breast_cancer(return_X_y=True)
+    features = np.concatenate([standardise(features), np.ones((len(features), 1))], axis=1)
+    return features, np.where(labels == 1, 1.0, -1.0)

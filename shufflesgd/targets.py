@@ -6,9 +6,9 @@ r"""Sampling targets with known answers: Neal's funnel and Bayesian regression p
   unbiased minibatch estimator that :func:`shufflesgd.mcmc.sgld` /
   :func:`shufflesgd.mcmc.sghmc` and :func:`shufflesgd.mcmc.run_minibatch_chain` consume.
 * :func:`bayesian_linear_regression` (exact Gaussian posterior in closed form) and
-  :func:`bayesian_logistic_regression` (MAP by Newton's method), with
-  :func:`sklearn_dataset` giving the standardised ``load_diabetes`` and
-  ``load_breast_cancer`` data that ship with scikit-learn.
+  :func:`bayesian_logistic_regression` (MAP by Newton's method), built from arrays such as
+  :func:`shufflesgd.data.sklearn_dataset` (the standardised ``load_diabetes`` and
+  ``load_breast_cancer`` data that ship with scikit-learn).
 """
 
 from __future__ import annotations
@@ -193,27 +193,3 @@ def bayesian_logistic_regression(features: Any, labels: Any, prior_variance: flo
         mode=mode,
         log_likelihood=_logistic_log_likelihood,
     )
-
-
-SKLEARN_DATASETS = ("diabetes", "breast_cancer")
-
-
-def sklearn_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A small real dataset shipped inside scikit-learn (no download), standardised.
-
-    ``"diabetes"`` (Efron et al. 2004; 442 x 10): features and the target standardised
-    to mean 0 and variance 1 (so no intercept is needed).  ``"breast_cancer"`` (Wisconsin
-    diagnostic; 569 x 30): standardised features with a trailing column of ones (the
-    intercept) and labels mapped to -1 (malignant) / +1 (benign).
-    """
-    from sklearn import datasets  # local import: only this loader needs scikit-learn
-
-    if name not in SKLEARN_DATASETS:
-        raise ValueError(f"name must be one of {list(SKLEARN_DATASETS)}, got {name!r}")
-    standardise = lambda u: (u - u.mean(axis=0)) / u.std(axis=0)
-    if name == "diabetes":
-        features, targets = datasets.load_diabetes(return_X_y=True)
-        return standardise(features), standardise(targets)
-    features, labels = datasets.load_breast_cancer(return_X_y=True)
-    features = np.concatenate([standardise(features), np.ones((len(features), 1))], axis=1)
-    return features, np.where(labels == 1, 1.0, -1.0)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflesgd import mcmc, shuffling, targets
+from shufflesgd import data, mcmc, shuffling, targets
 
 
 def test_funnel_logdensity_is_the_normalised_hierarchy(x64):
@@ -43,7 +43,7 @@ def test_funnel_exact_draws_have_the_exact_marginals_and_match_the_density(x64):
 
 @pytest.fixture
 def diabetes(x64):
-    features, y = targets.sklearn_dataset("diabetes")
+    features, y = data.sklearn_dataset("diabetes")
     return features, y, targets.bayesian_linear_regression(features, y, noise_variance=0.5, prior_variance=2.0)
 
 
@@ -60,7 +60,7 @@ def test_linear_regression_posterior_is_the_direct_solve(diabetes):
 
 @pytest.mark.parametrize("name", ["diabetes", "breast_cancer"])
 def test_per_example_gradients_and_the_minibatch_estimator(name, x64):
-    features, y = targets.sklearn_dataset(name)
+    features, y = data.sklearn_dataset(name)
     if name == "diabetes":
         model, _ = targets.bayesian_linear_regression(features, y, 0.5, 2.0)
     else:
@@ -77,7 +77,7 @@ def test_per_example_gradients_and_the_minibatch_estimator(name, x64):
 
 
 def test_logistic_map_is_a_stationary_point(x64):
-    features, labels = targets.sklearn_dataset("breast_cancer")
+    features, labels = data.sklearn_dataset("breast_cancer")
     assert features.shape == (569, 31) and set(np.unique(labels)) == {-1.0, 1.0}
     model = targets.bayesian_logistic_regression(features, labels, 4.0)
     grad = jax.jit(jax.grad(model.logdensity))(model.mode)
@@ -113,7 +113,7 @@ def test_sgld_with_the_estimator_keeps_the_exact_posterior_mean(diabetes):
         (lambda: targets.bayesian_linear_regression(np.ones((3, 2)), np.ones(2), 1.0, 1.0), "features must be"),
         (lambda: targets.bayesian_logistic_regression(np.ones((3, 2)), np.array([0.0, 1, 1]), 1.0), "labels"),
         (lambda: targets.bayesian_logistic_regression(np.ones((3, 2)), np.ones(3), -1.0), "prior_variance"),
-        (lambda: targets.sklearn_dataset("iris"), "name must be one of"),
+        (lambda: data.sklearn_dataset("iris"), "name must be one of"),
     ],
 )
 def test_bad_arguments(call, match):
