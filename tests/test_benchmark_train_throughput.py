@@ -1,0 +1,74 @@
+"""Smoke test of benchmarks/train_throughput.py in --quick mode: it runs and writes sane JSON.
+
+No wall-clock threshold is asserted (timings live in benchmarks/).  Passes with or without
+PyTorch installed (the peer is optional, in the ``bench`` extra, and absent in CI); when it is
+installed the PyTorch twins must have exactly the parameters of the Flax models.
+"""
+
+import importlib.util
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import train_throughput
+from shufflesgd import models
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Refuse every import of torch, as if it were not installed.  (sys.modules['torch'] = None would
+# break SciPy, which looks torch up in sys.modules to recognise its tensors.)
+BLOCK_TORCH = """
+import sys
+
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked for this test")
+
+sys.meta_path.insert(0, BlockTorch())
+from benchmarks import train_throughput
+train_throughput.main(sys.argv[1:])
+"""
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _positive_finite(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("block_peer", [False, True], ids=["as_installed", "torch_blocked"])
+def test_quick_benchmark_writes_json(tmp_path, block_peer):
+    out = tmp_path / "train_throughput.json"
+    command = [sys.executable, "-c", BLOCK_TORCH] if block_peer else [sys.executable, "-m", "benchmarks.train_throughput"]
+    subprocess.run([*command, "--quick", "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    peer = not block_peer and HAS_TORCH
+    assert results["peer"].startswith("torch") if peer else results["peer"] == "not installed"
+    quick = train_throughput.QUICK
+    assert set(results["rows"]) == {f"{m}/batch_{b}" for m in quick["models"] for b in quick["batch_sizes"]}
+    for row in results["rows"].values():
+        ways = (*train_throughput.JAX_WAYS, "torch") if peer else train_throughput.JAX_WAYS
+        assert ("torch" in row) == peer
+        for way in ways:
+            stats = row[way]
+            assert len(stats["seconds"]["repeats"]) == quick["repeats"]
+            assert all(_positive_finite(t) for t in stats["seconds"]["repeats"])
+            assert _positive_finite(stats["examples_per_second"]) and _positive_finite(stats["first_call_seconds"])
+        if peer:
+            assert row["torch_params"] == row["params"]
+            for way in ("scan", "trainer"):
+                assert _positive_finite(row[f"{way}_to_torch"]) and _positive_finite(row[f"{way}_to_torch_paired"])
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch (the optional peer) is not installed")
+@pytest.mark.parametrize("name", sorted(train_throughput.MODELS))
+def test_torch_twins_have_the_flax_parameter_count(name):
+    model = train_throughput.MODELS[name]()
+    params, _ = models.init_model(model, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    twin = train_throughput.torch_model(name)
+    assert sum(p.numel() for p in twin.parameters()) == models.count_params(params)
