@@ -43,6 +43,7 @@ def machine_info(*packages: str) -> dict[str, Any]:
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
         usable_cores=usable_cores(),
+        affinity=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         load_average_1_5_15_min=list(os.getloadavg()),  # other work on the machine skews timings
         jax=jax.__version__,
         jaxlib=version("jaxlib"),

@@ -94,11 +94,9 @@ import argparse
 import functools
 import importlib.metadata
 import importlib.util
-import json
 import math
 import os
 import pathlib
-import platform
 import re
 import statistics
 import sys
@@ -111,6 +109,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import machine_info, summarize, usable_cores, version, write_results
 from shufflesgd import problems, solvers
 from shufflesgd import sde as sde_lib
 
@@ -149,46 +148,6 @@ REFERENCE_SIGMA_MIN = 1e-4
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def summarize(seconds: list[float]) -> dict[str, Any]:
-    """Median (the reported number), min and every repeat."""
-    return dict(median=statistics.median(seconds), min=min(seconds), repeats=list(seconds))
-
-
-def version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def machine_info() -> dict[str, Any]:
-    return dict(
-        platform=platform.platform(),
-        processor=platform.machine(),
-        python=platform.python_version(),
-        cpu_count=os.cpu_count(),
-        usable_cores=usable_cores(),
-        affinity=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        load_average_1_5_15_min=list(os.getloadavg()),  # other work on the machine skews timings
-        jax=jax.__version__,
-        jaxlib=version("jaxlib"),
-        jax_backend=jax.default_backend(),
-        jax_device_count=jax.device_count(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        numpy=np.__version__,
-        torch=version("torch"),
-        diffusers=version("diffusers"),
-        k_diffusion=version("k-diffusion"),
-    )
 
 
 def sliced_w2(a: np.ndarray, b: np.ndarray, directions: np.ndarray) -> float:
@@ -838,7 +797,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = dict(
         benchmark="sde_samplers", quick=args.quick,
         targets=dict(speedup=TARGET_SPEEDUP, compile_seconds=TARGET_COMPILE_SECONDS),
-        machine=machine_info(), peers=peers,
+        machine=machine_info("torch", "diffusers", "k-diffusion"), peers=peers,
         settings=dict(cfg, dtype="float32", vp=VP_OPTIONS, edm=EDM_OPTIONS, karras_rho=KARRAS_RHO,
                       reference_sigma_min=REFERENCE_SIGMA_MIN,
                       x_T="z ~ N(0, I) from numpy default_rng(seed + 1), times the pairing's init_noise_sigma"),
@@ -888,11 +847,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings_positive(dict(pairings=rows, compile=results["compile"], overhead=overhead,
                           model_alone=results["model_alone"]))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
-    print(f"\nwrote {args.out} in {results['total_seconds']:.0f}s")
-    return results
+    return write_results(args.out, results, table(results))
 
 
 if __name__ == "__main__":

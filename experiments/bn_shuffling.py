@@ -545,9 +545,7 @@ def draw(curves: dict[str, Any], metrics: dict[str, Any], config: ConfigDict, pa
     for axis in axes:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(config: ConfigDict) -> dict[str, Any]:

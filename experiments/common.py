@@ -41,6 +41,15 @@ def _to_builtin(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def save_figure(fig: Any, path: pathlib.Path, dpi: int = 120) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def finish(folder: pathlib.Path, table: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Print a study's table and results folder; return its metrics with the folder added."""
     print(table)

@@ -358,9 +358,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("EF21 step size with L_QM vs L_AM (Richtárik, Gasanov, Burlachenko 2024); "
                  "dotted: ε", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def write_csvs(metrics: dict[str, Any], folder) -> None:

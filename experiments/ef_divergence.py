@@ -322,9 +322,7 @@ def draw(metrics: dict[str, Any], curves: dict[str, np.ndarray], config: ConfigD
     fig.suptitle(f"Beznosikov et al. (2020) Ex. 1, Top-1, c = {config.c:g}: compressed GD diverges, "
                  f"EF14 / EF21 converge\n(x: last finite step before diverged_step; dashed: closed form)",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(config: ConfigDict) -> dict[str, Any]:

@@ -337,9 +337,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
     summary.grid(True, which="both", alpha=0.3)
     summary.legend(fontsize=7)
     fig.suptitle(f"EF21 sweep in one vmapped call: spread {config.spread:g}, {config.num_seeds} seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def write_csvs(metrics: dict[str, Any], folder) -> None:

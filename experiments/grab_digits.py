@@ -251,9 +251,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path: pathlib.Path) -> Non
         axis.legend(fontsize=7)
     fig.suptitle(f"digits, MLP {tuple(config.hidden)}{' + BN' if config.batch_norm else ''}, SGD η = "
                  f"{config.learning_rate}, batch {config.batch_size}; mean ± SE over {config.num_seeds} seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(config: ConfigDict) -> dict[str, Any]:

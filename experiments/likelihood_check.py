@@ -241,9 +241,7 @@ def draw(per_combo: dict[str, dict[str, np.ndarray]], config: ConfigDict, path) 
     for axis in (scatter, hist, zs):
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -552,9 +552,7 @@ def draw(metrics: dict[str, Any], path) -> None:
         if axis.has_data():
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(config: ConfigDict) -> dict[str, Any]:

@@ -503,9 +503,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
             axis.legend(fontsize=7)
     fig.suptitle(f"diabetes posterior, batch {config.batch_size}, {config.num_chains} chains x "
                  f"{config.sample_epochs} epochs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(config: ConfigDict) -> dict[str, Any]:

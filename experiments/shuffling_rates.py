@@ -143,9 +143,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
         axis.legend(fontsize=7)
     fig.suptitle(f"{config.problem}: step size c·log(nK)/(μnK), c = {config.step_size_c}, "
                  f"{config.num_seeds} seeds (legend: fitted slope)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def format_table(metrics: dict[str, Any]) -> str:

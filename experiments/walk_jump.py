@@ -444,9 +444,7 @@ def draw(metrics: dict[str, Any], pooled: dict[str, dict[str, np.ndarray]], laws
         bars.set_title(f"{problem}: modes visited / chain", fontsize=8)
     fig.suptitle("samples pooled over chains (x: means, o: start); projection on the means' plane when d > 2",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------ the study
