@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ef21_step
 	$(BIN)/python -m benchmarks.mcmc_ess
 	XLA_FLAGS= taskset -c 0 $(BIN)/python -m benchmarks.sde_samplers
+	XLA_FLAGS= taskset -c 0 $(BIN)/python -m benchmarks.train_throughput
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
