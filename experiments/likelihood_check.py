@@ -3,7 +3,7 @@ estimate is unbiased within its error bars; bits/dim reported.
 
 On Gaussian mixtures the score of every marginal :math:`p_t` is closed-form
 (:meth:`shufflesgd.problems.GaussianMixture.diffuse`; evaluated here in each component's
-eigenbasis, :class:`EigenMixture`), so the probability-flow ODE maps
+eigenbasis, :class:`shufflesgd.problems.EigenMixture`), so the probability-flow ODE maps
 :math:`p_{t_{max}}` onto :math:`p_{t_{min}}` exactly and
 :func:`shufflesgd.likelihood.log_likelihood` (Song et al. 2021, Sec. 4.3, App. D.2) must
 return
@@ -36,7 +36,7 @@ Run: ``python -m experiments.likelihood_check --config configs/likelihood_check.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,55 +99,12 @@ def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
     return problems.gaussian_mixture(weights, means, covariances)
 
 
-class EigenMixture(NamedTuple):
-    r"""A mixture's components in their eigenbases, :math:`\Sigma_k = U_k\,\mathrm{diag}(\lambda_k)\,U_k^\top`
-    (decomposed once, in NumPy), so that every diffused marginal
-    :math:`N(\alpha\mu_k, U_k\,\mathrm{diag}(\alpha^2\lambda_k + \sigma^2)\,U_k^\top)` is evaluated
-    with matrix products only.
-
-    Why not :meth:`GaussianMixture.score`: it calls batched LAPACK (``solve``, ``cholesky``),
-    and two such custom calls running at once inside a vmapped diffrax while loop deadlocked
-    jaxlib 0.10.2's CPU thread pool on 2 cores (both ``tf_XLAEigen`` workers parked in
-    ``jax::ParallelBatchMap`` → ``BlockingCounter::Wait``), intermittently.
-    """
-
-    log_weights: jax.Array  # [K]
-    means: jax.Array  # [K, d]
-    eigvecs: jax.Array  # [K, d, d], columns are eigenvectors
-    eigvals: jax.Array  # [K, d]
-
-    def _parts(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array):
-        scales = alpha**2 * self.eigvals + sigma**2  # [K, d]
-        coords = jnp.einsum("kji,kj->ki", self.eigvecs, x - alpha * self.means)  # U_k^T (x - m_k)
-        log_n = -0.5 * (jnp.sum(coords**2 / scales + jnp.log(scales), axis=-1) + x.shape[-1] * math.log(2 * math.pi))
-        return scales, coords, self.log_weights + log_n
-
-    def log_prob(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
-        return jax.nn.logsumexp(self._parts(x, alpha, sigma)[2])
-
-    def score(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
-        scales, coords, log_joint = self._parts(x, alpha, sigma)
-        per_component = -jnp.einsum("kij,kj->ki", self.eigvecs, coords / scales)
-        return jnp.sum(jax.nn.softmax(log_joint)[:, None] * per_component, axis=0)
-
-
-def eigen_mixture(law: problems.GaussianMixture) -> EigenMixture:
-    eigvals, eigvecs = np.linalg.eigh(np.asarray(law.covariances, np.float64))
-    dtype = law.means.dtype
-    return EigenMixture(law.log_weights, law.means, jnp.asarray(eigvecs, dtype), jnp.asarray(eigvals, dtype))
-
-
-def exact_model(sde: sde_lib.SDE, law: EigenMixture) -> solvers.Model:
-    """The exact score of the process's marginal p_t of ``law``."""
-    return solvers.Model(lambda x, t: law.score(x, sde.alpha(t), sde.sigma(t)), "score")
-
-
 def check_one(problem: str, sde_name: str, law: problems.GaussianMixture, config: ConfigDict,
               key: jax.Array) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Exact, ODE and Hutchinson log-likelihoods of the test points of one (problem, process)."""
     sde = sde_lib.make_sde(sde_name)
-    eigen = eigen_mixture(law)
-    model = exact_model(sde, eigen)
+    eigen = law.eigen()
+    model = solvers.mixture_model(sde, eigen)
     a_min, s_min = sde.alpha(sde.t_min), sde.sigma(sde.t_min)
     a_max, s_max = sde.alpha(sde.t_max), sde.sigma(sde.t_max)
     point_key, probe_key = jax.random.split(key)

@@ -64,7 +64,6 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from experiments.likelihood_check import eigen_mixture, exact_model
 from shufflesgd import problems
 from shufflesgd import sde as sde_lib
 from shufflesgd import solvers
@@ -269,7 +268,7 @@ def run_gaussian(config: ConfigDict, sde: sde_lib.SDE, rules: dict[str, tuple[in
     """Part A: exact KL and W2 for every (sampler, grid, budget); fitted orders."""
     law = build_gaussian(config)
     target = marginal(law, sde, sde.t_min)
-    model = exact_model(sde, eigen_mixture(law))
+    model = solvers.mixture_model(sde, law.eigen())
     floor = prior_mismatch_floor(law, sde)
     budgets, grids = list(config.nfe_budgets), list(config.grids)
     result: dict[str, Any] = {"sde": config.sde, "dim": law.dim, "floor_kl": floor, "budgets": budgets,
@@ -389,7 +388,7 @@ def run_mixtures(config: ConfigDict, sde: sde_lib.SDE, rules: dict[str, tuple[in
     for p, problem in enumerate(config.mixtures):
         law = build_mixture(problem, config)
         target = marginal(law, sde, sde.t_min)
-        model = exact_model(sde, eigen_mixture(law))
+        model = solvers.mixture_model(sde, law.eigen())
         problem_key = jax.random.fold_in(key, p)
         reference_key, sample_key, exact_key, bandwidth_key = (jax.random.fold_in(problem_key, i) for i in range(4))
         pool = target.sample(bandwidth_key, min(config.num_samples, 2048))

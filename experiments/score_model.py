@@ -22,7 +22,7 @@ over ``num_projections`` random unit directions, between ``num_samples`` generat
 many held-out exact draws, mean ± standard error over ``num_seeds`` seeds (each seed: its own
 prior draws, noise, held-out set and directions).  Each sampler also runs, in the same compiled
 program and with the same prior draws and noise, on the mixture's exact :math:`\varepsilon`
-(closed form, :func:`experiments.likelihood_check.eigen_mixture`): that row is the solver's error
+(closed form, :meth:`shufflesgd.problems.GaussianMixture.eigen`): that row is the solver's error
 alone, and the gap network − exact is the network's.  Reference rows: a second exact sample (the
 Monte Carlo floor of :math:`SW_2` at this sample size) and the prior :math:`N(0, I)` itself (a bad
 baseline every sampler must beat).
@@ -84,7 +84,6 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common, network_runs
-from experiments.likelihood_check import eigen_mixture
 from experiments.sampler_nfe import (
     build_mixture,
     nfe_rule,
@@ -333,7 +332,7 @@ def sampler_rules(names: Any, config: ConfigDict, sde: sde_lib.SDE) -> dict[str,
 def run_mixture(config: ConfigDict, sde: sde_lib.SDE, key: jax.Array, run_dir: pathlib.Path) -> dict[str, Any]:
     """Train on exact mixture draws; SW2 of every sampler (network and exact score) to held-out draws."""
     law = build_mixture("mixture_2d", config)
-    eigen = eigen_mixture(law)
+    eigen = law.eigen()
     keys = {name: jax.random.fold_in(key, i) for i, name in enumerate(
         ("train_data", "loss_heldout", "train", "heldout", "samples", "floor", "prior", "directions"))}
     train = data.ArraySource({"image": np.asarray(law.sample(keys["train_data"], config.mixture_num_train))})

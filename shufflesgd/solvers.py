@@ -764,6 +764,14 @@ def make_sampler(name: str) -> Callable[..., tuple[Array, SamplerInfo]]:
     return SAMPLERS[name]
 
 
+def mixture_model(sde: SDE, law: Any) -> Model:
+    r"""The exact score model of the forward marginals of a Gaussian mixture ``law`` (a
+    :class:`shufflesgd.problems.EigenMixture`, or anything with ``score(x, alpha, sigma)``):
+    :math:`s(x, t) = \nabla\log p_t(x)` with :math:`p_t` the law of :math:`\alpha(t)x_0 +
+    \sigma(t)\varepsilon`, the analytic test bed of every sampler."""
+    return Model(lambda x, t: law.score(x, sde.alpha(t), sde.sigma(t)), "score")
+
+
 def check_model_output(output: str) -> None:
     if output not in MODEL_OUTPUTS:
         raise ValueError(f"model output must be one of {list(MODEL_OUTPUTS)}, got {output!r}")

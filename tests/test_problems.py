@@ -90,3 +90,19 @@ def test_heterogeneous_regression_profiles_set_the_spread_of_worker_smoothness()
     assert means["geometric"] < 2.5 < means["outlier"]  # sqrt(10) = 3.16 is the outlier limit
     with pytest.raises(ValueError, match="profile must be"):
         problems.heterogeneous_regression(0, 2, 2, 2, spread=10.0, profile="bogus")
+
+
+def test_eigenbasis_mixture_matches_the_diffused_mixture(x64):
+    rng = np.random.default_rng(0)
+    k, d = 3, 5
+    factors = rng.standard_normal((k, d, d)) / np.sqrt(d)
+    law = problems.gaussian_mixture([0.2, 0.5, 0.3], 2.0 * rng.standard_normal((k, d)),
+                                    0.5 * factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(d))
+    eigen = law.eigen()
+    xs = law.sample(jax.random.key(0), 5)
+    for alpha, sigma in ((1.0, 0.01), (0.3, 0.9), (1.0, 50.0)):
+        diffused = law.diffuse(jnp.asarray(alpha), jnp.asarray(sigma))
+        for x in xs:
+            np.testing.assert_allclose(eigen.log_prob(x, alpha, sigma), diffused.log_prob(x), rtol=1e-11)
+            np.testing.assert_allclose(eigen.score(x, alpha, sigma), diffused.score(x), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(diffused.score(x), jax.grad(diffused.log_prob)(x), rtol=1e-9, atol=1e-12)

@@ -5,8 +5,6 @@ estimate unbiased within its error bars, and bad configs rejected before anythin
 import csv
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,18 +48,6 @@ def test_quick_check_agrees_with_the_exact_log_density(tmp_path, x64, capsys):
         bits = -r["ode_log_prob_mean"] / (r["dim"] * np.log(2.0))
         assert r["bits_per_dim_ode_mean"] == pytest.approx(bits, rel=1e-12)
         assert all(r["checks"].values()), (label, r["checks"])
-
-
-def test_eigenbasis_mixture_matches_the_library_mixture(x64):
-    config = config_module.get_config("quick")
-    law = likelihood_check.build_problem("mixture_high_dim", config)
-    eigen = likelihood_check.eigen_mixture(law)
-    xs = law.sample(jax.random.key(0), 5)
-    for alpha, sigma in ((1.0, 0.01), (0.3, 0.9), (1.0, 50.0)):
-        diffused = law.diffuse(jnp.asarray(alpha), jnp.asarray(sigma))
-        for x in xs:
-            np.testing.assert_allclose(eigen.log_prob(x, alpha, sigma), diffused.log_prob(x), rtol=1e-11)
-            np.testing.assert_allclose(eigen.score(x, alpha, sigma), diffused.score(x), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(
