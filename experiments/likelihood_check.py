@@ -90,13 +90,7 @@ def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
             [0.3, 0.7], [[-2.0, 0.0], [2.0, 1.0]],
             [[[0.3, 0.1], [0.1, 0.2]], [[0.4, -0.15], [-0.15, 0.3]]],
         )
-    rng = np.random.default_rng(config.data_seed)
-    k, d = config.num_components, config.high_dim
-    weights = rng.dirichlet(np.full(k, 2.0)) + 0.05
-    means = 2.0 * rng.standard_normal((k, d))
-    factors = rng.standard_normal((k, d, d)) / np.sqrt(d)
-    covariances = 0.5 * factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(d)
-    return problems.gaussian_mixture(weights, means, covariances)
+    return problems.random_gaussian_mixture(config.data_seed, config.num_components, config.high_dim)
 
 
 def check_one(problem: str, sde_name: str, law: problems.GaussianMixture, config: ConfigDict,

@@ -176,13 +176,7 @@ def build_mixture(name: str, config: ConfigDict) -> problems.GaussianMixture:
         means = 3.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
         covariances = [[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.05], [-0.05, 0.4]], [[0.15, 0.0], [0.0, 0.15]]]
         return problems.gaussian_mixture([0.5, 0.3, 0.2], means, covariances)
-    rng = np.random.default_rng(config.data_seed + 1)
-    k, d = config.num_components, config.high_dim
-    weights = rng.dirichlet(np.full(k, 2.0)) + 0.05
-    means = 2.0 * rng.standard_normal((k, d))
-    factors = rng.standard_normal((k, d, d)) / np.sqrt(d)
-    covariances = 0.5 * factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(d)
-    return problems.gaussian_mixture(weights, means, covariances)
+    return problems.random_gaussian_mixture(config.data_seed + 1, config.num_components, config.high_dim)
 
 
 def marginal(law: problems.GaussianMixture, sde: sde_lib.SDE, t: float) -> problems.GaussianMixture:

@@ -658,6 +658,17 @@ def gaussian_mixture(weights: Any, means: Any, covariances: Any) -> GaussianMixt
     return GaussianMixture(_float(np.log(w / w.sum())), _float(mu), _float(cov))
 
 
+def random_gaussian_mixture(seed: int, num_components: int, dim: int) -> GaussianMixture:
+    r"""A reproducible random mixture for test beds: weights Dirichlet(2) + 0.05 (normalised),
+    means :math:`2\,N(0, I)`, covariances :math:`\frac12 FF^\top + 0.1 I` with
+    :math:`F_{ij} \sim N(0, 1/d)` (anisotropic, rotated, well conditioned)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.full(num_components, 2.0)) + 0.05
+    means = 2.0 * rng.standard_normal((num_components, dim))
+    factors = rng.standard_normal((num_components, dim, dim)) / np.sqrt(dim)
+    covariances = 0.5 * factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(dim)
+    return gaussian_mixture(weights, means, covariances)
+
 def gaussian_kl(mean_p: jax.Array, cov_p: jax.Array, mean_q: jax.Array, cov_q: jax.Array) -> jax.Array:
     r""":math:`KL(N(m_p, C_p)\,\|\,N(m_q, C_q))` in nats."""
     d = mean_p.shape[-1]

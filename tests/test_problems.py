@@ -93,11 +93,7 @@ def test_heterogeneous_regression_profiles_set_the_spread_of_worker_smoothness()
 
 
 def test_eigenbasis_mixture_matches_the_diffused_mixture(x64):
-    rng = np.random.default_rng(0)
-    k, d = 3, 5
-    factors = rng.standard_normal((k, d, d)) / np.sqrt(d)
-    law = problems.gaussian_mixture([0.2, 0.5, 0.3], 2.0 * rng.standard_normal((k, d)),
-                                    0.5 * factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(d))
+    law = problems.random_gaussian_mixture(0, 3, 5)
     eigen = law.eigen()
     xs = law.sample(jax.random.key(0), 5)
     for alpha, sigma in ((1.0, 0.01), (0.3, 0.9), (1.0, 50.0)):
