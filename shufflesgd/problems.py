@@ -631,11 +631,11 @@ class EigenMixture(NamedTuple):
         return scales, coords, self.log_weights + log_n
 
     def log_prob(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
-        """:math:`\log p_t(x)` of the law of :math:`\alpha x_0 + \sigma\varepsilon`."""
+        r""":math:`\log p_t(x)` of the law of :math:`\alpha x_0 + \sigma\varepsilon`."""
         return jax.nn.logsumexp(self._parts(x, alpha, sigma)[2])
 
     def score(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
-        """:math:`\nabla\log p_t(x)` of the law of :math:`\alpha x_0 + \sigma\varepsilon`."""
+        r""":math:`\nabla\log p_t(x)` of the law of :math:`\alpha x_0 + \sigma\varepsilon`."""
         scales, coords, log_joint = self._parts(x, alpha, sigma)
         per_component = -jnp.einsum("kij,kj->ki", self.eigvecs, coords / scales)
         return jnp.sum(jax.nn.softmax(log_joint)[:, None] * per_component, axis=0)
