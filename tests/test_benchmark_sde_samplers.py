@@ -158,14 +158,23 @@ def test_diffusers_levels_and_vp_grid_match_ours():
                 assert pairing.grid[-1] == 0.0
 
 
+def test_k_diffusion_pairings_use_the_karras_sigmas_then_zero():
+    """Our side of the k-diffusion pairings: Karras et al. 2022, Eq. 5 (rho 7, 80 -> 0.002),
+    then sigma = 0, with Heun's budget of 2N - 1 evaluations on N levels."""
+    bench = _load()
+    for name, budget, levels in (("k_diffusion_dpmpp_2m", 10, 10), ("k_diffusion_heun", 19, 10)):
+        pairing = bench.Pairing(name, budget, bench.QUICK, None, "not installed", "not installed")
+        i = np.arange(levels)
+        karras = (80.0 ** (1 / 7) + i / (levels - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+        np.testing.assert_allclose(pairing.grid, np.append(karras, 0.0), rtol=1e-6)  # float32 round trip
+
+
+@pytest.mark.skipif(not all(_installed(name) for name in ("torch", "torchsde", "torchdiffeq", "k_diffusion")),
+                    reason="the k-diffusion peer (bench extra) is not installed")
 def test_k_diffusion_sigmas_match_our_karras_grid():
-    pytest.importorskip("torch")
-    pytest.importorskip("torchsde")
-    pytest.importorskip("torchdiffeq")
     bench = _load()
     kdiff = bench.import_k_diffusion_sampling()
-    if isinstance(kdiff, str):
-        pytest.skip(f"k-diffusion: {kdiff}")
+    assert not isinstance(kdiff, str), f"k-diffusion is installed but not usable: {kdiff}"
     import torch
 
     for name, budget in (("k_diffusion_dpmpp_2m", 10), ("k_diffusion_heun", 19)):
