@@ -43,7 +43,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from shufflesgd import parallel
-from shufflesgd.shuffling import check_batch_size
+from shufflesgd.shuffling import minibatches
 
 Batch = dict[str, np.ndarray]
 DATA_AXIS = "data"
@@ -207,15 +207,11 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image, "label": int(label)}
 
 
-def default_data_dir() -> str:
-    """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (TFDS's own default)."""
-    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
-
-
 def build_digits(data_dir: str | os.PathLike | None = None) -> Digits:
     """The :class:`Digits` builder over ``data_dir``, written there (``array_record``) if
-    it is not prepared yet; a second call reuses the files."""
-    builder = Digits(data_dir=os.fspath(data_dir or default_data_dir()), file_format="array_record")
+    it is not prepared yet; a second call reuses the files.  ``None``: TFDS's default
+    (``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``)."""
+    builder = Digits(data_dir=None if data_dir is None else os.fspath(data_dir), file_format="array_record")
     builder.download_and_prepare()
     return builder
 
@@ -252,6 +248,17 @@ def data_mesh(num_devices: int | None = None, axis: str = DATA_AXIS) -> Mesh:
     return parallel.worker_mesh(num_devices, axis=axis)
 
 
+def check_data_axis(mesh: Mesh, axis: str, batch_size: int) -> None:
+    """``ValueError`` naming ``axis`` when ``mesh`` lacks it, or naming ``batch_size`` when
+    the batch does not split evenly over that axis's devices."""
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis={axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
+    size = int(mesh.shape[axis])
+    if batch_size % size:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {size} devices of "
+                         f"mesh axis {axis!r}")
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis: str = DATA_AXIS) -> dict[str, jax.Array]:
     """Place a host batch with its leading (example) axis split over ``axis`` of ``mesh``,
     i.e. on ``NamedSharding(mesh, P(axis))``: device ``j`` of ``k`` holds examples
@@ -260,16 +267,11 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis: str = DATA_AXIS) -> 
     Raises ``ValueError`` naming ``batch_size`` when ``B`` is not divisible by the size of
     the mesh axis.
     """
-    if axis not in mesh.axis_names:
-        raise ValueError(f"axis={axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
-    size = int(mesh.shape[axis])
     sizes = {np.shape(v)[0] for v in batch.values()}
     if len(sizes) != 1:
         raise ValueError(f"batch entries must share one leading axis, got sizes {sorted(sizes)}")
     (batch_size,) = sizes
-    if batch_size % size:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the {size} devices of "
-                         f"mesh axis {axis!r}")
+    check_data_axis(mesh, axis, batch_size)
     return jax.device_put(dict(batch), parallel.worker_sharding(mesh, axis))
 
 
@@ -280,9 +282,7 @@ def epoch_batches(source: Source, order: Any, batch_size: int,
     Raises ``ValueError`` naming ``batch_size`` when it does not divide the epoch length
     and ``drop_remainder`` is False (see :func:`shufflesgd.shuffling.check_batch_size`).
     """
-    order = np.asarray(order)
-    num_batches = check_batch_size(order.shape[0], batch_size, drop_remainder)
-    for indices in order[: num_batches * batch_size].reshape(num_batches, batch_size):
+    for indices in np.asarray(minibatches(np.asarray(order), batch_size, drop_remainder)):
         yield indices, source[indices]
 
 

@@ -200,7 +200,7 @@ def log_likelihood(
     nfe = _DOPRI5_EVALS_AT_START + _DOPRI5_EVALS_PER_STEP * solution.stats["num_steps"]
     return LikelihoodResult(
         log_prob_nats=log_prob,
-        bits_per_dim=-log_prob / (dim * math.log(2.0)),
+        bits_per_dim=bits_per_dim(log_prob, dim),
         nfe=jnp.asarray(nfe, jnp.int32),
         prior_log_prob=prior,
         delta_log_prob=delta,

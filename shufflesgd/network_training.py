@@ -248,11 +248,7 @@ def make_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation, schem
     """
     steps_per_epoch = check_batch_size(scheme.epoch_length, batch_size, drop_remainder)
     if mesh is not None:
-        if axis not in mesh.axis_names:
-            raise ValueError(f"axis={axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
-        if batch_size % mesh.shape[axis]:
-            raise ValueError(f"batch_size={batch_size} is not divisible by the {mesh.shape[axis]} "
-                             f"devices of mesh axis {axis!r}")
+        data_lib.check_data_axis(mesh, axis, batch_size)
 
     def state_step(state: TrainState, batch: Batch, indices: jax.Array) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.key, state.step)

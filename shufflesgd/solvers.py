@@ -78,8 +78,7 @@ def _scan(step: Callable, x: Array, grid: Array, nfe_per_step: int) -> tuple[Arr
         return x, jnp.all(jnp.isfinite(x))
 
     x, finite = jax.lax.scan(body, x, _steps(grid))
-    bad = jnp.where(jnp.all(finite), -1, jnp.argmin(finite))
-    return x, jnp.asarray(nfe_per_step * (grid.shape[0] - 1)), bad
+    return x, jnp.asarray(nfe_per_step * (grid.shape[0] - 1)), _first_nonfinite(finite)
 
 
 def pf_ode_drift(model: Model, sde: SDE, x: Array, t: Array) -> Array:

@@ -22,13 +22,10 @@ import numpy as np
 from flax import struct
 
 from shufflesgd import problems
+from shufflesgd.problems import _float
 
 PyTree = Any
 
-
-def _float(array: Any) -> jax.Array:
-    """To the default JAX float dtype (float64 when x64 is on, else float32)."""
-    return jnp.asarray(array, dtype=jnp.result_type(float))
 
 # ------------------------------------------------------------------ Neal's funnel
 
