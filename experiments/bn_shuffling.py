@@ -95,11 +95,6 @@ Arrays = dict[str, np.ndarray]
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_positive_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config.{field} must be a positive finite number, got {value!r}")
-
-
 def _check_task(prefix: str, task: ConfigDict) -> None:
     for field in ("num_examples", "dim", "batch_size", "num_epochs", "epochs_per_chunk"):
         common.check_positive_ints(f"{prefix}.{field}", task[field])
@@ -126,15 +121,15 @@ def validate(config: ConfigDict) -> None:
     if not rates:
         raise ValueError("config.regression.learning_rates must hold at least one step size")
     for rate in rates:
-        _check_positive_number("regression.learning_rates", rate)
+        common.check_positive_number("regression.learning_rates", rate)
     for field in ("feature_log_std", "noise"):
-        _check_positive_number(f"regression.{field}", reg[field])
+        common.check_positive_number(f"regression.{field}", reg[field])
     common.check_positive_ints("regression.rr_reference_permutations", reg.rr_reference_permutations)
     if reg.rr_reference_permutations < 10:
         raise ValueError("config.regression.rr_reference_permutations must be at least 10 (its standard "
                          f"error uses 10 chunks), got {reg.rr_reference_permutations}")
     for field in ("learning_rate", "divergence_loss"):
-        _check_positive_number(f"classification.{field}", cls[field])
+        common.check_positive_number(f"classification.{field}", cls[field])
     shift = cls.class_shift
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift < 0:
         raise ValueError(f"config.classification.class_shift must be a non-negative finite number, got {shift!r}")
@@ -559,7 +554,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
     cls_metrics, cls_curves = classification_study(config, task_keys[1])
     metrics = {"regression": reg_metrics, "classification": cls_metrics}
     table = format_table(metrics)
-    common.write_json(folder / "metrics.json", metrics)
     rates, seeds = reg_curves["rates"], config.num_seeds
     common.write_csv(folder / "regression.csv",
                      ["learning_rate", "seed", "ss_gd", "rr_gd", "ss_rr", "gd_to_optimum", "ss_to_optimum",
@@ -578,7 +572,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
                      for e, v in enumerate(row)]
     common.write_csv(folder / "curves.csv", ["task", "scheme", "learning_rate", "seed", "epoch", "full_batch_risk"],
                      rows)
-    (folder / "table.txt").write_text(table + "\n")
     draw({"regression": reg_curves, "classification": cls_curves}, metrics, config, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import pathlib
 from typing import Any, Callable, Iterable, Sequence
 
@@ -51,7 +52,10 @@ def save_figure(fig: Any, path: pathlib.Path, dpi: int = 120) -> None:
 
 
 def finish(folder: pathlib.Path, table: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Print a study's table and results folder; return its metrics with the folder added."""
+    """Write a study's ``metrics.json`` and ``table.txt``, print the table and the results
+    folder; return the metrics with the folder added."""
+    write_json(folder / "metrics.json", metrics)
+    (folder / "table.txt").write_text(table + "\n")
     print(table)
     print(f"results: {folder}")
     return {**metrics, "folder": str(folder)}
@@ -76,12 +80,18 @@ def check_names(field: str, values: Any, allowed: Iterable[str]) -> list[str]:
     """``ValueError`` naming ``config.<field>`` unless ``values`` are distinct names from ``allowed``."""
     names = list(values)
     if not names:
-        raise ValueError(f"config.{field} must name at least one choice")
+        raise ValueError(f"config.{field} must name at least one of {sorted(allowed)}")
     for name in names:
         check_choice(field, name, allowed)
     if len(names) != len(set(names)):
         raise ValueError(f"config.{field} must not repeat a name, got {names!r}")
     return names
+
+
+def check_positive_number(field: str, value: Any) -> None:
+    """``ValueError`` naming ``config.<field>`` unless ``value`` is a positive finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"config.{field} must be a positive finite number, got {value!r}")
 
 
 def check_fraction(field: str, value: Any) -> None:

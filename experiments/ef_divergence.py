@@ -358,7 +358,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
             name, result, initial_energy, x0_norm, step_sizes, config, dtype
         )
     table = format_table(metrics, config)
-    common.write_json(folder / "metrics.json", metrics)
     steps = [*config.checkpoints, config.num_steps]
     common.write_csv(
         folder / "norms.csv",
@@ -378,7 +377,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
          for j, m in enumerate(metrics["step_size_multiples"])
          for t in range(0, config.num_steps + 1, stride)],
     )
-    (folder / "table.txt").write_text(table + "\n")
     draw(metrics, curves, config, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

@@ -386,9 +386,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         }
         bar.update()
     table = format_table(metrics, config)
-    common.write_json(folder / "metrics.json", metrics)
     write_csvs(metrics, folder)
-    (folder / "table.txt").write_text(table + "\n")
     draw(metrics, config, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

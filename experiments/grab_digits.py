@@ -281,7 +281,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
         metrics["schemes"][scheme]["vs_reference"] = {
             name: summarise(values[name] - curves[REFERENCE][name]) for name in METRICS}
     table = format_table(metrics)
-    common.write_json(folder / "metrics.json", metrics)
     common.write_csv(
         folder / "curves.csv",
         ["scheme", "epoch", *(f"{name}_{stat}" for name in METRICS for stat in ("mean", "stderr"))],
@@ -290,7 +289,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
     )
     np.savez(folder / "per_seed.npz", **{f"{scheme}/{name}": values for scheme, per_scheme in curves.items()
                                           for name, values in per_scheme.items()})
-    (folder / "table.txt").write_text(table + "\n")
     draw(metrics, config, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

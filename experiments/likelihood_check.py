@@ -58,11 +58,6 @@ PROBLEMS = ("mixture_2d", "mixture_high_dim")
 SDES = ("vp", "ve")
 
 
-def _check_positive_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config.{field} must be a positive finite number, got {value!r}")
-
-
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
     if not list(config.problems):
@@ -80,7 +75,7 @@ def validate(config: ConfigDict) -> None:
     if config.num_probes < 2:
         raise ValueError(f"config.num_probes must be at least 2 (a standard error needs two), got {config.num_probes}")
     for field in ("rtol", "atol", "agreement_tol_nats", "z_threshold"):
-        _check_positive_number(field, config[field])
+        common.check_positive_number(field, config[field])
 
 
 def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
@@ -242,20 +237,15 @@ def run(config: ConfigDict) -> dict[str, Any]:
                          arrays["nfe_exact"][i], arrays["nfe_hutchinson"][i], arrays["bits_ode"][i]])
     metrics["all_checks_passed"] = all(all(r["checks"].values()) for r in metrics["combos"].values())
     table = format_table(metrics)
-    common.write_json(folder / "metrics.json", metrics)
     common.write_csv(
         folder / "points.csv",
         ["problem", "sde", "point", "exact_log_prob", "ode_log_prob", "prior_mismatch", "solver_error",
          "hutchinson_mean", "hutchinson_se", "z", "nfe_exact", "nfe_hutchinson_mean", "bits_per_dim_ode"],
         rows,
     )
-    (folder / "table.txt").write_text(table + "\n")
     draw(per_combo, config, folder / "figure.png")
-    print(table)
     print(f"all checks passed: {metrics['all_checks_passed']}")
-    print(f"results: {folder}")
-    metrics["folder"] = str(folder)
-    return metrics
+    return common.finish(folder, table, metrics)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import problems, solvers
+from shufflesgd import metrics, problems, solvers
 from shufflesgd import sde as sde_lib
 
 matplotlib.use("Agg")
@@ -88,9 +88,9 @@ def build(config: ConfigDict) -> tuple[problems.GaussianMixture, solvers.Model, 
     return true, solvers.Model(score, "score"), sde
 
 
-def runs(config: ConfigDict, budget: int) -> dict[str, tuple[Any, dict[str, Any]]]:
-    """Sampler name -> (sampler, grid, options) at NFE ``budget``."""
-    sde = sde_lib.make_sde("vp")
+def runs(config: ConfigDict, sde: sde_lib.SDE, budget: int) -> dict[str, tuple[Any, jax.Array, dict[str, Any]]]:
+    """Sampler name -> (sampler, grid, options) at ``budget`` evaluations of the main pass
+    (each run adds one for the final denoising step, the same for every sampler)."""
     grid = lambda n: jnp.asarray(sde_lib.time_grid(sde, "uniform_log_snr", n))  # noqa: E731
     out = {
         "pf_ode_heun": (solvers.pf_ode_heun, grid(budget // 2), {}),
@@ -104,13 +104,6 @@ def runs(config: ConfigDict, budget: int) -> dict[str, tuple[Any, dict[str, Any]
     return out
 
 
-def mode_tv(true: problems.GaussianMixture, samples: jax.Array) -> jax.Array:
-    """Total variation between the sampled mode frequencies and the true weights."""
-    assigned = jnp.argmax(jax.vmap(true.responsibilities)(samples), axis=1)
-    frequencies = jnp.bincount(assigned, length=true.means.shape[0]) / samples.shape[0]
-    return 0.5 * jnp.sum(jnp.abs(frequencies - jnp.exp(true.log_weights)))
-
-
 def run(config: ConfigDict) -> dict[str, Any]:
     """Run the study; return the metrics and write them, the CSV, the table and the figure."""
     validate(config)
@@ -119,31 +112,27 @@ def run(config: ConfigDict) -> dict[str, Any]:
     folder = common.results_folder(config, NAME)
     key = jax.random.key(config.seed)
     rows: list[dict[str, Any]] = []
-    work = [(budget, name, spec) for budget in config.nfe_budgets for name, spec in runs(config, budget).items()]
+    work = [(budget, name, spec) for budget in config.nfe_budgets for name, spec in runs(config, sde, budget).items()]
     for budget, name, (sampler, grid, options) in tqdm(work, desc=NAME):
 
-        @jax.jit
-        def one_seed(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
-            seed_key = jax.random.fold_in(key, seed)
-            prior_key, sample_key = jax.random.split(seed_key)
+        def one_seed(seed: jax.Array, sampler=sampler, grid=grid, options=options) -> tuple[jax.Array, jax.Array]:
+            prior_key, sample_key = jax.random.split(jax.random.fold_in(key, seed))
             x_T = sde.prior_sample(prior_key, (config.num_samples, 2))
             x, info = solvers.sample_batch(sampler, sample_key, model, sde, x_T, grid, **options)
-            return mode_tv(true, x), info.nfe[0]
+            return metrics.mode_weight_error(x, true), info.nfe[0]
 
-        tvs, nfes = zip(*(one_seed(jnp.asarray(s)) for s in range(config.num_seeds)))
+        tvs, nfes = jax.jit(jax.vmap(one_seed))(jnp.arange(config.num_seeds))  # every seed in one call
         tvs = np.asarray(tvs)
         rows.append(dict(sampler=name, budget=budget, nfe=int(nfes[0]), tv_mean=float(tvs.mean()),
                          tv_se=float(tvs.std(ddof=1) / math.sqrt(len(tvs))), tv_per_seed=tvs.tolist()))
     floor = float(np.sqrt(2.0 / (np.pi * config.num_samples)) * np.sum(np.sqrt(np.asarray(config.weights)
                                                                             * (1 - np.asarray(config.weights)))) / 2)
-    metrics = dict(rows=rows, multinomial_tv_floor=floor)
+    results = dict(rows=rows, multinomial_tv_floor=floor)
     table = format_table(config, rows, floor)
-    common.write_json(folder / "metrics.json", metrics)
     common.write_csv(folder / "tv.csv", ["sampler", "budget", "nfe", "tv_mean", "tv_se"],
                      [[r["sampler"], r["budget"], r["nfe"], r["tv_mean"], r["tv_se"]] for r in rows])
-    (folder / "table.txt").write_text(table + "\n")
     draw(config, rows, floor, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, results)
 
 
 def format_table(config: ConfigDict, rows: list[dict[str, Any]], floor: float) -> str:

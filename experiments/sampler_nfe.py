@@ -64,7 +64,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import problems
+from shufflesgd import metrics, problems
 from shufflesgd import sde as sde_lib
 from shufflesgd import solvers
 
@@ -80,20 +80,6 @@ MIXTURES = ("mixture_2d", "mixture_high_dim")
 # ------------------------------------------------------------------ configuration
 
 
-def _check_positive_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config.{field} must be a positive finite number, got {value!r}")
-
-
-def _check_names(field: str, names: Any, allowed: tuple[str, ...]) -> None:
-    if not list(names):
-        raise ValueError(f"config.{field} must name at least one of {sorted(allowed)}")
-    for name in names:
-        common.check_choice(field, name, allowed)
-    if len(set(names)) != len(list(names)):
-        raise ValueError(f"config.{field} must not repeat a name, got {list(names)}")
-
-
 def _check_budgets(field: str, budgets: Any, minimum_count: int) -> None:
     common.check_positive_ints(field, list(budgets))
     if len(budgets) < minimum_count or list(budgets) != sorted(set(budgets)):
@@ -104,10 +90,10 @@ def _check_budgets(field: str, budgets: Any, minimum_count: int) -> None:
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
     common.check_choice("sde", config.sde, sde_lib.SDES)
-    _check_names("grids", config.grids, sde_lib.GRIDS)
-    _check_names("gaussian_samplers", config.gaussian_samplers, GAUSSIAN_SAMPLERS)
-    _check_names("mixtures", config.mixtures, MIXTURES)
-    _check_names("mixture_samplers", config.mixture_samplers, MIXTURE_SAMPLERS)
+    common.check_names("grids", config.grids, sde_lib.GRIDS)
+    common.check_names("gaussian_samplers", config.gaussian_samplers, GAUSSIAN_SAMPLERS)
+    common.check_names("mixtures", config.mixtures, MIXTURES)
+    common.check_names("mixture_samplers", config.mixture_samplers, MIXTURE_SAMPLERS)
     common.check_choice("mixture_grid", config.mixture_grid, sde_lib.GRIDS)
     _check_budgets("nfe_budgets", config.nfe_budgets, 2)
     _check_budgets("mixture_nfe_budgets", config.mixture_nfe_budgets, 1)
@@ -123,7 +109,7 @@ def validate(config: ConfigDict) -> None:
             raise ValueError(f"config.{field} must be a non-negative integer, got {config[field]!r}")
     for field in ("gaussian_var_min", "gaussian_var_max", "gaussian_mean_norm", "floor_factor", "pc_snr",
                   "restart_t_min", "restart_t_max"):
-        _check_positive_number(field, config[field])
+        common.check_positive_number(field, config[field])
     if config.gaussian_var_max < config.gaussian_var_min:
         raise ValueError(f"config.gaussian_var_max must be >= config.gaussian_var_min, got "
                          f"{config.gaussian_var_max} < {config.gaussian_var_min}")
@@ -299,36 +285,6 @@ def run_gaussian(config: ConfigDict, sde: sde_lib.SDE, rules: dict[str, tuple[in
 # ------------------------------------------------------------------ Part B: mixtures
 
 
-def sliced_w2(x: jax.Array, y: jax.Array, directions: jax.Array) -> jax.Array:
-    r"""Sliced 2-Wasserstein distance between two equal-size samples along unit ``directions`` [L, d]."""
-    px, py = jnp.sort(x @ directions.T, axis=0), jnp.sort(y @ directions.T, axis=0)
-    return jnp.sqrt(jnp.mean((px - py) ** 2))
-
-
-def _squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.clip(jnp.sum(x**2, 1)[:, None] + jnp.sum(y**2, 1)[None, :] - 2.0 * x @ y.T, 0.0)
-
-
-def mmd_squared(x: jax.Array, y: jax.Array, bandwidth_sq: float | jax.Array) -> jax.Array:
-    r"""Unbiased :math:`MMD^2` (Gretton et al. 2012, Eq. 3) with :math:`k = \exp(-\|x-y\|^2/(2h^2))`."""
-    def mean_kernel(a: jax.Array, b: jax.Array, same: bool) -> jax.Array:
-        k = jnp.exp(-_squared_distances(a, b) / (2.0 * bandwidth_sq))
-        if same:
-            return (jnp.sum(k) - jnp.trace(k)) / (a.shape[0] * (a.shape[0] - 1))
-        return jnp.mean(k)
-
-    return mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2.0 * mean_kernel(x, y, False)
-
-
-def mode_weight_error(x: jax.Array, target: problems.GaussianMixture) -> jax.Array:
-    r""":math:`\frac12\sum_k|\hat w_k - w_k|`, :math:`\hat w_k` the fraction of samples whose largest
-    responsibility under ``target`` is component k."""
-    k = target.log_weights.shape[0]
-    assigned = jnp.argmax(jax.vmap(target.responsibilities)(x), axis=1)
-    fractions = jnp.mean(jax.nn.one_hot(assigned, k, dtype=x.dtype), axis=0)
-    return 0.5 * jnp.sum(jnp.abs(fractions - jnp.exp(target.log_weights)))
-
-
 def mixture_scorer(target: problems.GaussianMixture, bandwidth_sq: float, config: ConfigDict) -> Callable:
     """A jitted ``(samples [S, n, d], key) -> metrics [S, 3]`` (sliced W2, MMD², mode-weight error)
     against ``n`` exact draws per seed s (key ``fold_in(fold_in(key, s), 0)``); seeds in ``lax.map``
@@ -338,10 +294,9 @@ def mixture_scorer(target: problems.GaussianMixture, bandwidth_sq: float, config
     def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         x, seed_key = args
         reference = target.sample(jax.random.fold_in(seed_key, 0), n)
-        directions = jax.random.normal(jax.random.fold_in(seed_key, 1), (config.num_projections, d))
-        directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
-        return jnp.stack([sliced_w2(x, reference, directions), mmd_squared(x, reference, bandwidth_sq),
-                          mode_weight_error(x, target)])
+        directions = metrics.random_directions(jax.random.fold_in(seed_key, 1), config.num_projections, d)
+        return jnp.stack([metrics.sliced_w2(x, reference, directions),
+                          metrics.mmd_squared(x, reference, bandwidth_sq), metrics.mode_weight_error(x, target)])
 
     def score(samples: jax.Array, key: jax.Array) -> jax.Array:
         keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(samples.shape[0]))
@@ -386,7 +341,7 @@ def run_mixtures(config: ConfigDict, sde: sde_lib.SDE, rules: dict[str, tuple[in
         problem_key = jax.random.fold_in(key, p)
         reference_key, sample_key, exact_key, bandwidth_key = (jax.random.fold_in(problem_key, i) for i in range(4))
         pool = target.sample(bandwidth_key, min(config.num_samples, 2048))
-        bandwidth_sq = float(jnp.median(_squared_distances(pool, pool)[jnp.triu_indices(pool.shape[0], 1)]))
+        bandwidth_sq = float(jnp.median(metrics.squared_distances(pool, pool)[jnp.triu_indices(pool.shape[0], 1)]))
         score = mixture_scorer(target, bandwidth_sq, config)
         entry: dict[str, Any] = {"dim": law.dim, "weights": np.exp(np.asarray(law.log_weights)).tolist(),
                                  "bandwidth_sq": bandwidth_sq, "grid": config.mixture_grid, "samplers": {}}
@@ -566,7 +521,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
                                "gaussian": gaussian, "grid_ratio_uniform_time_over_log_snr": grid_ratios(gaussian),
                                "mixtures": mixtures}
     table = format_table(metrics)
-    common.write_json(folder / "metrics.json", metrics)
     common.write_csv(
         folder / "gaussian_kl.csv",
         ["sampler", "grid", "budget", "steps", "nfe", "kl", "w2", "floor_kl"],
@@ -580,7 +534,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
          "mode_weight_error", "mode_weight_error_se"],
         mixture_rows(mixtures),
     )
-    (folder / "table.txt").write_text(table + "\n")
     draw(metrics, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

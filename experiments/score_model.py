@@ -88,13 +88,13 @@ from experiments.sampler_nfe import (
     build_mixture,
     nfe_rule,
     sampler_options,
-    sliced_w2,
     steps_within,
 )
 from shufflesgd import (
     checkpoint,
     data,
     likelihood,
+    metrics,
     models,
     network_training,
     shuffling,
@@ -117,11 +117,6 @@ PyTree = Any
 
 
 # ------------------------------------------------------------------ configuration
-
-
-def _check_positive_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config.{field} must be a positive finite number, got {value!r}")
 
 
 def _check_budgets(field: str, budgets: Any) -> None:
@@ -151,7 +146,7 @@ def validate(config: ConfigDict) -> None:
         if not list(config[field]):
             raise ValueError(f"config.{field} must hold at least one tolerance")
         for value in config[field]:
-            _check_positive_number(field, value)
+            common.check_positive_number(field, value)
     for field in ("mixture_num_train", "mixture_batch_size", "mixture_epochs", "mixture_hidden",
                   "mixture_num_layers", "digits_batch_size", "digits_epochs", "digits_hidden",
                   "digits_num_layers", "digits_passes", "num_samples", "num_projections", "likelihood_points",
@@ -163,7 +158,7 @@ def validate(config: ConfigDict) -> None:
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise ValueError(f"config.seed must be a non-negative integer, got {config.seed!r}")
     for field in ("mixture_learning_rate", "digits_learning_rate", "pc_snr", "restart_t_min", "restart_t_max"):
-        _check_positive_number(field, config[field])
+        common.check_positive_number(field, config[field])
     for field, size in (("mixture_batch_size", config.mixture_num_train),
                         ("digits_batch_size", data.DIGITS_NUM_TRAIN)):
         if config[field] > size or size % config[field]:
@@ -299,11 +294,7 @@ def sampling_jobs(samplers: Any, budgets: Any, tolerances: Any, rules: dict[str,
 
 def seed_directions(key: jax.Array, num_seeds: int, num: int, dim: int) -> jax.Array:
     """``[S, L, d]`` random unit directions, seed s from ``fold_in(key, s)``."""
-    def one(s: jax.Array) -> jax.Array:
-        v = jax.random.normal(jax.random.fold_in(key, s), (num, dim))
-        return v / jnp.linalg.norm(v, axis=1, keepdims=True)
-
-    return jax.vmap(one)(jnp.arange(num_seeds))
+    return jax.vmap(lambda s: metrics.random_directions(jax.random.fold_in(key, s), num, dim))(jnp.arange(num_seeds))
 
 
 @jax.jit
@@ -311,7 +302,7 @@ def seed_sliced_w2(samples: jax.Array, references: jax.Array, directions: jax.Ar
     """:math:`SW_2` per seed: ``samples``, ``references`` ``[S, n, d]`` (references may be ``[n, d]``)."""
     if references.ndim == 2:
         references = jnp.broadcast_to(references, samples.shape)
-    return jax.vmap(sliced_w2)(samples, references, directions)
+    return jax.vmap(metrics.sliced_w2)(samples, references, directions)
 
 
 def summarise(values: Any) -> dict[str, float]:
@@ -667,8 +658,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
                          [[r["tolerance"], r["nfe"], r["bits_per_dim"]["mean"], r["bits_per_dim"]["se"]]
                           for r in metrics["digits"]["likelihood"]])
     table = format_table(metrics, config)
-    common.write_json(folder / "metrics.json", metrics)
-    (folder / "table.txt").write_text(table + "\n")
     draw(metrics, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

@@ -105,30 +105,15 @@ EXACT_KERNELS = ("sgld", "sghmc_euler")  # with-replacement stationary law solve
 # ------------------------------------------------------------------ configuration
 
 
-def _check_positive_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config.{field} must be a positive finite number, got {value!r}")
-
-
-def _check_names(field: str, values: Any, allowed: tuple[str, ...]) -> None:
-    values = tuple(values)
-    if not values:
-        raise ValueError(f"config.{field} must name at least one of {list(allowed)}")
-    for value in values:
-        common.check_choice(field, value, allowed)
-    if len(set(values)) != len(values):
-        raise ValueError(f"config.{field} must not repeat a name, got {values!r}")
-
-
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
-    _check_names("kernels", config.kernels, KERNELS)
-    _check_names("schemes", config.schemes, SCHEMES)
+    common.check_names("kernels", config.kernels, KERNELS)
+    common.check_names("schemes", config.schemes, SCHEMES)
     fractions = tuple(config.step_fractions)
     if len(fractions) < 2:
         raise ValueError(f"config.step_fractions needs at least two step sizes to fit an order, got {fractions!r}")
     for value in fractions:
-        _check_positive_number("step_fractions", value)
+        common.check_positive_number("step_fractions", value)
         if value >= 1.0:
             raise ValueError(
                 f"config.step_fractions must lie in (0, 1) (fractions of the stability limit), got {value!r}")
@@ -147,7 +132,7 @@ def validate(config: ConfigDict) -> None:
     if isinstance(burn, bool) or not isinstance(burn, int) or burn < 0:
         raise ValueError(f"config.burn_in_epochs must be a non-negative integer, got {burn!r}")
     for field in ("relative_friction", "prior_variance", "fit_min_snr"):
-        _check_positive_number(field, config[field])
+        common.check_positive_number(field, config[field])
     for field in ("whiten_features", "x64"):
         if not isinstance(config[field], bool):
             raise ValueError(f"config.{field} must be True or False, got {config[field]!r}")
@@ -559,12 +544,10 @@ def run(config: ConfigDict) -> dict[str, Any]:
                          p["mean_error"], p["mean_error_se"], p.get("exact_with_replacement", "")])
     metrics["seconds"] = time.perf_counter() - start
     table = format_table(metrics)
-    common.write_json(folder / "metrics.json", metrics)
     common.write_csv(folder / "bias.csv",
                      ["kernel", "scheme", "fraction", "step_size", "second_moment_error", "second_moment_error_se",
                       "minibatch_error", "minibatch_error_se", "mean_error", "mean_error_se",
                       "exact_with_replacement"], rows)
-    (folder / "table.txt").write_text(table + "\n")
     draw(metrics, config, folder / "figure.png")
     print(f"n = {problem.num_examples}, d = {problem.dim}, s^2 = {problem.noise_variance:.4f}, "
           f"L = {problem.lipschitz:.1f}, friction = {gamma:.2f}, batch = {config.batch_size}, "

@@ -196,7 +196,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 "theory_n": THEORY[scheme][1],
             }
     table = format_table(metrics)
-    common.write_json(folder / "metrics.json", metrics)
     common.write_csv(
         folder / "slopes.csv",
         ["scheme", "slope_epochs", "corrected_slope_epochs", "theory_epochs",
@@ -204,7 +203,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
         [[s, r["slope_epochs"], r["corrected_slope_epochs"], r["theory_epochs"],
           r["slope_n"], r["corrected_slope_n"], r["theory_n"]] for s, r in metrics["schemes"].items()],
     )
-    (folder / "slopes.txt").write_text(table + "\n")
     draw(metrics, config, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

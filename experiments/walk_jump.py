@@ -98,11 +98,6 @@ WALKERS = ("walk_jump", "walk_jump_mc")  # report the walk's W2 to p_sigma too
 # ------------------------------------------------------------------ configuration
 
 
-def _check_positive_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config.{field} must be a positive finite number, got {value!r}")
-
-
 class Plan(NamedTuple):
     """A sampler's share of the budget: ``steps`` kernel steps per run, ``runs`` runs per chain
     (1 for chains), ``samples`` kept samples per chain, ``unit`` what the budget counts."""
@@ -140,10 +135,10 @@ def validate(config: ConfigDict) -> None:
     if len(weights) < 2:
         raise ValueError(f"config.weights needs at least two modes, got {weights!r}")
     for value in weights:
-        _check_positive_number("weights", value)
+        common.check_positive_number("weights", value)
     for field in ("component_std", "separation", "ula_step_size", "mala_step_size", "sigma", "walk_step_fraction",
                   "follmer_scale", "visit_radius"):
-        _check_positive_number(field, config[field])
+        common.check_positive_number(field, config[field])
     for field in ("high_dim", "budget", "samples_per_chain", "num_chains", "num_groups", "w2_points", "mc_samples",
                   "num_measurements", "steps_per_measurement", "follmer_steps"):
         common.check_positive_ints(field, config[field])
@@ -495,13 +490,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
                      result["weight_tv"], result["weight_tv_se"], result["spread_ratio"], result["spread_ratio_se"],
                      result["w2"], result["w2_se"], result.get("w2_walk", ""), result.get("w2_walk_se", ""), seconds])
     table = format_table(metrics)
-    common.write_json(folder / "metrics.json", metrics)
     common.write_csv(folder / "samplers.csv",
                      ["problem", "sampler", "unit", "steps", "runs", "samples_per_chain", "evals_per_chain",
                       "modes_visited", "modes_visited_se", "iid_modes_visited", "weight_tv", "weight_tv_se",
                       "spread_ratio", "spread_ratio_se", "w2", "w2_se", "w2_walk",
                       "w2_walk_se", "seconds"], rows)
-    (folder / "table.txt").write_text(table + "\n")
     draw(metrics, pooled, laws, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

@@ -108,34 +108,6 @@ def test_quick_study_measures_orders_floor_and_equal_nfe(tmp_path, x64, capsys):
         assert entry["exact"]["mode_weight_error"]["mean"] < 0.15, (problem, entry["exact"])
 
 
-def test_metric_helpers_match_direct_computations(x64):
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((40, 3)), rng.standard_normal((40, 3)) + 0.5
-    directions = rng.standard_normal((7, 3))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    # sliced W2 of a shift c: the projections shift by theta . c
-    shift = np.array([1.0, -2.0, 0.5])
-    expected = np.sqrt(np.mean((directions @ shift) ** 2))
-    assert float(sampler_nfe.sliced_w2(jnp.asarray(x), jnp.asarray(x + shift), jnp.asarray(directions))) == \
-        pytest.approx(expected, rel=1e-10)
-    # unbiased MMD^2, as a double loop
-    h2 = 1.7
-
-    def k(a, b):
-        return np.exp(-np.sum((a - b) ** 2) / (2 * h2))
-
-    n = len(x)
-    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    kyy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(n)) / n**2
-    assert float(sampler_nfe.mmd_squared(jnp.asarray(x), jnp.asarray(y), h2)) == pytest.approx(
-        kxx + kyy - 2 * kxy, rel=1e-10)
-    # mode weights: 6 / 3 / 1 samples at the three 2-D means against weights 0.5 / 0.3 / 0.2
-    law = sampler_nfe.build_mixture("mixture_2d", config_module.get_config("quick"))
-    points = jnp.asarray(np.repeat(np.asarray(law.means), [6, 3, 1], axis=0))
-    assert float(sampler_nfe.mode_weight_error(points, law)) == pytest.approx(0.1, abs=1e-12)
-
-
 def test_order_fit_leaves_out_the_floor_and_keeps_the_largest_budgets():
     """KL = floor + N^-4 (second order): the points within floor_factor of the floor are left out, of
     the rest the fit_points largest budgets are kept, and the order is -slope / 2."""

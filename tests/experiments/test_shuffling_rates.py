@@ -25,7 +25,7 @@ def test_small_study_writes_results_and_separates_the_rates(tmp_path, x64):
     metrics = shuffling_rates.run(small_config(tmp_path))
     folder = tmp_path / "shuffling_rates"
     (run_folder,) = list(folder.iterdir())
-    for name in ("config.json", "metrics.json", "slopes.csv", "slopes.txt", "figure.png"):
+    for name in ("config.json", "metrics.json", "slopes.csv", "table.txt", "figure.png"):
         assert (run_folder / name).stat().st_size > 0
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert set(saved["schemes"]) == {"with_replacement", "random_reshuffle", "incremental", "grab_pair_balance"}
