@@ -433,10 +433,12 @@ def run_digits(config: ConfigDict, sde: sde_lib.SDE, key: jax.Array, run_dir: pa
     mean, cov, gauss_log_prob = gaussian_baseline(train_levels, test_x)
     points = jnp.asarray(per_sample(test_x[: config.likelihood_points]))
     likelihood_rows = []
+    # one compiled solve for every tolerance: rtol / atol are traced arguments
+    solve = jax.jit(lambda p, xs, k, tol: likelihood.log_likelihood_batch(
+        k, network_model(model, p), sde, xs, divergence=config.likelihood_divergence, rtol=tol, atol=tol,
+        max_steps=config.likelihood_max_steps))
     for i, tol in enumerate(tqdm(config.likelihood_tolerances, desc=f"{NAME} digits likelihood")):
-        lik = jax.jit(lambda p, xs, k, tol=tol: likelihood.log_likelihood_batch(
-            k, network_model(model, p), sde, xs, divergence=config.likelihood_divergence, rtol=tol, atol=tol,
-            max_steps=config.likelihood_max_steps))(params, points, jax.random.fold_in(keys["likelihood"], i))
+        lik = solve(params, points, jax.random.fold_in(keys["likelihood"], i), jnp.asarray(tol, points.dtype))
         bits = discrete_bits_per_dim(lik.log_prob_nats)
         likelihood_rows.append({"tolerance": tol, "nfe": float(np.mean(lik.nfe)), "nfe_max": int(np.max(lik.nfe)),
                                 "succeeded": int(np.sum(lik.success)), "bits_per_dim": summarise(bits),
