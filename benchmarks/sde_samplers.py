@@ -7,9 +7,8 @@ score is exact at every noise level.  Both sides sample it with the same closed 
   and its ``score`` (a :class:`shufflesgd.solvers.Model` of output ``"score"``), run by a
   sampler of :mod:`shufflesgd.solvers` through ``sample_batch`` under one ``jax.jit``;
 * **peer**: :class:`TorchMixture`, a line-for-line PyTorch port of the same computation
-  (Cholesky factors of the diffused covariances, a triangular solve for the component
-  log-densities, responsibilities by a softmax in log space, ``torch.linalg.solve`` for the
-  precision times the offset), converted to :math:`\varepsilon` or :math:`D(x;\sigma)`
+  (inverse Cholesky factors of the diffused covariances, whitened offsets by matrix products,
+  responsibilities by a softmax in log space), converted to :math:`\varepsilon` or :math:`D(x;\sigma)`
   with the formulas of :func:`shufflesgd.sde.convert`; :func:`model_agreement` checks that
   the two agree to float32 rounding, and the test suite asserts it.
 
@@ -197,11 +196,16 @@ class TorchMixture:
     level per call (as our samplers evaluate one grid time per step for the whole batch).
 
     It follows :class:`shufflesgd.problems.GaussianMixture` operation for operation:
-    :math:`C_k = \alpha^2\Sigma_k + \sigma^2 I`, Cholesky factors, a triangular solve for
-    :math:`\log N(x; \alpha\mu_k, C_k)`, responsibilities by ``softmax`` in log space,
-    ``torch.linalg.solve(C, x - alpha mu)``, :math:`s = -\sum_k r_k C_k^{-1}(x-\alpha\mu_k)`;
-    then :math:`\varepsilon = -\sigma s` and :math:`D = (x + \sigma^2 s)/\alpha` as
-    :func:`shufflesgd.sde.convert` does.
+    :math:`C_k = \alpha^2\Sigma_k + \sigma^2 I = L_kL_k^\top`, the inverse factors
+    :math:`L_k^{-1}` (Cholesky, then a triangular solve against the identity, once per call),
+    whitened offsets :math:`w_k = L_k^{-1}(x - \alpha\mu_k)` by batched matrix products,
+    :math:`\log N(x; \alpha\mu_k, C_k)` from :math:`\|w_k\|^2` and the factors' diagonals,
+    responsibilities by ``softmax`` in log space, :math:`s = -\sum_k r_k L_k^{-\top}w_k`; then
+    :math:`\varepsilon = -\sigma s` and :math:`D = (x + \sigma^2 s)/\alpha` as
+    :func:`shufflesgd.sde.convert` does.  Of the layouts tried on one core at batch 4096
+    (this one, ``[K, n, d]``: 0.25 ms; feature-major ``[K, d, n]``: 0.26 ms; one stacked
+    ``[n, K d]`` product with a softmax over the last axis: 0.50 ms; the earlier
+    ``linalg.solve`` port: 0.38-0.40 ms), this was the fastest.
     """
 
     def __init__(self, mixture: problems.GaussianMixture, torch_module: Any):
@@ -212,21 +216,19 @@ class TorchMixture:
         self.covariances = torch.tensor(np.asarray(mixture.covariances), dtype=torch.float32)
         self.dim = self.means.shape[-1]
         self.eye = torch.eye(self.dim, dtype=torch.float32)
+        self.eyes = self.eye.expand(self.covariances.shape)
         self.calls = 0
 
     def score(self, x, alpha, sigma):
         torch = self.torch
         self.calls += 1
-        means = alpha * self.means  # [K, d]
         cov = alpha**2 * self.covariances + sigma**2 * self.eye  # [K, d, d]
-        chol = torch.linalg.cholesky(cov)
-        diff = (x[:, None, :] - means).permute(1, 2, 0)  # [K, d, n]
-        solved = torch.linalg.solve_triangular(chol, diff, upper=False)  # [K, d, n]
-        log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [K]
-        log_probs = -0.5 * ((solved**2).sum(1) + log_det[:, None] + self.dim * math.log(2 * math.pi))
+        inverse = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), self.eyes, upper=False)
+        whitened = (x[None] - alpha * self.means[:, None]) @ inverse.transpose(1, 2)  # [K, n, d]
+        log_det = -2.0 * torch.log(torch.diagonal(inverse, dim1=-2, dim2=-1)).sum(-1)  # [K]
+        log_probs = -0.5 * ((whitened**2).sum(-1) + log_det[:, None] + self.dim * math.log(2 * math.pi))
         resp = torch.softmax(self.log_weights[:, None] + log_probs, dim=0)  # [K, n]
-        precision_diff = torch.linalg.solve(cov, diff)  # [K, d, n]
-        return -(resp[:, None, :] * precision_diff).sum(0).T  # [n, d]
+        return -(resp[..., None] * (whitened @ inverse)).sum(0)  # [n, d]
 
     def eps(self, x, alpha, sigma):
         return -sigma * self.score(x, alpha, sigma)

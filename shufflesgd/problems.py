@@ -71,6 +71,45 @@ def _float(array: np.ndarray) -> jax.Array:
     return jnp.asarray(array, dtype=jnp.result_type(float))
 
 
+# ------------------------------------------------------- reductions over a mixture's short axes
+
+SHORT_AXIS = 8
+
+
+def _fold(op: Callable[[jax.Array, jax.Array], jax.Array], a: jax.Array, axis: int) -> jax.Array:
+    """Reduce ``a`` over ``axis`` with the binary ``op``: unrolled into elementwise ``op`` of
+    slices when the axis has at most :data:`SHORT_AXIS` entries.
+
+    Why: a mixture's per-point arrays are ``[K]`` or ``[K, d]`` with K and d often 2 to 8, and
+    under ``vmap`` their reductions become reductions over a short minor axis of ``[B, K, d]``,
+    which XLA:CPU runs as a scalar loop (about 2 to 4 ns per element measured, jaxlib 0.10.2)
+    while the unrolled form is one vectorised elementwise fusion over the batch.  For the
+    2-D, 4-component score at batch 4096 on one core this took one evaluation from 190 us to
+    34 us.  Long axes keep XLA's reduction.
+    """
+    a = jnp.moveaxis(a, axis, 0)
+    if a.shape[0] > SHORT_AXIS:
+        reducer = {jnp.add: jnp.sum, jnp.maximum: jnp.max}[op]
+        return reducer(a, axis=0)
+    total = a[0]
+    for i in range(1, a.shape[0]):
+        total = op(total, a[i])
+    return total
+
+
+def _sum(a: jax.Array, axis: int) -> jax.Array:
+    return _fold(jnp.add, a, axis)
+
+
+def _log_normaliser_and_probs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(logsumexp(logits), softmax(logits))`` over the last axis, with the short-axis
+    reductions of :func:`_fold` and the maximum held constant under differentiation."""
+    shift = jax.lax.stop_gradient(_fold(jnp.maximum, logits, -1))
+    exps = jnp.exp(logits - shift[..., None])
+    total = _sum(exps, -1)
+    return shift + jnp.log(total), exps / total[..., None]
+
+
 def _check_design(features: np.ndarray, targets: np.ndarray, l2: float, name: str) -> None:
     if features.ndim != 2:
         raise ValueError(f"features must be a matrix [n, d], got shape {features.shape}")
@@ -575,22 +614,23 @@ class GaussianMixture:
         inverse = self._inverse_cholesky()
         whitened = jnp.einsum("kij,kj->ki", inverse, x - self.means)
         log_det = -2.0 * jnp.sum(jnp.log(jnp.diagonal(inverse, axis1=-2, axis2=-1)), axis=-1)
-        log_probs = -0.5 * (jnp.sum(whitened**2, axis=-1) + log_det + self.dim * jnp.log(2 * jnp.pi))
+        log_probs = -0.5 * (_sum(whitened**2, -1) + log_det + self.dim * jnp.log(2 * jnp.pi))
         return inverse, whitened, log_probs
 
     def log_prob(self, x: jax.Array) -> jax.Array:
         r""":math:`\log p(x)` for one point ``x`` of shape ``[d]`` (vmap for batches)."""
-        return jax.nn.logsumexp(self.log_weights + self._whitened(x)[2])
+        return _log_normaliser_and_probs(self.log_weights + self._whitened(x)[2])[0]
 
     def responsibilities(self, x: jax.Array) -> jax.Array:
-        return jax.nn.softmax(self.log_weights + self._whitened(x)[2])
+        return _log_normaliser_and_probs(self.log_weights + self._whitened(x)[2])[1]
 
     def score(self, x: jax.Array) -> jax.Array:
         r""":math:`\nabla\log p(x) = -\sum_k r_k(x)\Sigma_k^{-1}(x-\mu_k)`, with
         :math:`\Sigma_k^{-1}(x-\mu_k) = L_k^{-\top}L_k^{-1}(x-\mu_k)`."""
         inverse, whitened, log_probs = self._whitened(x)
         precision_diff = jnp.einsum("kji,kj->ki", inverse, whitened)
-        return -jnp.sum(jax.nn.softmax(self.log_weights + log_probs)[:, None] * precision_diff, axis=0)
+        responsibilities = _log_normaliser_and_probs(self.log_weights + log_probs)[1]
+        return -_sum(responsibilities[:, None] * precision_diff, 0)
 
     def eigen(self) -> "EigenMixture":
         """The same mixture in its components' eigenbases (NumPy ``eigh``; concrete arrays only)."""
@@ -627,18 +667,18 @@ class EigenMixture(NamedTuple):
     def _parts(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         scales = alpha**2 * self.eigvals + sigma**2  # [K, d]
         coords = jnp.einsum("kji,kj->ki", self.eigvecs, x - alpha * self.means)  # U_k^T (x - m_k)
-        log_n = -0.5 * (jnp.sum(coords**2 / scales + jnp.log(scales), axis=-1) + x.shape[-1] * jnp.log(2 * jnp.pi))
+        log_n = -0.5 * (_sum(coords**2 / scales + jnp.log(scales), -1) + x.shape[-1] * jnp.log(2 * jnp.pi))
         return scales, coords, self.log_weights + log_n
 
     def log_prob(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
         r""":math:`\log p_t(x)` of the law of :math:`\alpha x_0 + \sigma\varepsilon`."""
-        return jax.nn.logsumexp(self._parts(x, alpha, sigma)[2])
+        return _log_normaliser_and_probs(self._parts(x, alpha, sigma)[2])[0]
 
     def score(self, x: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
         r""":math:`\nabla\log p_t(x)` of the law of :math:`\alpha x_0 + \sigma\varepsilon`."""
         scales, coords, log_joint = self._parts(x, alpha, sigma)
         per_component = -jnp.einsum("kij,kj->ki", self.eigvecs, coords / scales)
-        return jnp.sum(jax.nn.softmax(log_joint)[:, None] * per_component, axis=0)
+        return _sum(_log_normaliser_and_probs(log_joint)[1][:, None] * per_component, 0)
 
 
 def gaussian_mixture(weights: Any, means: Any, covariances: Any) -> GaussianMixture:
