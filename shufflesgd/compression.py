@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from shufflesgd._checks import check_int
+
 PyTree = Any
 Shape = tuple[int, ...]
 FLOAT_BITS = 32
@@ -81,18 +83,12 @@ def _stateless(fn: Callable[[jax.Array, jax.Array], jax.Array]):
     return apply
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-    return int(value)
-
-
 def _count(k: int | None, fraction: float | None) -> Callable[[Shape], int]:
     """``k`` or ``ceil(fraction * d)``: how many coordinates a sparsifier keeps."""
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k and fraction")
     if k is not None:
-        k = _positive_int("k", k)
+        k = check_int("k", k)
         return lambda shape: k
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got fraction={fraction!r}")
@@ -238,7 +234,7 @@ def qsgd(levels: int) -> Compressor:
     :math:`\omega = \min(d/s^2, \sqrt d/s)` (Lemma 3.1).  Bits (no Elias coding):
     :math:`32 + d\,(1 + \lceil\log_2(s+1)\rceil)`.
     """
-    s = _positive_int("levels", levels)
+    s = check_int("levels", levels)
 
     def fn(key: jax.Array, x: jax.Array) -> jax.Array:
         norm = jnp.linalg.norm(x.reshape(-1))
@@ -284,7 +280,7 @@ def natural_dithering(levels: int) -> Compressor:
     :math:`\omega = 1/8 + \min(\sqrt d/2^{s-1}, d/2^{2(s-1)})` (Thm. 7).
     Bits: :math:`32 + d\,(1 + \lceil\log_2(s+1)\rceil)`.
     """
-    s = _positive_int("levels", levels)
+    s = check_int("levels", levels)
     smallest = 2.0 ** (1 - s)
 
     def fn(key: jax.Array, x: jax.Array) -> jax.Array:
@@ -337,7 +333,7 @@ def low_rank(rank: int) -> Compressor:
     the largest (Vogels, Karimireddy, Jaggi 2019, Sec. 3; Safaryan et al. 2021, Ex. 5).
     Bits: :math:`32\,r\,(m + n)` for the two factors.
     """
-    r = _positive_int("rank", rank)
+    r = check_int("rank", rank)
 
     def fn(key: jax.Array, x: jax.Array) -> jax.Array:
         u, sv, vt = jnp.linalg.svd(x.reshape(matrix_shape(x.shape)), full_matrices=False)
@@ -359,7 +355,7 @@ def power_sgd(rank: int) -> Compressor:
     subspace iteration and converges to :func:`low_rank`; a single step has no worst-case
     :math:`\alpha`, so ``contraction`` is ``None``.  Bits: :math:`32\,r\,(m + n)`.
     """
-    r = _positive_int("rank", rank)
+    r = check_int("rank", rank)
 
     def init(key: jax.Array, shape: Shape) -> jax.Array:
         return jax.random.normal(key, (matrix_shape(shape)[1], r))

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from shufflesgd import compression
+from shufflesgd._checks import check_int
 from shufflesgd.compression import Compressor
 
 PyTree = Any
@@ -127,8 +128,7 @@ def _init_compressor_states(
 
 
 def _check_num_workers(num_workers: int) -> None:
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers <= 0:
-        raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+    check_int("num_workers", num_workers)
 
 
 def _uplink_bits(compressor: Compressor, x: PyTree, leafwise: bool) -> int:

@@ -48,6 +48,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from shufflesgd._checks import check_int, check_positive, is_concrete
 from shufflesgd.sde import SDE
 from shufflesgd.solvers import Model, pf_ode_drift
 
@@ -120,24 +121,18 @@ def check_probe(probe: str) -> None:
         raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
 
 
-def _is_concrete(value: Any) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
 def check_arguments(divergence: str, probe: str, rtol: Any, atol: Any, t_min: Any, t_max: Any,
                     max_steps: Any) -> None:
     """The checks :func:`log_likelihood` makes before tracing anything (traced values pass)."""
     check_divergence(divergence)
     check_probe(probe)
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if _is_concrete(value) and not float(value) > 0:
-            raise ValueError(f"{name} must be positive, got {name}={value}")
-    if _is_concrete(t_min) and not float(t_min) >= 0:
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    if is_concrete(t_min) and not float(t_min) >= 0:
         raise ValueError(f"t_min must be >= 0, got t_min={t_min}")
-    if _is_concrete(t_min) and _is_concrete(t_max) and not float(t_min) < float(t_max):
+    if is_concrete(t_min) and is_concrete(t_max) and not float(t_min) < float(t_max):
         raise ValueError(f"t_min must be below t_max, got t_min={t_min}, t_max={t_max}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got max_steps={max_steps!r}")
+    check_int("max_steps", max_steps)
 
 
 def log_likelihood(

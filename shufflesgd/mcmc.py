@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from shufflesgd._checks import check_int, check_positive
 from shufflesgd.shuffling import ShufflingScheme, check_batch_size, minibatches
 
 PyTree = Any
@@ -70,14 +71,6 @@ def check_logdensity(logdensity_fn: LogDensity, position: PyTree) -> None:
     out = jax.eval_shape(logdensity_fn, position)
     if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"logdensity_fn must return a real scalar, got shape {out.shape} and dtype {out.dtype}")
-
-
-def check_positive(name: str, value: Any) -> None:
-    """``ValueError`` naming ``name`` for a concrete value that is not positive (tracers pass)."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    if not np.all(np.asarray(value) > 0):
-        raise ValueError(f"{name} must be positive, got {name}={value!r}")
 
 
 def _normal_like(key: jax.Array, tree: PyTree) -> PyTree:
@@ -157,8 +150,7 @@ def hmc(logdensity_fn: LogDensity, num_leapfrog: int) -> SamplingAlgorithm:
     probability :math:`\min(1, e^{-\Delta H})`, :math:`H = -\log\pi(x) + \frac12 p^\top
     M^{-1}p`.  ``num_leapfrog`` gradients a step.  ``step(key, state, step_size,
     inverse_mass=1.0)``."""
-    if isinstance(num_leapfrog, bool) or not isinstance(num_leapfrog, int) or num_leapfrog <= 0:
-        raise ValueError(f"num_leapfrog must be a positive int, got num_leapfrog={num_leapfrog!r}")
+    num_leapfrog = check_int("num_leapfrog", num_leapfrog)
 
     def init(position: PyTree) -> GradientState:
         check_logdensity(logdensity_fn, position)

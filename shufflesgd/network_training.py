@@ -43,6 +43,7 @@ from jax.sharding import Mesh
 
 from shufflesgd import data as data_lib
 from shufflesgd import models, parallel
+from shufflesgd._checks import check_int
 from shufflesgd.sde import MODEL_OUTPUTS, SDE, convert
 from shufflesgd.shuffling import ShufflingScheme, check_batch_size
 
@@ -300,8 +301,7 @@ def make_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation, schem
     def train(state: TrainState, source: data_lib.Source, num_epochs: int,
               callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
               ) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
-        if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 0:
-            raise ValueError(f"num_epochs must be a non-negative int, got num_epochs={num_epochs!r}")
+        check_int("num_epochs", num_epochs, minimum=0)
         history = []
         for epoch in range(completed_epochs(state), num_epochs):
             state, metrics = run_epoch(state, source)

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from shufflesgd import training
+from shufflesgd._checks import check_int
 from shufflesgd.error_feedback import ErrorFeedback
 from shufflesgd.problems import DistributedSum
 from shufflesgd.training import DistributedResult
@@ -63,8 +64,7 @@ def worker_mesh(num_devices: int | None = None, axis: str = WORKERS) -> Mesh:
     available = jax.device_count()
     if num_devices is None:
         num_devices = available
-    if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)) or num_devices <= 0:
-        raise ValueError(f"num_devices must be a positive int, got num_devices={num_devices!r}")
+    num_devices = check_int("num_devices", num_devices)
     if num_devices > available:
         raise ValueError(
             f"num_devices={num_devices} exceeds the {available} available devices "

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from shufflesgd._checks import check_int, check_positive_finite
+
 PyTree = Any
 
 
@@ -258,17 +260,9 @@ def synthetic_classification(seed: int, n: int, d: int, margin: float = 1.0) -> 
 
 
 def _check_even_n(n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"n must be a positive even int, got n={n!r}")
-    if n <= 0 or n % 2:
+    if check_int("n", n) % 2:
         raise ValueError(f"n must be a positive even int, got n={n}")
     return int(n)
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be positive and finite, got {name}={value}")
 
 
 def _balanced_signs(n: int) -> np.ndarray:
@@ -330,7 +324,7 @@ def safran_shamir_quadratic(
     :math:`f_i(x) = \tfrac12\sum_j c_{ij}x_j^2 + \sum_j b_{ij}x_j`.
     """
     n = _check_even_n(n)
-    _check_positive(lam=lam, lam_max=lam_max, noise=noise)
+    check_positive_finite(lam=lam, lam_max=lam_max, noise=noise)
     if construction not in _SAFRAN_SHAMIR_CONSTRUCTIONS:
         raise ValueError(
             f"construction must be one of {list(_SAFRAN_SHAMIR_CONSTRUCTIONS)}, got {construction!r}"
@@ -410,7 +404,7 @@ def piecewise_quadratic(
     Components are stored as ``data = (curvature_neg [n], curvature_pos [n], linear [n])``.
     """
     n = _check_even_n(n)
-    _check_positive(mu=mu, smoothness=smoothness, noise=noise)
+    check_positive_finite(mu=mu, smoothness=smoothness, noise=noise)
     if smoothness < mu:
         raise ValueError(f"smoothness must be >= mu, got smoothness={smoothness} < mu={mu}")
     curvature_neg = np.full(n, float(smoothness))
@@ -488,8 +482,7 @@ class DistributedSum:
 
 
 def _split_rows(num_rows: int, num_workers: int, order: np.ndarray) -> np.ndarray:
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers <= 0:
-        raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+    check_int("num_workers", num_workers)
     if num_rows % num_workers:
         raise ValueError(f"num_workers={num_workers} does not divide the {num_rows} examples")
     return order.reshape(num_workers, num_rows // num_workers)

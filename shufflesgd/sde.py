@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from shufflesgd._checks import check_int, check_positive
+
 Array = jax.Array
 MODEL_OUTPUTS = ("score", "eps", "x0", "v")
 
@@ -270,14 +272,12 @@ def time_grid(sde: SDE, kind: str, num_steps: int, *, t_min: float | None = None
     """
     if kind not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {kind!r}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got num_steps={num_steps!r}")
+    num_steps = check_int("num_steps", num_steps)
     lo = float(sde.t_min if t_min is None else t_min)
     hi = float(sde.t_max if t_max is None else t_max)
     if not lo < hi:
         raise ValueError(f"t_min must be below t_max, got t_min={lo}, t_max={hi}")
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got rho={rho}")
+    check_positive("rho", rho)
     u = np.linspace(0.0, 1.0, num_steps + 1)
     if kind == "uniform_time":
         grid = hi + u * (lo - hi)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shufflesgd._checks import check_int, check_positive, is_concrete
 from shufflesgd.sde import MODEL_OUTPUTS, SDE, convert
 
 Array = jax.Array
@@ -116,7 +117,7 @@ def check_grid(grid: Any) -> None:
 
 
 def _check(grid: Any, final: str) -> None:
-    if not isinstance(grid, jax.core.Tracer):
+    if is_concrete(grid):
         check_grid(grid)
     check_final(final)
 
@@ -182,7 +183,7 @@ def ddim(
     :math:`\lambda`), :math:`\eta = 1` the exact Gaussian posterior step (DDPM ancestral).
     ``eta`` may be traced."""
     _check(grid, final)
-    if not isinstance(eta, jax.core.Tracer) and not 0.0 <= float(eta) <= 1.0:
+    if is_concrete(eta) and not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got eta={eta}")
 
     def step(x, i, t, t_next):
@@ -232,10 +233,8 @@ def predictor_corrector(
     mixture at snr 0.16 this sampler stays far from the data at every NFE tried
     (``experiments/score_model.py``), with exact and with learned scores."""
     _check(grid, final)
-    if not isinstance(snr, jax.core.Tracer) and not float(snr) > 0:
-        raise ValueError(f"snr must be positive, got snr={snr}")
-    if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be a non-negative int, got {corrector_steps!r}")
+    check_positive("snr", snr)
+    corrector_steps = check_int("corrector_steps", corrector_steps, minimum=0)
 
     def step(x, i, t, t_next):
         a = (sde.alpha(t_next) / sde.alpha(t)) ** 2
@@ -289,15 +288,6 @@ def pf_ode_heun(
 
 
 # ------------------------------------------------------------------ shared by the samplers below
-
-
-def _concrete(value: Any) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
 
 
 def _finish_safe(
@@ -354,10 +344,9 @@ def dynamic_threshold(x0: Array, quantile: float | Array = 0.995, max_value: flo
 
 
 def _check_threshold(threshold_quantile: Any, threshold_max: Any) -> None:
-    if _concrete(threshold_quantile) and not 0.0 < float(threshold_quantile) < 1.0:
+    if is_concrete(threshold_quantile) and not 0.0 < float(threshold_quantile) < 1.0:
         raise ValueError(f"threshold_quantile must lie in (0, 1), got threshold_quantile={threshold_quantile}")
-    if _concrete(threshold_max) and not float(threshold_max) > 0.0:
-        raise ValueError(f"threshold_max must be positive, got threshold_max={threshold_max}")
+    check_positive("threshold_max", threshold_max)
 
 
 def _dpm_solver_pp_multistep(
@@ -559,15 +548,15 @@ def edm_heun(
     for name, value, ok, rule in (("S_churn", S_churn, lambda v: v >= 0, "must be >= 0"),
                                   ("S_noise", S_noise, lambda v: v > 0, "must be positive"),
                                   ("S_tmin", S_tmin, lambda v: v >= 0, "must be >= 0")):
-        if _concrete(value) and not ok(float(value)):
+        if is_concrete(value) and not ok(float(value)):
             raise ValueError(f"{name} {rule}, got {name}={value}")
-    if _concrete(S_tmin) and _concrete(S_tmax) and not float(S_tmin) <= float(S_tmax):
+    if is_concrete(S_tmin) and is_concrete(S_tmax) and not float(S_tmin) <= float(S_tmax):
         raise ValueError(f"S_tmin must not exceed S_tmax, got S_tmin={S_tmin}, S_tmax={S_tmax}")
     grid = jnp.asarray(grid)
     num_steps = grid.shape[0] - 1
     s_grid = _scaled_sigma(sde, grid)
     gamma_max = jnp.minimum(S_churn / num_steps, math.sqrt(2.0) - 1.0)
-    churn_free = _concrete(S_churn) and float(S_churn) == 0.0  # static: skip the draws entirely
+    churn_free = is_concrete(S_churn) and float(S_churn) == 0.0  # static: skip the draws entirely
 
     def body(x, inputs):
         i, t, t_next, s, s_next = inputs
@@ -611,12 +600,12 @@ def restart(
     step m-1, the one that reaches :math:`t_m`), so ``exact_gaussian_law`` needs
     ``draws_per_step = restart_k``."""
     _check(grid, final)
-    _check_positive_int("restart_k", restart_k)
-    _check_positive_int("restart_steps", restart_steps)
-    if _concrete(restart_t_min) and _concrete(restart_t_max) and not float(restart_t_min) < float(restart_t_max):
+    check_int("restart_k", restart_k)
+    check_int("restart_steps", restart_steps)
+    if is_concrete(restart_t_min) and is_concrete(restart_t_max) and not float(restart_t_min) < float(restart_t_max):
         raise ValueError(f"restart_t_min must be below restart_t_max, got restart_t_min={restart_t_min}, "
                          f"restart_t_max={restart_t_max}")
-    if _concrete(grid) and _concrete(restart_t_min) and float(restart_t_min) < float(np.asarray(grid)[-1]):
+    if is_concrete(grid) and is_concrete(restart_t_min) and float(restart_t_min) < float(np.asarray(grid)[-1]):
         raise ValueError(f"restart_t_min must not lie below the grid's end {float(np.asarray(grid)[-1])}, "
                          f"got restart_t_min={restart_t_min}")
     grid = jnp.asarray(grid)
@@ -685,11 +674,10 @@ def pf_ode_adaptive(
 
     del key, noise
     _check(grid, final)
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if _concrete(value) and not float(value) > 0:
-            raise ValueError(f"{name} must be positive, got {name}={value}")
-    _check_positive_int("max_steps", max_steps)
-    if _concrete(grid) and not _sigma_at_end(sde, grid) > 0:
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    check_int("max_steps", max_steps)
+    if is_concrete(grid) and not _sigma_at_end(sde, grid) > 0:
         raise ValueError("pf_ode_adaptive needs a grid that ends at sigma > 0 (Dopri5 evaluates the end point)")
     grid = jnp.asarray(grid)
     t0, t1 = grid[0], grid[-1]

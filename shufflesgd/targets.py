@@ -22,6 +22,7 @@ import numpy as np
 from flax import struct
 
 from shufflesgd import problems
+from shufflesgd._checks import check_positive_finite
 from shufflesgd.problems import _float
 
 PyTree = Any
@@ -127,9 +128,7 @@ class GaussianPosterior(NamedTuple):
 def _check_regression(features: np.ndarray, targets: np.ndarray, **variances: float) -> None:
     if features.ndim != 2 or targets.shape != (features.shape[0],):
         raise ValueError(f"features must be [n, d] and targets [n], got {features.shape} and {targets.shape}")
-    for name, value in variances.items():
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be positive and finite, got {name}={value}")
+    check_positive_finite(**variances)
 
 
 def _gaussian_log_likelihood(w: jax.Array, example: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:

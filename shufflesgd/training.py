@@ -14,12 +14,17 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from shufflesgd._checks import check_int, check_positive_finite
 from shufflesgd.error_feedback import ErrorFeedback
 from shufflesgd.problems import DistributedSum, FiniteSum
-from shufflesgd.shuffling import ShufflingScheme, check_batch_size, make_scheme, minibatches
+from shufflesgd.shuffling import (
+    ShufflingScheme,
+    check_batch_size,
+    make_scheme,
+    minibatches,
+)
 
 PyTree = Any
 OptimizerFactory = Callable[[jax.Array], optax.GradientTransformation]
@@ -49,11 +54,7 @@ def first_nonfinite(values: jax.Array) -> jax.Array:
 
 def check_learning_rate(learning_rate: Any) -> None:
     """Raise ``ValueError`` for a learning rate that is not positive and finite (no-op on tracers)."""
-    if isinstance(learning_rate, jax.core.Tracer):
-        return
-    values = np.asarray(learning_rate, dtype=float)
-    if not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
+    check_positive_finite(learning_rate=learning_rate)
 
 
 def make_sgd_run(
@@ -82,8 +83,7 @@ def make_sgd_run(
         raise ValueError(
             f"scheme is over {scheme.num_examples} examples but problem has {problem.num_examples}"
         )
-    if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs <= 0:
-        raise ValueError(f"num_epochs must be a positive int, got num_epochs={num_epochs!r}")
+    num_epochs = check_int("num_epochs", num_epochs)
     check_batch_size(scheme.epoch_length, batch_size, drop_remainder)
     if not callable(optimizer):
         raise TypeError("optimizer must be a callable learning_rate -> optax.GradientTransformation")
@@ -182,8 +182,7 @@ def make_distributed_run(
     Step ``t`` uses ``fold_in(key, t)``, so the randomness does not depend on how the
     loop is split.  The step size is a traced argument.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
-        raise ValueError(f"num_steps must be a positive int, got num_steps={num_steps!r}")
+    num_steps = check_int("num_steps", num_steps)
     m = problem.examples_per_worker
     if batch_size is None:
         steps_per_epoch, local_scheme = 1, None

@@ -28,23 +28,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from shufflesgd._checks import check_int, check_positive
 from shufflesgd.mcmc import (
     LogDensity,
     MCMCInfo,
     SamplingAlgorithm,
     check_logdensity,
-    check_positive,
 )
 from shufflesgd.problems import GaussianMixture
 
 SmoothedScore = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 """``(key, y, sigma) -> grad log p_sigma(y)`` for a flat ``y``."""
-
-
-def _check_count(name: str, value: int) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is a positive Python int (a static size)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
 def _unadjusted_info(score_evals: int) -> MCMCInfo:
@@ -116,7 +110,7 @@ def importance_smoothed_score(
     """
     check_logdensity(logdensity_fn, y)
     check_positive("sigma", sigma)
-    _check_count("num_samples", num_samples)
+    check_int("num_samples", num_samples)
     z = jax.random.normal(key, (num_samples,) + y.shape, y.dtype)
     weights = jax.nn.softmax(jax.vmap(logdensity_fn)(y + sigma * z))
     g = z / sigma
@@ -127,7 +121,7 @@ def importance_smoothed_score(
 
 def monte_carlo_smoothed_score(logdensity_fn: LogDensity, num_samples: int) -> SmoothedScore:
     """:func:`importance_smoothed_score` with ``num_samples`` draws, as a :data:`SmoothedScore`."""
-    _check_count("num_samples", num_samples)
+    check_int("num_samples", num_samples)
 
     def score(key: jax.Array, y: jax.Array, sigma: jax.Array) -> jax.Array:
         return importance_smoothed_score(logdensity_fn, key, y, sigma, num_samples).score
@@ -273,8 +267,8 @@ def follmer(logdensity_fn: LogDensity, num_steps: int, num_samples: int) -> Samp
     ``init(anchor) -> FollmerState``; ``step(key, state)``; ``info.num_grad_evals`` counts
     smoothed-score evaluations (each ``num_samples`` log-density calls, no gradients).
     """
-    _check_count("num_steps", num_steps)
-    _check_count("num_samples", num_samples)
+    check_int("num_steps", num_steps)
+    check_int("num_samples", num_samples)
 
     def init(position: jax.Array) -> FollmerState:
         position = jnp.asarray(position)
@@ -371,7 +365,7 @@ def chain_of_log_concave_chains(smoothed_score: SmoothedScore, steps_per_measure
 
     ``init(position) -> MultiMeasurementState``; ``step(key, state, step_size, sigma)``.
     """
-    _check_count("steps_per_measurement", steps_per_measurement)
+    check_int("steps_per_measurement", steps_per_measurement)
 
     def init(position: jax.Array) -> MultiMeasurementState:
         position = jnp.asarray(position)
