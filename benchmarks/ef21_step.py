@@ -56,7 +56,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine_info, summarize, usable_cores, write_results
+from benchmarks.common import (
+    machine_info,
+    summarize,
+    time_round_robin,
+    usable_cores,
+    write_results,
+)
 from shufflesgd import compression, error_feedback
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/ef21_step.json")
@@ -77,24 +83,13 @@ class Stepper(NamedTuple):
     call: Callable[[], Any]
 
 
-def time_round_robin(variants: dict[str, Stepper], repeats: int) -> dict[str, Any]:
-    """One warm-up call of each variant (timed: compile + run), then ``repeats`` rounds that
-    time one call of every variant in turn.  Returns ``{name: {step_seconds, first_call_seconds}}``."""
-    out: dict[str, Any] = {}
-    first: dict[str, float] = {}
-    for name, variant in variants.items():
-        start = time.perf_counter()
-        jax.block_until_ready(variant.call())
-        first[name] = time.perf_counter() - start
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, variant in variants.items():
-            start = time.perf_counter()
-            jax.block_until_ready(variant.call())
-            times[name].append(time.perf_counter() - start)
-    for name in variants:
-        out[name] = dict(step_seconds=summarize(times[name]), first_call_seconds=first[name])
-    return out
+def time_steps(variants: dict[str, Stepper], repeats: int) -> dict[str, Any]:
+    """``time_round_robin`` over the variants, each call waited for with ``block_until_ready``.
+    Returns ``{name: {step_seconds, first_call_seconds}}``."""
+    first, times = time_round_robin(
+        {name: (lambda call=v.call: jax.block_until_ready(call())) for name, v in variants.items()}, repeats
+    )
+    return {name: dict(step_seconds=summarize(times[name]), first_call_seconds=first[name]) for name in variants}
 
 
 def median(section: dict[str, Any], name: str) -> float:
@@ -234,7 +229,7 @@ def bench_steps(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray, key
     peer = torch_ef21(grads_np, k, cfg["step_size"])
     if not isinstance(peer, str):
         variants["torch_ef21"] = peer[0]
-    timed = time_round_robin(variants, cfg["repeats"])
+    timed = time_steps(variants, cfg["repeats"])
 
     jax_part = {name: row for name, row in timed.items() if name != "torch_ef21"}
     gd_reference = min(("gd_mean", "gd_dot"), key=lambda name: median(jax_part, name))
@@ -286,7 +281,7 @@ def bench_rand_k(cfg: dict[str, Any], grads: jax.Array, key: jax.Array) -> dict[
     )
     gd = gd_steppers(grads, lr)
     variants.update(gd_mean=gd["gd_mean"], gd_dot=gd["gd_dot"])
-    timed = time_round_robin(variants, cfg["rand_k_repeats"])
+    timed = time_steps(variants, cfg["rand_k_repeats"])
     gd_reference = min(("gd_mean", "gd_dot"), key=lambda name: median(timed, name))
     rand_k = median(timed, "ef21_rand_k")
     return dict(
@@ -320,7 +315,7 @@ def bench_breakdown(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray,
     if torch is not None:
         torch_magnitudes = torch.from_numpy(np.abs(grads_np))
         variants["torch_topk"] = Stepper(lambda: torch.topk(torch_magnitudes, k, dim=1, sorted=False))
-    return time_round_robin(variants, cfg["breakdown_repeats"])
+    return time_steps(variants, cfg["breakdown_repeats"])
 
 
 # ----------------------------------------------------------------------------- report

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine_info, summarize, write_results
+from benchmarks.common import machine_info, summarize, time_round_robin, write_results
 from shufflesgd import data, mcmc, targets
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/mcmc_ess.json")
@@ -126,17 +126,11 @@ def bench_pair(target: str, kernel_name: str, cfg: dict[str, Any], peer: bool) -
     runs = {"ours": ours(kernel_name, logdensity, step_size, cfg["num_leapfrog"], cfg["num_steps"])}
     if peer:
         runs["blackjax"] = blackjax_run(kernel_name, logdensity, step_size, cfg["num_leapfrog"], cfg["num_steps"], dim)
-    first, outputs, times = {}, {}, {name: [] for name in runs}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        outputs[name] = jax.block_until_ready(run(chain_keys, x0))
-        first[name] = time.perf_counter() - start
-    for repeat in range(cfg["repeats"]):
-        order = list(runs.items())
-        for name, run in order if repeat % 2 == 0 else order[::-1]:  # alternate who goes first
-            start = time.perf_counter()
-            jax.block_until_ready(run(chain_keys, x0))
-            times[name].append(time.perf_counter() - start)
+    outputs: dict[str, Any] = {}
+    first, times = time_round_robin(
+        {name: (lambda run=run: jax.block_until_ready(run(chain_keys, x0))) for name, run in runs.items()},
+        cfg["repeats"], alternate=True, after_first=outputs.__setitem__,  # alternate who goes first
+    )
     row: dict[str, Any] = dict(step_size=step_size, dim=dim)
     for name in runs:
         positions, acceptance = (np.asarray(a) for a in outputs[name])

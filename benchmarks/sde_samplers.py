@@ -108,7 +108,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine_info, summarize, usable_cores, version, write_results
+from benchmarks.common import machine_info, summarize, time_round_robin, usable_cores, version, write_results
 from shufflesgd import problems, solvers
 from shufflesgd import sde as sde_lib
 
@@ -571,39 +571,34 @@ def bench_pairing(pairing: Pairing, cfg: dict[str, Any], x_T: np.ndarray, exact:
     jax_run = pairing.jax_fn()
     peer_run = pairing.peer_fn()
 
-    start = time.perf_counter()
-    ours, nfe, bad = jax.block_until_ready(jax_run(x_T_jax, grid))
-    jax_first = time.perf_counter() - start
-    ours = np.asarray(ours)
-    row["nfe_ours"] = int(nfe)
-    row["ours_nonfinite_step"] = int(bad)
+    calls = {"jax": lambda: jax.block_until_ready(jax_run(x_T_jax, grid))}
     if peer_run is not None:
-        pairing.tmix.calls = 0
-        start = time.perf_counter()
-        theirs = peer_run(x_T)
-        peer_first = time.perf_counter() - start
-        row["nfe_peer"] = pairing.tmix.calls
-        if row["nfe_peer"] != row["nfe_ours"]:
-            raise RuntimeError(f"{pairing.name}: unequal NFE, ours {row['nfe_ours']} peer {row['nfe_peer']}")
+        calls["peer"] = lambda: peer_run(x_T)
+        pairing.tmix.calls = 0  # counts the peer's warm-up call (our side does not call it)
+    outputs: dict[str, Any] = {}
 
-    jax_times, peer_times = [], []
-    for _ in range(cfg["repeats"]):
-        start = time.perf_counter()
-        jax.block_until_ready(jax_run(x_T_jax, grid))
-        jax_times.append(time.perf_counter() - start)
-        if peer_run is not None:
-            start = time.perf_counter()
-            peer_run(x_T)
-            peer_times.append(time.perf_counter() - start)
+    def after_first(name: str, result: Any) -> None:  # the NFE of each side's warm-up call
+        outputs[name] = result
+        if name == "jax":
+            row["nfe_ours"] = int(result[1])
+            row["ours_nonfinite_step"] = int(result[2])
+        else:
+            row["nfe_peer"] = pairing.tmix.calls
+            if row["nfe_peer"] != row["nfe_ours"]:
+                raise RuntimeError(f"{pairing.name}: unequal NFE, ours {row['nfe_ours']} peer {row['nfe_peer']}")
+
+    first, times = time_round_robin(calls, cfg["repeats"], after_first=after_first)
+    ours, theirs = np.asarray(outputs["jax"][0]), outputs.get("peer")
+    jax_times, peer_times = times["jax"], times.get("peer")
     batch = x_T.shape[0]
-    row["jax"] = dict(run_seconds=summarize(jax_times), first_call_seconds=jax_first,
+    row["jax"] = dict(run_seconds=summarize(jax_times), first_call_seconds=first["jax"],
                       samples_per_second=batch / statistics.median(jax_times))
 
     if peer_run is None:
         row["peer_result"] = pairing.peer_status
     else:
         row["peer_result"] = "ok"
-        row["peer_timing"] = dict(run_seconds=summarize(peer_times), first_call_seconds=peer_first,
+        row["peer_timing"] = dict(run_seconds=summarize(peer_times), first_call_seconds=first["peer"],
                                   samples_per_second=batch / statistics.median(peer_times))
         row["speedup"] = statistics.median(peer_times) / statistics.median(jax_times)
         row["speedup_paired"] = statistics.median(p / j for p, j in zip(peer_times, jax_times, strict=True))
@@ -648,14 +643,7 @@ def bench_model_alone(cfg: dict[str, Any], torch: Any, x: np.ndarray) -> dict[st
                 return tmix.score(x_torch, alpha, sigma)
 
         calls["torch_mixture_score"] = torch_call
-    for call in calls.values():
-        call()  # warm-up (JAX compiles here)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(cfg["breakdown_repeats"]):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    _, times = time_round_robin(calls, cfg["breakdown_repeats"])  # JAX compiles in the warm-up
     out: dict[str, Any] = {name: dict(call_seconds=summarize(values)) for name, values in times.items()}
     if "torch_mixture_score" in out:
         out["torch_over_jax"] = (out["torch_mixture_score"]["call_seconds"]["median"]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import pathlib
 import statistics
@@ -57,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import machine_info, summarize, write_results
+from benchmarks.common import machine_info, summarize, time_round_robin, write_results
 from shufflesgd import problems, shuffling, training
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/shuffling_overhead.json")
@@ -85,23 +86,19 @@ QUICK = dict(
 def time_interleaved(
     calls: dict[str, Callable[[int], Any]], repeats: int, per: int = 1
 ) -> dict[str, dict[str, Any]]:
-    """Time ``calls[name](r)`` for ``r = 0..repeats``, the names taking turns in each repeat.
+    """Time ``calls[name](r)`` for ``r = 0..repeats`` with ``time_round_robin``: the names take
+    turns in each repeat (RR, GraB, GraB, RR, ...), for paired per-repeat ratios.
 
-    ``r = 0`` is the warm-up (compile and run), reported apart as ``first_call_seconds``.
-    Taking turns (RR, GraB, GraB, RR, ...) exposes every method to the same load when other
-    work on a shared machine comes and goes, and gives paired per-repeat ratios.  Each call
-    must wait for its own result (``block_until_ready`` for JAX).
+    ``r = 0`` is the warm-up (compile and run), reported apart as ``first_call_seconds``; the
+    repeats are divided by ``per``.  Each call must wait for its own result
+    (``block_until_ready`` for JAX).
     """
-    first, times = {}, {name: [] for name in calls}
-    for r in range(repeats + 1):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call(r)
-            elapsed = time.perf_counter() - start
-            if r == 0:
-                first[name] = elapsed
-            else:
-                times[name].append(elapsed)
+
+    def counted(call: Callable[[int], Any]) -> Callable[[], Any]:  # call(0), call(1), ...
+        rounds = itertools.count()
+        return lambda: call(next(rounds))
+
+    first, times = time_round_robin({name: counted(call) for name, call in calls.items()}, repeats)
     return {
         name: dict(epoch_seconds=summarize(times[name], per), first_call_seconds=first[name])
         for name in calls
@@ -171,12 +168,8 @@ def bench_jax(
     metrics = jax.jit(
         lambda x: (problem.suboptimality(x), optax.tree.norm(problem.gradient(x), squared=True))
     )
-    times = []
-    for repeat in range(cfg["repeats"] + 1):
-        start = time.perf_counter()
-        jax.block_until_ready(metrics(x0 + repeat))
-        times.append(time.perf_counter() - start)
-    out: dict[str, Any] = {"epoch_metrics_seconds": summarize(times[1:])}
+    timed = time_interleaved({"metrics": lambda r: jax.block_until_ready(metrics(x0 + r))}, cfg["repeats"])
+    out: dict[str, Any] = {"epoch_metrics_seconds": timed["metrics"]["epoch_seconds"]}
     for batch_size in cfg["batch_sizes"]:
         calls = {}
         for name in SCHEMES:

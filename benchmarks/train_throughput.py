@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import machine_info, summarize, write_results
+from benchmarks.common import machine_info, summarize, time_round_robin, write_results
 from shufflesgd import data, models, shuffling
 from shufflesgd import network_training as nt
 
@@ -213,11 +213,7 @@ def bench_row(name: str, batch_size: int, cfg: dict[str, Any], arrays: dict[str,
     row: dict[str, Any] = dict(params=num_params)
     if peer:
         timers["torch"], row["torch_params"] = torch_timer(name, arrays, batch_size, cfg["epochs"], cfg["seed"])
-    first = {way: timer() for way, timer in timers.items()}  # compiles
-    times: dict[str, list[float]] = {way: [] for way in timers}
-    for _ in range(cfg["repeats"]):
-        for way, timer in timers.items():
-            times[way].append(timer())
+    first, times = time_round_robin(timers, cfg["repeats"], self_timed=True)  # the warm-up compiles
     examples = cfg["epochs"] * (len(arrays["label"]) // batch_size) * batch_size
     for way in timers:
         seconds = summarize(times[way])

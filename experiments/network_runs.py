@@ -36,14 +36,17 @@ def train_resumable(
     metrics_path: pathlib.Path,
     evaluate: Callable[[network_training.TrainState], dict[str, float]] | None = None,
     description: str = "epochs",
+    max_to_keep: int | None = 2,
 ) -> tuple[network_training.TrainState, list[dict[str, Any]]]:
     """Train to ``num_epochs`` completed epochs, resuming from ``checkpoint_dir`` if possible.
 
     Returns the final state and the metric records of every epoch, including those written
     before a resume (read back from ``metrics_path``).  ``experiment`` is the fingerprint
-    (:func:`shufflesgd.checkpoint.experiment_fingerprint`) that guards the directory.
+    (:func:`shufflesgd.checkpoint.experiment_fingerprint`) that guards the directory.  Only the
+    newest ``max_to_keep`` epoch checkpoints stay on disk (all of them with ``None``); resuming
+    needs just the latest.
     """
-    with checkpoint.Checkpointer(checkpoint_dir, experiment) as checkpointer:
+    with checkpoint.Checkpointer(checkpoint_dir, experiment, max_to_keep=max_to_keep) as checkpointer:
         if checkpointer.latest_step() is not None:
             state = checkpointer.restore(state)
         done = trainer.completed_epochs(state)

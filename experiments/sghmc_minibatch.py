@@ -333,7 +333,6 @@ def make_simulator(kernel: str, scheme_name: str, problem: Problem, config: Conf
     pair = coupled(make_kernel(kernel, model.grad_estimator),
                    make_kernel(kernel, lambda w, batch: precision @ (mean - w)))
     scheme = shuffling.make_scheme(scheme_name, model.num_examples)
-    steps_per_epoch = scheme.epoch_length // config.batch_size
     num_epochs = config.burn_in_epochs + config.sample_epochs
 
     def one_chain(inputs: tuple[jax.Array, jax.Array, jax.Array]) -> ChainStats:
@@ -342,10 +341,9 @@ def make_simulator(kernel: str, scheme_name: str, problem: Problem, config: Conf
         start = mean + chol @ jax.random.normal(start_key, mean.shape, dtype)
         hyper = (step,) if kernel == "sgld" else (step, gamma)
         _, (positions, positions_exact), _ = mcmc.run_minibatch_chain(
-            pair, chain_key, pair.init(start), scheme, num_epochs, config.batch_size, *hyper)
-        ends = slice(config.burn_in_epochs * steps_per_epoch + steps_per_epoch - 1, None, steps_per_epoch)
-        u = (positions[ends] - mean) @ whitener.T
-        uf = (positions_exact[ends] - mean) @ whitener.T
+            pair, chain_key, pair.init(start), scheme, num_epochs, config.batch_size, *hyper, record="epoch")
+        u = (positions[config.burn_in_epochs:] - mean) @ whitener.T
+        uf = (positions_exact[config.burn_in_epochs:] - mean) @ whitener.T
         second = lambda w: w.T @ w / w.shape[0]  # noqa: E731
         return ChainStats(u.mean(axis=0), uf.mean(axis=0), second(u), second(uf))
 

@@ -255,7 +255,8 @@ def follmer(logdensity_fn: LogDensity, num_steps: int, num_samples: int) -> Samp
     gradient-free, Stein-identity form of the drift in Huang et al.).  ``num_steps`` = K
     Euler–Maruyama steps :math:`X_{k+1} = X_k + h\,\hat b(X_k, t_k) + \sqrt h\,z_k`,
     :math:`h = 1/K`, :math:`t_k = kh` (their Euler scheme; the last step uses
-    :math:`\sigma = \sqrt h > 0`); steps after the K-th leave the state unchanged.  The
+    :math:`\sigma = \sqrt h > 0`); steps after the K-th leave the state unchanged (they still
+    evaluate the score, under ``vmap`` a branch would too, and count it).  The
     same Monte Carlo score in a reverse diffusion from a Gaussian is the ensemble/Monte-Carlo
     score sampler of Bischoff & Riel (2024, "Enhancing Score-Based Sampling Methods with
     Ensembles", arXiv:2401.17539).

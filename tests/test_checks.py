@@ -3,7 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflesgd._checks import check_int, check_positive, check_positive_finite, is_concrete
+from shufflesgd._checks import (
+    check_int,
+    check_positive,
+    check_positive_finite,
+    is_concrete,
+)
 
 
 def test_check_int_accepts_ints_and_numpy_ints_and_returns_a_python_int():

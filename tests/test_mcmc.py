@@ -228,6 +228,16 @@ def test_minibatch_chain_follows_a_shuffling_scheme(x64):
     burned = np.asarray(positions[400:])
     se = float(np.sqrt(posterior_var / mcmc.effective_sample_size(burned[None, :])))
     assert abs(burned.mean() - float(posterior_mean)) < 4 * se + 0.01 * float(jnp.sqrt(posterior_var))
+    end_state, ends, end_infos = jax.jit(
+        lambda k: mcmc.run_minibatch_chain(kernel, k, kernel.init(jnp.asarray(0.0)), scheme, 200, 8, 1e-4,
+                                           record="epoch")
+    )(jax.random.key(0))
+    np.testing.assert_array_equal(ends, positions[7::8])  # the same chain, kept at epoch ends
+    np.testing.assert_array_equal(end_state.position, state.position)
+    assert end_infos.num_grad_evals.shape == (200,)
+    with pytest.raises(ValueError, match="record must be"):
+        mcmc.run_minibatch_chain(kernel, jax.random.key(0), kernel.init(jnp.asarray(0.0)), scheme, 2, 8, 1e-4,
+                                 record="every")
 
 
 @pytest.mark.parametrize(

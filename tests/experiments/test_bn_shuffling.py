@@ -19,15 +19,8 @@ from shufflesgd.data import ArraySource
 from shufflesgd.shuffling import make_scheme
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
-def test_quick_study_reproduces_distortion_and_divergence(tmp_path, capsys):
-    config = quick_config(tmp_path)
+def test_quick_study_reproduces_distortion_and_divergence(tmp_path, capsys, quick_config):
+    config = quick_config("bn_shuffling", tmp_path)
     metrics = bn_shuffling.run(config)
     (folder,) = list((tmp_path / "bn_shuffling").iterdir())
     for name in ("config.json", "metrics.json", "regression.csv", "curves.csv", "table.txt", "figure.png"):
@@ -146,8 +139,8 @@ def test_closed_form_optima_and_separability():
         ("classification.num_epochs", 0, r"config\.classification\.num_epochs must be positive integers"),
     ],
 )
-def test_bad_config_fails_before_anything_is_written(tmp_path, path, value, match):
-    config = quick_config(tmp_path)
+def test_bad_config_fails_before_anything_is_written(tmp_path, path, value, match, quick_config):
+    config = quick_config("bn_shuffling", tmp_path)
     group, _, field = path.rpartition(".")
     (config[group] if group else config)[field] = value
     with pytest.raises(ValueError, match=match):

@@ -6,19 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from configs import ef21_reloaded as config_module
 from experiments import ef21_reloaded
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
-def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(tmp_path, x64, capsys):
-    metrics = ef21_reloaded.run(quick_config(tmp_path))
+def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(tmp_path, x64, capsys, quick_config):
+    metrics = ef21_reloaded.run(quick_config("ef21_reloaded", tmp_path))
     (run_folder,) = list((tmp_path / "ef21_reloaded").iterdir())
     for name in ("config.json", "metrics.json", "bits_to_epsilon.csv", "curves.csv", "table.txt", "figure.png"):
         assert (run_folder / name).stat().st_size > 0, name
@@ -58,7 +50,7 @@ def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(tmp_path, x64, c
         ({"l2": -1.0}, "config.l2 must be non-negative"),
     ],
 )
-def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        ef21_reloaded.run(quick_config(tmp_path, **overrides))
+        ef21_reloaded.run(quick_config("ef21_reloaded", tmp_path, **overrides))
     assert not (tmp_path / "ef21_reloaded").exists()

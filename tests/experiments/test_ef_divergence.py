@@ -7,19 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from configs import ef_divergence as config_module
 from experiments import ef_divergence
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
-def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(tmp_path, x64, capsys):
-    config = quick_config(tmp_path)
+def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(tmp_path, x64, capsys, quick_config):
+    config = quick_config("ef_divergence", tmp_path)
     metrics = ef_divergence.run(config)
     (run_folder,) = list((tmp_path / "ef_divergence").iterdir())
     for name in ("config.json", "metrics.json", "norms.csv", "curves.csv", "table.txt", "figure.png"):
@@ -68,9 +60,9 @@ def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(tmp_pat
         ({"seed": -1}, r"config\.seed must be a non-negative int"),
     ],
 )
-def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        ef_divergence.run(quick_config(tmp_path, **overrides))
+        ef_divergence.run(quick_config("ef_divergence", tmp_path, **overrides))
     assert not (tmp_path / "ef_divergence").exists()
 
 

@@ -8,25 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import grab_digits as config_module
 from experiments import grab_digits
 
 GRAB = "grab_mean_balance"
 
 
-def quick_config(tmp_path, data_dir, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path / "results")
-    config.data_dir = str(data_dir)
-    config.update(overrides)
-    return config
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, quick_config):
     """The quick study, run once: ``(config, metrics, run folder)``."""
     tmp_path = tmp_path_factory.mktemp("grab_digits")
-    config = quick_config(tmp_path, tmp_path / "tfds")
+    config = quick_config("grab_digits", tmp_path / "results", data_dir=str(tmp_path / "tfds"))
     metrics = grab_digits.run(config)
     (folder,) = list((tmp_path / "results" / "grab_digits").iterdir())
     return config, metrics, folder
@@ -102,8 +93,8 @@ def test_vmapped_seeds_equal_single_seed_runs(study):
         ({"learning_rate": -0.1}, "config.learning_rate must be positive and finite"),
     ],
 )
-def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match, quick_config):
     data_dir = tmp_path / "tfds"
     with pytest.raises(ValueError, match=match):
-        grab_digits.run(quick_config(tmp_path, data_dir, **overrides))
+        grab_digits.run(quick_config("grab_digits", tmp_path / "results", data_dir=str(data_dir), **overrides))
     assert not (tmp_path / "results").exists() and not data_dir.exists()

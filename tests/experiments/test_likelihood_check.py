@@ -8,19 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from configs import likelihood_check as config_module
 from experiments import likelihood_check
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
-def test_quick_check_agrees_with_the_exact_log_density(tmp_path, x64, capsys):
-    config = quick_config(tmp_path)
+def test_quick_check_agrees_with_the_exact_log_density(tmp_path, x64, capsys, quick_config):
+    config = quick_config("likelihood_check", tmp_path)
     metrics = likelihood_check.run(config)
     (run_folder,) = list((tmp_path / "likelihood_check").iterdir())
     for name in ("config.json", "metrics.json", "points.csv", "table.txt", "figure.png"):
@@ -66,7 +58,7 @@ def test_quick_check_agrees_with_the_exact_log_density(tmp_path, x64, capsys):
         ({"z_threshold": 0.0}, r"config\.z_threshold must be a positive finite number"),
     ],
 )
-def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        likelihood_check.run(quick_config(tmp_path, **overrides))
+        likelihood_check.run(quick_config("likelihood_check", tmp_path, **overrides))
     assert not (tmp_path / "likelihood_check").exists()

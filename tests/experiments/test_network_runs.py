@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from experiments import network_runs
-from shufflesgd import data, models, network_training, shuffling
+from shufflesgd import checkpoint, data, models, network_training, shuffling
 
 
 def setup(num_examples=48):
@@ -27,12 +27,18 @@ def setup(num_examples=48):
     return trainer, state, source
 
 
-def run(tmp_path, name, num_epochs, experiment="demo"):
+def run(tmp_path, name, num_epochs, experiment="demo", **options):
     trainer, state, source = setup()
     return network_runs.train_resumable(
         trainer, state, source, num_epochs, checkpoint_dir=tmp_path / f"{name}_ckpt", experiment=experiment,
         metrics_path=tmp_path / f"{name}.jsonl", evaluate=lambda s: trainer.evaluate(s, source, jax.random.key(2)),
+        **options,
     )
+
+
+def saved_steps(tmp_path, name, experiment="demo"):
+    with checkpoint.Checkpointer(tmp_path / f"{name}_ckpt", experiment) as checkpointer:
+        return checkpointer.all_steps()
 
 
 def test_resume_after_an_epoch_equals_uninterrupted_run(tmp_path):
@@ -49,6 +55,12 @@ def test_resume_after_an_epoch_equals_uninterrupted_run(tmp_path):
     lines = (tmp_path / "split.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert {"train_loss", "loss"} <= set(records[0])
+    assert saved_steps(tmp_path, "whole") == saved_steps(tmp_path, "split") == [6, 9]  # 3 steps an epoch, newest 2
+
+
+def test_max_to_keep_none_keeps_every_epoch(tmp_path):
+    run(tmp_path, "all", 3, max_to_keep=None)
+    assert saved_steps(tmp_path, "all") == [3, 6, 9]
 
 
 def test_another_experiments_directory_is_refused(tmp_path):

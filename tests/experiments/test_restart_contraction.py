@@ -6,19 +6,11 @@ import math
 
 import pytest
 
-from configs import restart_contraction as config_module
 from experiments import restart_contraction
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
-def test_restart_contracts_the_high_noise_error_at_equal_nfe(tmp_path, x64, capsys):
-    metrics = restart_contraction.run(quick_config(tmp_path))
+def test_restart_contracts_the_high_noise_error_at_equal_nfe(tmp_path, x64, capsys, quick_config):
+    metrics = restart_contraction.run(quick_config("restart_contraction", tmp_path))
     (folder,) = list((tmp_path / "restart_contraction").iterdir())
     for name in ("config.json", "metrics.json", "tv.csv", "table.txt", "figure.png"):
         assert (folder / name).stat().st_size > 0, name
@@ -46,7 +38,7 @@ def test_restart_contracts_the_high_noise_error_at_equal_nfe(tmp_path, x64, caps
         ({"restart_ks": (0,)}, "config.restart_ks"),
     ],
 )
-def test_bad_config_is_rejected_before_anything_runs(tmp_path, overrides, match):
+def test_bad_config_is_rejected_before_anything_runs(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        restart_contraction.run(quick_config(tmp_path, **overrides))
+        restart_contraction.run(quick_config("restart_contraction", tmp_path, **overrides))
     assert not (tmp_path / "restart_contraction").exists()

@@ -19,13 +19,6 @@ from shufflesgd import sde as S
 from shufflesgd import solvers as V
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
 def independent_floor(config):
     """KL(N(0, I) || N(alpha_T mu, alpha_T^2 Sigma + sigma_T^2 I)) for VP in NumPy, through the
     eigenvalues of the target covariance (no library KL)."""
@@ -38,8 +31,8 @@ def independent_floor(config):
     return 0.5 * (np.sum(1.0 / c) + quad - len(mu) + np.sum(np.log(c)))
 
 
-def test_quick_study_measures_orders_floor_and_equal_nfe(tmp_path, x64, capsys):
-    config = quick_config(tmp_path)
+def test_quick_study_measures_orders_floor_and_equal_nfe(tmp_path, x64, capsys, quick_config):
+    config = quick_config("sampler_nfe", tmp_path)
     metrics = sampler_nfe.run(config)
     (run_folder,) = list((tmp_path / "sampler_nfe").iterdir())
     for name in ("config.json", "metrics.json", "gaussian_kl.csv", "mixtures.csv", "table.txt", "figure.png"):
@@ -148,7 +141,7 @@ def test_order_fit_leaves_out_the_floor_and_keeps_the_largest_budgets():
         ({"seed": -1}, r"config\.seed must be a non-negative integer"),
     ],
 )
-def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        sampler_nfe.run(quick_config(tmp_path, **overrides))
+        sampler_nfe.run(quick_config("sampler_nfe", tmp_path, **overrides))
     assert not (tmp_path / "sampler_nfe").exists()

@@ -14,19 +14,12 @@ from configs import score_model as config_module
 from experiments import score_model
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
 def _combined_se(*stats):
     return math.sqrt(sum(s["se"] ** 2 for s in stats))
 
 
-def test_quick_study_trains_samples_and_scores(tmp_path, capsys):
-    config = quick_config(tmp_path)
+def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
+    config = quick_config("score_model", tmp_path)
     metrics = score_model.run(config)
     (folder,) = list((tmp_path / "score_model").glob("2*"))
     for name in ("config.json", "metrics.json", "table.txt", "mixture_2d.csv", "digits_samplers.csv",
@@ -135,7 +128,7 @@ def test_quick_config_is_valid_and_full_config_covers_every_sampler():
         ({"seed": -1}, r"config\.seed must be a non-negative integer"),
     ],
 )
-def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        score_model.run(quick_config(tmp_path, **overrides))
+        score_model.run(quick_config("score_model", tmp_path, **overrides))
     assert not (tmp_path / "score_model").exists()

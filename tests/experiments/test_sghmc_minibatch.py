@@ -15,15 +15,8 @@ from configs import sghmc_minibatch as config_module
 from experiments import sghmc_minibatch
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
-def test_quick_sweep_matches_the_exact_stationary_laws(tmp_path, x64, capsys):
-    config = quick_config(tmp_path)
+def test_quick_sweep_matches_the_exact_stationary_laws(tmp_path, x64, capsys, quick_config):
+    config = quick_config("sghmc_minibatch", tmp_path)
     metrics = sghmc_minibatch.run(config)
     (run_folder,) = list((tmp_path / "sghmc_minibatch").iterdir())
     for name in ("config.json", "metrics.json", "bias.csv", "table.txt", "figure.png"):
@@ -119,7 +112,7 @@ def test_exact_linear_algebra_matches_closed_forms(x64):
         ({"step_fractions": (0.1, 0.1)}, r"config\.step_fractions must be distinct"),
     ],
 )
-def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        sghmc_minibatch.run(quick_config(tmp_path, **overrides))
+        sghmc_minibatch.run(quick_config("sghmc_minibatch", tmp_path, **overrides))
     assert not (tmp_path / "sghmc_minibatch").exists()

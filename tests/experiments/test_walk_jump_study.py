@@ -15,15 +15,8 @@ from configs import walk_jump as config_module
 from experiments import walk_jump
 
 
-def quick_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
-
-
-def test_quick_study_tunnels_with_walk_jump_at_an_equal_budget(tmp_path, x64, capsys):
-    config = quick_config(tmp_path)
+def test_quick_study_tunnels_with_walk_jump_at_an_equal_budget(tmp_path, x64, capsys, quick_config):
+    config = quick_config("walk_jump", tmp_path)
     metrics = walk_jump.run(config)
     (folder,) = list((tmp_path / "walk_jump").iterdir())
     for name in ("config.json", "metrics.json", "samplers.csv", "table.txt", "figure.png"):
@@ -112,7 +105,7 @@ def test_exact_w2_and_the_iid_visit_formula():
         ({"problems": ("mixture_high_dim",), "high_dim": 3}, r"config\.high_dim must be at least"),
     ],
 )
-def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
-        walk_jump.run(quick_config(tmp_path, **overrides))
+        walk_jump.run(quick_config("walk_jump", tmp_path, **overrides))
     assert not (tmp_path / "walk_jump").exists()
