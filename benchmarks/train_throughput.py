@@ -7,9 +7,9 @@ images ``[8, 8, 1]`` scaled to ``[0, 1]``, 10 classes), softmax cross-entropy, p
 size, one timed call trains ``epochs`` epochs from the same initial state, in four ways:
 
 * ``scan`` -- the in-memory loop of ``experiments/grab_digits.py``: one jitted program,
-  ``lax.scan`` over epochs (``scheme.next_epoch``) and over minibatches, each step being
-  :func:`shufflesgd.network_training.make_trainer`'s step on a batch gathered from
-  device-resident arrays;
+  ``lax.scan`` over epochs of :func:`shufflesgd.network_training.make_trainer`'s
+  ``scan_epoch`` (``scheme.next_epoch``, then a ``lax.scan`` of the step over minibatches
+  gathered from device-resident arrays);
 * ``trainer`` -- the per-batch Python loop, ``Trainer.run_epoch`` over an in-memory
   :class:`shufflesgd.data.ArraySource` (host gather, transfer, one jitted step per batch);
 * ``step`` -- the same jitted step in a Python loop over batches already on the device
@@ -89,14 +89,8 @@ def jax_timers(model: nn.Module, arrays: dict[str, np.ndarray], batch_size: int,
 
     @jax.jit
     def scan_epochs(state: nt.TrainState, images: jax.Array, labels: jax.Array) -> nt.TrainState:
-        def step(state: nt.TrainState, indices: jax.Array) -> tuple[nt.TrainState, None]:
-            return trainer.step(state, {"image": images[indices], "label": labels[indices]}, indices)[0], None
-
         def epoch(state: nt.TrainState, _: None) -> tuple[nt.TrainState, None]:
-            scheme_state, order = scheme.next_epoch(state.scheme_state)
-            state, _ = jax.lax.scan(step, state._replace(scheme_state=scheme_state),
-                                    shuffling.minibatches(order, batch_size))
-            return state, None
+            return trainer.scan_epoch(state, {"image": images, "label": labels})[0], None
 
         return jax.lax.scan(epoch, state, length=epochs)[0]
 

@@ -47,7 +47,7 @@ checked and reported; per run we report the first epoch at which the full-batch 
 e-fold of epochs over the second half of training (least-squares slope against log epoch).
 
 Training uses :func:`shufflesgd.network_training.make_trainer` with the schemes of
-:func:`shufflesgd.shuffling.make_scheme`; its jitted ``step`` is driven by a ``lax.scan`` over
+:func:`shufflesgd.shuffling.make_scheme`; each epoch is its ``scan_epoch``, a ``lax.scan`` over
 the epoch's minibatches in ``scheme.next_epoch``'s order (the same steps, keys and batches as
 ``Trainer.run_epoch``), vmapped over seeds and learning rates (a traced
 ``optax.inject_hyperparams`` learning rate), in compiled chunks of epochs with a tqdm bar.
@@ -253,8 +253,8 @@ def make_run(loss_fn: network_training.LossFn, scheme: ShufflingScheme, batch_si
     r"""A jitted ``chunk(states, num_records) -> (states, (risk [runs, R], record [runs, R, ...]))``
     over a batch of :class:`~shufflesgd.network_training.TrainState` (leading axis: runs).
 
-    One epoch takes ``scheme.next_epoch``'s order and scans ``trainer.step`` over its consecutive
-    minibatches (what ``Trainer.run_epoch`` does, in one program); after every
+    One epoch is ``Trainer.scan_epoch``: ``scheme.next_epoch``'s order, the trainer's step over
+    its consecutive minibatches (what ``Trainer.run_epoch`` does, in one program); after every
     ``epochs_per_record`` epochs it records the full-batch (undistorted) risk, BatchNorm using the
     whole set's moments, and ``record_fn(params)``.
     """
@@ -264,12 +264,7 @@ def make_run(loss_fn: network_training.LossFn, scheme: ShufflingScheme, batch_si
     full_key = jax.random.key(0)  # the losses here ignore their key
 
     def epoch(state: network_training.TrainState, _: None) -> tuple[network_training.TrainState, None]:
-        scheme_state, order = scheme.next_epoch(state.scheme_state)
-        indices = order.reshape(-1, batch_size)
-        batches = {name: value[indices] for name, value in arrays.items()}
-        state, _ = jax.lax.scan(lambda s, item: trainer.step(s, *item), state._replace(scheme_state=scheme_state),
-                                (batches, indices))
-        return state, None
+        return trainer.scan_epoch(state, arrays)[0], None
 
     def record(state: network_training.TrainState, _: None) -> tuple[network_training.TrainState, tuple]:
         state, _ = jax.lax.scan(epoch, state, None, length=epochs_per_record)

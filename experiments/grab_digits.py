@@ -14,9 +14,10 @@ and test accuracy.  This study asks the same question on a small real data set.
 :math:`\theta \leftarrow \theta - \eta\,\frac1B\sum_{i\in B_j}\nabla\ell_i(\theta)` on the
 softmax cross-entropy, minibatches :math:`B_j` taken in each scheme's epoch order.  For
 every scheme all ``num_seeds`` seeds run in **one** ``jax.jit(jax.vmap(run))`` call:
-``lax.scan`` over epochs and, inside, over the minibatches, each step being
-:func:`shufflesgd.network_training.make_trainer`'s ``step`` (so herding schemes get each
-example's gradient through ``scheme.observe`` exactly as in the per-batch loop).  After
+``lax.scan`` over epochs of :func:`shufflesgd.network_training.make_trainer`'s
+``scan_epoch`` (one ``lax.scan`` over the minibatches of the trainer's step, so herding
+schemes get each example's gradient through ``scheme.observe`` exactly as in the per-batch
+loop).  After
 every epoch, inside the scan, the full training loss, test loss and test accuracy are
 recorded (BatchNorm, if any, in evaluation mode).  The learning rate is a traced argument.
 
@@ -104,9 +105,9 @@ def make_run(model: nn.Module, scheme: shuffling.ShufflingScheme, *, num_epochs:
 
     ``key`` is split into the network's initialisation key and the key of
     :func:`shufflesgd.network_training.init_train_state` (which splits it again into the
-    scheme's key and the per-step keys ``fold_in(key, s)``).  Each epoch is
-    ``scheme.next_epoch``, then ``lax.scan`` over its minibatches of ``batch_size`` of the
-    make_trainer step (optimizer ``optax.inject_hyperparams(optax.sgd)``, so the traced
+    scheme's key and the per-step keys ``fold_in(key, s)``).  Each epoch is the trainer's
+    ``scan_epoch`` (``scheme.next_epoch``, then its minibatches of ``batch_size``; optimizer
+    ``optax.inject_hyperparams(optax.sgd)``, so the traced
     ``learning_rate`` lives in the optimizer state), then the evaluation.  Pure and
     vmappable: ``jax.jit(jax.vmap(run, in_axes=(0, None, None, None)))`` runs many seeds
     in one program.  Arguments are validated by the caller (``batch_size`` must divide
@@ -126,15 +127,8 @@ def make_run(model: nn.Module, scheme: shuffling.ShufflingScheme, *, num_epochs:
         params, batch_stats = models.init_model(model, init_key, train["image"][:1])
         state = nt.init_train_state(state_key, params, batch_stats, optimizer, scheme)
 
-        def step(state: nt.TrainState, indices: jax.Array) -> tuple[nt.TrainState, None]:
-            batch = {name: value[indices] for name, value in train.items()}
-            state, _ = trainer.step(state, batch, indices)
-            return state, None
-
         def epoch(state: nt.TrainState, _: None) -> tuple[nt.TrainState, EpochCurves]:
-            scheme_state, order = scheme.next_epoch(state.scheme_state)
-            state, _ = jax.lax.scan(step, state._replace(scheme_state=scheme_state),
-                                    shuffling.minibatches(order, batch_size))
+            state, order, _ = trainer.scan_epoch(state, train)
             train_loss, _ = evaluate(state, train)
             test_loss, test_accuracy = evaluate(state, test)
             return state, EpochCurves(train_loss, test_loss, test_accuracy, order)

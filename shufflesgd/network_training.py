@@ -42,7 +42,7 @@ import optax
 from jax.sharding import Mesh
 
 from shufflesgd import data as data_lib
-from shufflesgd import models, parallel
+from shufflesgd import models, parallel, shuffling
 from shufflesgd._checks import check_int
 from shufflesgd.sde import MODEL_OUTPUTS, SDE, convert
 from shufflesgd.shuffling import ShufflingScheme, check_batch_size
@@ -216,6 +216,13 @@ class Trainer(NamedTuple):
         stopped) and calls ``callback(epoch, state, metrics)`` after each (1-based count
         of completed epochs: the hook for progress bars, metric files and checkpoints);
         ``history`` lists the per-epoch metrics of the epochs it ran.
+      scan_epoch: ``(state, arrays) -> (state, order, metrics)``, one epoch over in-memory
+        arrays (a dict of arrays indexed by example) as a single ``lax.scan`` over the
+        minibatches: pure, so it can be jitted, scanned over epochs and vmapped over seeds;
+        ``order`` is the epoch's visiting order and ``metrics`` maps each name to an array
+        with one value per step.  The same steps as ``run_epoch``
+        (single device; on XLA:CPU convolution gradients run slower inside a scan than as
+        separate dispatches, see ``benchmarks/README.md``).
       evaluate: ``(state, source, key, batch_size) -> metrics``; the example-weighted means
         over all of ``source`` in index order, BatchNorm in evaluation mode.
       completed_epochs: ``state -> int``, the number of finished epochs.
@@ -225,6 +232,7 @@ class Trainer(NamedTuple):
 
     step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]
     run_epoch: Callable[[TrainState, data_lib.Source], tuple[TrainState, dict[str, np.ndarray]]]
+    scan_epoch: Callable[[TrainState, Batch], tuple[TrainState, jax.Array, Metrics]]
     train: Callable[..., tuple[TrainState, list[dict[str, np.ndarray]]]]
     evaluate: Callable[..., dict[str, float]]
     completed_epochs: Callable[[TrainState], int]
@@ -298,6 +306,16 @@ def make_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation, schem
             history.append(metrics)
         return state, {name: np.asarray(jnp.stack([m[name] for m in history])) for name in history[0]}
 
+    def scan_epoch(state: TrainState, arrays: Batch) -> tuple[TrainState, jax.Array, Metrics]:
+        scheme_state, order = scheme.next_epoch(state.scheme_state)
+
+        def one(state: TrainState, indices: jax.Array) -> tuple[TrainState, Metrics]:
+            return state_step(state, {name: value[indices] for name, value in arrays.items()}, indices)
+
+        batches = shuffling.minibatches(order, batch_size, drop_remainder)
+        state, metrics = jax.lax.scan(one, state._replace(scheme_state=scheme_state), batches)
+        return state, order, metrics
+
     def train(state: TrainState, source: data_lib.Source, num_epochs: int,
               callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
               ) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
@@ -321,4 +339,4 @@ def make_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation, schem
                 totals[name] = totals.get(name, 0.0) + float(value)
         return {name: value / len(source) for name, value in totals.items()}
 
-    return Trainer(step, run_epoch, train, evaluate, completed_epochs, place, steps_per_epoch)
+    return Trainer(step, run_epoch, scan_epoch, train, evaluate, completed_epochs, place, steps_per_epoch)

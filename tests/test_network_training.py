@@ -131,6 +131,36 @@ def test_epoch_follows_the_scheme(digits, classifier, scheme_name):
     assert set(result) == {"loss", "accuracy"} and 0.0 <= result["accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("scheme_name", ["random_reshuffle", "grab_pair_balance"])
+def test_scan_epoch_equals_run_epoch_and_vmaps_over_seeds(digits, classifier, scheme_name):
+    model, params, stats = classifier
+    scheme = shuffling.make_scheme(scheme_name, N)
+    optimizer = optax.sgd(0.1)
+    trainer = nt.make_trainer(nt.cross_entropy_loss(model), optimizer, scheme, batch_size=16)
+    arrays = {name: jnp.asarray(value) for name, value in digits.items()}
+
+    def two_epochs(key):
+        state = nt.init_train_state(key, params, stats, optimizer, scheme)
+        state, first, _ = trainer.scan_epoch(state, arrays)
+        state, second, metrics = trainer.scan_epoch(state, arrays)
+        return state, jnp.stack([first, second]), metrics
+
+    keys = lambda: jax.random.split(jax.random.key(8), 2)  # noqa: E731  (fresh keys for each side)
+    states, orders, metrics = jax.jit(jax.vmap(two_epochs))(keys())
+    assert metrics["loss"].shape == (2, 4) and orders.shape == (2, 2, N)
+    for seed in range(2):  # the Python loop of run_epoch, seed by seed
+        state = nt.init_train_state(keys()[seed], params, stats, optimizer, scheme)
+        for _ in range(2):
+            state, looped = trainer.run_epoch(state, data.ArraySource(digits))
+        np.testing.assert_allclose(looped["loss"], metrics["loss"][seed], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                        jax.tree.leaves(jax.tree.map(lambda x: x[seed], (states.params, states.batch_stats)))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert int(states.step[seed]) == int(state.step) == 8
+    assert not np.array_equal(orders[0], orders[1])  # seeds draw different orders
+    assert all(np.array_equal(np.sort(np.asarray(o)), np.arange(N)) for o in orders.reshape(-1, N))
+
+
 def test_sharded_run_equals_single_device(digits, classifier):
     model, params, stats = classifier
     source = data.ArraySource(digits)
