@@ -87,6 +87,24 @@ def _langevin_proposal(state: GradientState, step_size: jax.Array, noise: PyTree
     return _axpy(jnp.sqrt(2.0 * step_size), noise, drift)
 
 
+def baoab(first_force: Callable[[PyTree], PyTree], second_force: Callable[[PyTree], PyTree], position: PyTree,
+          velocity: PyTree, noise: PyTree, step_size: jax.Array, friction: jax.Array) -> tuple[PyTree, PyTree]:
+    r"""One BAOAB step of underdamped Langevin dynamics with unit mass (Leimkuhler & Matthews
+    2013, "Rational construction of stochastic numerical methods for molecular sampling",
+    AMRX): half kick B :math:`v \mathrel{+}= rac h2 F(x)`, half drift A
+    :math:`x \mathrel{+}= rac h2 v`, exact Ornstein–Uhlenbeck O
+    :math:`v \leftarrow e^{-\gamma h}v + \sqrt{1-e^{-2\gamma h}}\,z`, A, B.  The first kick uses
+    ``first_force`` and the last ``second_force`` (the same function, or one with its own
+    randomness); ``noise`` is :math:`z`, shaped like ``velocity``."""
+    half = 0.5 * step_size
+    velocity = _axpy(half, first_force(position), velocity)
+    position = _axpy(half, velocity, position)
+    decay = jnp.exp(-friction * step_size)
+    velocity = jax.tree.map(lambda v, z: decay * v + jnp.sqrt(1.0 - decay**2) * z, velocity, noise)
+    position = _axpy(half, velocity, position)
+    return position, _axpy(half, second_force(position), velocity)
+
+
 def _info(acceptance: Any, accepted: Any, grads: int, energy: Any = 0.0) -> MCMCInfo:
     return MCMCInfo(jnp.asarray(acceptance), jnp.asarray(accepted), jnp.asarray(grads, jnp.int32),
                     jnp.asarray(energy))
@@ -227,11 +245,9 @@ def sghmc(grad_estimator: GradientEstimator, integrator: str = "euler") -> Sampl
 
     ``integrator="euler"`` is their Eq. 9 (with :math:`\hat B = 0`):
     :math:`v' = v + h\hat g(x) - h\gamma v + \sqrt{2\gamma h}\,z`, :math:`x' = x + h v'`; one
-    gradient a step.  ``integrator="baoab"`` is the symmetric splitting of Leimkuhler &
-    Matthews (2013) for underdamped Langevin: half kick B, half drift A, exact
-    Ornstein–Uhlenbeck O (:math:`v \leftarrow e^{-\gamma h}v + \sqrt{1-e^{-2\gamma h}}\,z`),
-    A, B, both kicks with the same minibatch (symmetric in the data as well); two gradients a
-    step.  With exact gradients BAOAB samples a Gaussian target's positions exactly.
+    gradient a step.  ``integrator="baoab"`` is :func:`baoab`, the symmetric splitting of
+    Leimkuhler & Matthews (2013) for underdamped Langevin, both kicks with the same minibatch
+    (symmetric in the data as well); two gradients a step.  With exact gradients BAOAB samples a Gaussian target's positions exactly.
     ``step(key, state, batch_indices, step_size, friction)``.
     """
     if integrator not in SGHMC_INTEGRATORS:
@@ -249,14 +265,8 @@ def sghmc(grad_estimator: GradientEstimator, integrator: str = "euler") -> Sampl
             v = jax.tree.map(lambda v, g, z: v + step_size * g - step_size * friction * v
                              + jnp.sqrt(2.0 * friction * step_size) * z, v, grad_estimator(x, batch), z)
             return SGState(_axpy(step_size, v, x), v), _info(1.0, True, 1)
-        half = 0.5 * step_size
-        v = _axpy(half, grad_estimator(x, batch), v)
-        x = _axpy(half, v, x)
-        decay = jnp.exp(-friction * step_size)
-        v = jax.tree.map(lambda v, z: decay * v + jnp.sqrt(1.0 - decay**2) * z, v, z)
-        x = _axpy(half, v, x)
-        v = _axpy(half, grad_estimator(x, batch), v)
-        return SGState(x, v), _info(1.0, True, 2)
+        force = lambda position: grad_estimator(position, batch)  # noqa: E731
+        return SGState(*baoab(force, force, x, v, z, step_size, friction)), _info(1.0, True, 2)
 
     return SamplingAlgorithm(init, step)
 

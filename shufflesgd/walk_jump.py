@@ -33,6 +33,7 @@ from shufflesgd.mcmc import (
     LogDensity,
     MCMCInfo,
     SamplingAlgorithm,
+    baoab,
     check_logdensity,
 )
 from shufflesgd.problems import GaussianMixture
@@ -182,12 +183,9 @@ class UnderdampedWalkState(NamedTuple):
 
 def underdamped_walk_jump(smoothed_score: SmoothedScore) -> SamplingAlgorithm:
     r"""Walk–jump (Saremi & Hyvärinen 2019) with an underdamped Langevin walk on
-    :math:`p_\sigma`, integrated by BAOAB (Leimkuhler & Matthews 2013, "Rational
-    construction of stochastic numerical methods for molecular sampling", AMRX; as in
-    :func:`shufflesgd.mcmc.sghmc`): half kick with the smoothed score, half
-    drift, exact Ornstein–Uhlenbeck velocity refresh
-    :math:`v \leftarrow e^{-\gamma h}v + \sqrt{1 - e^{-2\gamma h}}\,z`, half drift, half
-    kick.  For a Gaussian :math:`p_\sigma` its positions are exact at any stable step
+    :math:`p_\sigma`, integrated by BAOAB (Leimkuhler & Matthews 2013,
+    :func:`shufflesgd.mcmc.baoab`, as in :func:`shufflesgd.mcmc.sghmc`), each kick with the
+    smoothed score.  For a Gaussian :math:`p_\sigma` its positions are exact at any stable step
     (no ULA bias).  Two smoothed-score evaluations a step (the score is not cached, so a
     changed :math:`\sigma` is used at once).  Jump with :func:`jump`.
 
@@ -204,14 +202,10 @@ def underdamped_walk_jump(smoothed_score: SmoothedScore) -> SamplingAlgorithm:
         check_positive("sigma", sigma)
         check_positive("friction", friction)
         first_key, noise_key, second_key = jax.random.split(key, 3)
-        half = 0.5 * step_size
         y, v = state
-        v = v + half * smoothed_score(first_key, y, sigma)
-        y = y + half * v
-        decay = jnp.exp(-friction * step_size)
-        v = decay * v + jnp.sqrt(1.0 - decay**2) * jax.random.normal(noise_key, v.shape, v.dtype)
-        y = y + half * v
-        v = v + half * smoothed_score(second_key, y, sigma)
+        z = jax.random.normal(noise_key, v.shape, v.dtype)
+        y, v = baoab(lambda y: smoothed_score(first_key, y, sigma), lambda y: smoothed_score(second_key, y, sigma),
+                     y, v, z, step_size, friction)
         return UnderdampedWalkState(y, v), _unadjusted_info(2)
 
     return SamplingAlgorithm(init, step)
