@@ -69,6 +69,13 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
+def mean_and_stderr(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over ``axis`` (seeds, chains, probes) and its Monte Carlo standard error,
+    ``std(ddof=1) / sqrt(n)``, in float64."""
+    values = np.asarray(values, np.float64)
+    return values.mean(axis=axis), values.std(axis=axis, ddof=1) / math.sqrt(values.shape[axis])
+
+
 def check_choice(field: str, value: str, allowed: Iterable[str]) -> None:
     """``ValueError`` naming the config field when ``value`` is not one of ``allowed``."""
     allowed = sorted(allowed)

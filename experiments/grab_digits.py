@@ -166,8 +166,8 @@ def is_permutation(orders: np.ndarray) -> bool:
 
 def summarise(values: np.ndarray) -> dict[str, list[float]]:
     """Mean and Monte Carlo standard error over seeds (axis 0), per epoch."""
-    return {"mean": values.mean(axis=0).tolist(),
-            "stderr": (values.std(axis=0, ddof=1) / np.sqrt(values.shape[0])).tolist()}
+    mean, stderr = common.mean_and_stderr(values)
+    return {"mean": mean.tolist(), "stderr": stderr.tolist()}
 
 
 def validate(config: ConfigDict) -> None:

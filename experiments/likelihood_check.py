@@ -46,9 +46,8 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import likelihood, problems
+from shufflesgd import likelihood, problems, solvers
 from shufflesgd import sde as sde_lib
-from shufflesgd import solvers
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -118,8 +117,7 @@ def check_one(problem: str, sde_name: str, law: problems.GaussianMixture, config
     mismatch = np.asarray(jax.vmap(lambda x: eigen.log_prob(x, a_max, s_max))(ode.latent) - ode.prior_log_prob)
     solver_error = ode_lp + mismatch - exact
     estimates = np.asarray(hutch.log_prob_nats)  # [num_probes, num_points]
-    h_mean = estimates.mean(axis=0)
-    h_se = estimates.std(axis=0, ddof=1) / np.sqrt(config.num_probes)
+    h_mean, h_se = common.mean_and_stderr(estimates)
     bias = h_mean - ode_lp
     pooled_bias = float(bias.mean())
     pooled_se = float(np.sqrt(np.sum(h_se**2)) / config.num_points)

@@ -122,9 +122,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
             return metrics.mode_weight_error(x, true), info.nfe[0]
 
         tvs, nfes = jax.jit(jax.vmap(one_seed))(jnp.arange(config.num_seeds))  # every seed in one call
-        tvs = np.asarray(tvs)
-        rows.append(dict(sampler=name, budget=budget, nfe=int(nfes[0]), tv_mean=float(tvs.mean()),
-                         tv_se=float(tvs.std(ddof=1) / math.sqrt(len(tvs))), tv_per_seed=tvs.tolist()))
+        tv_mean, tv_se = common.mean_and_stderr(tvs)
+        rows.append(dict(sampler=name, budget=budget, nfe=int(nfes[0]), tv_mean=float(tv_mean), tv_se=float(tv_se),
+                         tv_per_seed=np.asarray(tvs).tolist()))
     floor = float(np.sqrt(2.0 / (np.pi * config.num_samples)) * np.sum(np.sqrt(np.asarray(config.weights)
                                                                             * (1 - np.asarray(config.weights)))) / 2)
     results = dict(rows=rows, multinomial_tv_floor=floor)

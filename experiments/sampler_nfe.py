@@ -64,9 +64,8 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import metrics, problems
+from shufflesgd import metrics, problems, solvers
 from shufflesgd import sde as sde_lib
-from shufflesgd import solvers
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -326,7 +325,8 @@ def mixture_sampler(sampler: Callable, options: dict[str, Any], model: solvers.M
 
 def summarise(values: np.ndarray) -> dict[str, float]:
     """Mean and standard error over seeds (axis 0) of one metric."""
-    return {"mean": float(values.mean()), "se": float(values.std(ddof=1) / np.sqrt(values.shape[0]))}
+    mean, stderr = common.mean_and_stderr(np.ravel(values))
+    return {"mean": float(mean), "se": float(stderr)}
 
 
 def run_mixtures(config: ConfigDict, sde: sde_lib.SDE, rules: dict[str, tuple[int, int]], key: jax.Array,

@@ -121,10 +121,8 @@ def final_suboptimality(
 
 def summarise(values: np.ndarray) -> dict[str, list[float]]:
     """Mean and Monte Carlo standard error over seeds (axis 0)."""
-    return {
-        "mean": values.mean(axis=0).tolist(),
-        "stderr": (values.std(axis=0, ddof=1) / np.sqrt(values.shape[0])).tolist(),
-    }
+    mean, stderr = common.mean_and_stderr(values)
+    return {"mean": mean.tolist(), "stderr": stderr.tolist()}
 
 
 def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:

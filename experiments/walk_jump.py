@@ -367,11 +367,6 @@ def grouped_w2(points: np.ndarray, references: np.ndarray, num_groups: int, num_
     return np.asarray(out)
 
 
-def mean_se(values: np.ndarray) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))
-
-
 # ------------------------------------------------------------------ output
 
 
@@ -476,13 +471,13 @@ def run(config: ConfigDict) -> dict[str, Any]:
             "iid_modes_visited": iid_modes_visited(law, p.samples, config.visit_radius), "seconds": seconds,
         }
         for field, values in (("modes_visited", visited), ("weight_tv", tv), ("spread_ratio", spread), ("w2", w2)):
-            result[field], result[field + "_se"] = mean_se(values)
+            result[field], result[field + "_se"] = map(float, common.mean_and_stderr(np.ravel(values)))
         if sampler in WALKERS or sampler == "exact_jump":
             smoothed = law.diffuse(1.0, jnp.asarray(config.sigma, law.means.dtype))
             walk_reference = np.asarray(smoothed.sample(walk_reference_key, num_groups * num_points))
             w2_walk = grouped_w2(np.asarray(draws.walk), walk_reference.reshape(num_groups, num_points, -1),
                                  num_groups, num_points, rng)
-            result["w2_walk"], result["w2_walk_se"] = mean_se(w2_walk)
+            result["w2_walk"], result["w2_walk_se"] = map(float, common.mean_and_stderr(np.ravel(w2_walk)))
         metrics["problems"].setdefault(problem, {"dim": law.dim, "samplers": {}})["samplers"][sampler] = result
         pooled.setdefault(problem, {})[sampler] = samples.reshape(-1, law.dim)
         rows.append([problem, sampler, p.unit, p.steps, p.runs, p.samples, result["evals_per_chain"],
