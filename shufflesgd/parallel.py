@@ -200,11 +200,11 @@ def make_sharded_distributed_run(
     * the per-step diagnostics ``||∇f(x)||^2`` and ``f(x) - f*`` reduce over all workers'
       data: an ``all-reduce`` of a ``d``-vector and a scalar, and one of a scalar;
       EF21-PP also all-reduces its participant count (a scalar);
-    * with :func:`shufflesgd.compression.top_k` and :func:`~shufflesgd.compression.rand_k`
-      (both select with ``lax.top_k``), XLA does not partition the TopK operation along
-      the worker (batch) dimension: an ``all-gather`` of the ``[n, d]`` keys precedes the
-      selection (correct, but more traffic).  The elementwise compressors (scaled sign,
-      QSGD, natural compression) stay local.
+    * nothing else: every compressor works on its own workers' vectors.  Top-k and Rand-k
+      select through :func:`shufflesgd.compression.top_k_indices`, partitioned along the
+      worker axis; a plain ``lax.top_k`` would not be (XLA all-gathers the ``[n, d]``
+      values to every device before a batched TopK), and the tests check that no
+      ``all-gather`` is left.
 
     Raises ``ValueError`` before compiling for bad run options (as
     ``make_distributed_run``), an ``axis`` missing from the mesh, or "mismatched worker

@@ -201,3 +201,13 @@ def test_compress_tree_jits_and_vmaps_over_workers():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_top_k_indices_equal_lax_top_k_under_jit_vmap_and_scan():
+    values = jax.random.normal(jax.random.key(3), (3, 4, 50))
+    expected = jax.lax.top_k(values, 7)[1]
+    np.testing.assert_array_equal(C.top_k_indices(values[0, 0], 7), expected[0, 0])
+    nested = jax.jit(jax.vmap(jax.vmap(lambda v: C.top_k_indices(v, 7))))(values)
+    np.testing.assert_array_equal(nested, expected)
+    scanned = jax.lax.scan(lambda c, v: (c, jax.vmap(lambda u: C.top_k_indices(u, 7))(v)), 0, values)[1]
+    np.testing.assert_array_equal(scanned, expected)
