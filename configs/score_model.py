@@ -52,6 +52,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.mixture_learning_rate = 2e-3  # Adam, cosine decay to 0 over the run
     # part 2: 8x8 digits (17 levels, uniformly dequantised to [-1, 1])
     config.digits_model = "mlp"  # "mlp" (flattened 64-D ScoreMLP) or "unet"
+    # "edm": Karras et al. (2022) input/output scalings around the network (models.EDMPreconditioned); "none"
+    config.digits_preconditioning = "edm"
+    config.digits_sigma_data = 0.5  # EDM's sigma_data for data in [-1, 1]
     config.digits_hidden = 256
     config.digits_num_layers = 3
     config.digits_channels = (32, 64)  # UNet widths per level (digits_model = "unet")

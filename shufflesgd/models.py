@@ -22,7 +22,8 @@ Training Instability of Shuffling SGD with Batch Normalization".  Score networks
 ``(x_t, t)`` to an output shaped like ``x_t`` (an :math:`\varepsilon` or score
 prediction, see :mod:`shufflesgd.sde`): :class:`ScoreMLP` for 2-D data and
 :class:`UNet` for small images, both conditioned on :func:`sinusoidal_embedding` of
-:math:`t`.
+:math:`t`; :class:`EDMPreconditioned` wraps either in the input and output scalings of
+Karras et al. (2022) for a process :math:`x_t = \alpha(t) x_0 + \sigma(t)\varepsilon`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from shufflesgd.sde import SDE
 
 PyTree = Any
 BN_MOMENTUM = 0.9
@@ -252,3 +255,41 @@ class UNet(nn.Module):
                 h = jax.image.resize(h, (b, 2 * height, 2 * width, c), "nearest")
         h = nn.silu(nn.GroupNorm(math.gcd(self.groups, self.channels[0]))(h))
         return nn.Conv(x.shape[-1], (3, 3))(h)
+
+
+class EDMPreconditioned(nn.Module):
+    r"""A network wrapped in the preconditioning of Karras, Aittala, Aila & Laine (NeurIPS 2022),
+    "Elucidating the Design Space of Diffusion-Based Generative Models", Table 1 and Eq. 7,
+    written for a linear process :math:`x_t = \alpha x_0 + \sigma\varepsilon` of
+    :mod:`shufflesgd.sde`; ``(x_t [B, ...], t [B]) -> \hat\varepsilon [B, ...]``.
+
+    With :math:`\tilde x = x_t/\alpha = x_0 + s\varepsilon`, :math:`s = \sigma/\alpha`, EDM's
+    denoiser is :math:`D = c_{skip}\tilde x + c_{out} F(c_{in}\tilde x)` with
+    :math:`c_{skip} = \sigma_d^2/(s^2+\sigma_d^2)`, :math:`c_{out} = s\sigma_d/\sqrt{s^2+\sigma_d^2}`,
+    :math:`c_{in} = 1/\sqrt{s^2+\sigma_d^2}`, and :math:`\hat\varepsilon = (\tilde x - D)/s`.  In
+    terms of :math:`x_t`, with :math:`v = \sigma^2 + \alpha^2\sigma_d^2`,
+
+    .. math:: \hat\varepsilon(x_t, t) = \frac{\sigma}{v}\,x_t
+              - \frac{\alpha\sigma_d}{\sqrt v}\,F\Bigl(\frac{x_t}{\sqrt v}, t\Bigr):
+
+    the first term is the exact :math:`\varepsilon` of data :math:`N(0, \sigma_d^2 I)`, the
+    network's input has unit variance for data of per-entry variance :math:`\sigma_d^2` at every
+    :math:`t`, and its output is scaled so that its regression target has unit variance too (EDM's
+    argument for :math:`c_{in}`, :math:`c_{out}`).  ``network`` is any ``(x, t, train=...)`` score
+    network (:class:`ScoreMLP`, :class:`UNet`), conditioned on :math:`t` itself (EDM's
+    :math:`c_{noise}` is a choice of time embedding; these networks embed :math:`t`).
+    ``sigma_data`` :math:`= 0.5` is EDM's value for images in :math:`[-1, 1]`.
+    """
+
+    network: nn.Module
+    sde: SDE
+    sigma_data: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
+        t = jnp.broadcast_to(t, x.shape[:1])
+        t_b = t.reshape((-1,) + (1,) * (x.ndim - 1))
+        alpha, sigma = self.sde.alpha(t_b), self.sde.sigma(t_b)
+        var = sigma**2 + (alpha * self.sigma_data) ** 2
+        scale = jax.lax.rsqrt(var)
+        return sigma / var * x - alpha * self.sigma_data * scale * self.network(x * scale, t, train=train)

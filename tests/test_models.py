@@ -3,6 +3,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +162,47 @@ def test_apply_model_jits_and_traces_once():
     jitted = step(params, stats, x)
     chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
     step(params, stats, jax.random.normal(other_key, (4, 8, 8, 1)))
+
+
+class _Probe(nn.Module):
+    """A stand-in network that returns ``w * x`` (``w`` a learned scalar, 0 or 1 below)."""
+
+    @nn.compact
+    def __call__(self, x, t, *, train=False):
+        del t, train
+        return self.param("w", nn.initializers.zeros, ()) * x
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_edm_preconditioning_is_the_gaussian_eps_plus_a_scaled_network(sde_name):
+    from shufflesgd import sde as sde_lib
+
+    sde = sde_lib.make_sde(sde_name)
+    sigma_data = 0.7
+    model = models.EDMPreconditioned(_Probe(), sde, sigma_data)
+    x = jax.random.normal(jax.random.key(5), (4, 3)) * 2.0
+    t = jnp.array([sde.t_min, 0.05, 0.4, 1.0]) * sde.t_max
+    params, stats = models.init_model(model, jax.random.key(0), x, t)
+    assert stats == {}
+    alpha, sigma = (np.asarray(f(t), np.float64)[:, None] for f in (sde.alpha, sde.sigma))
+    var = sigma**2 + alpha**2 * sigma_data**2
+    # F = 0: the exact eps = -sigma * score of data N(0, sigma_d^2 I), whose p_t is N(0, var I)
+    out = models.apply_model(model, params, stats, x, t, train=False)[0]
+    np.testing.assert_allclose(out, sigma * (np.asarray(x) / var), rtol=2e-5, atol=1e-6)
+    # F(y) = y: the network sees x / sqrt(var) and its output is scaled by alpha sigma_d / sqrt(var)
+    ones = jax.tree.map(jnp.ones_like, params)
+    out = models.apply_model(model, ones, stats, x, t, train=False)[0]
+    np.testing.assert_allclose(out, (sigma - alpha * sigma_data) / var * np.asarray(x), rtol=2e-5, atol=1e-6)
+
+
+def test_edm_preconditioned_unet_keeps_image_shapes():
+    from shufflesgd import sde as sde_lib
+
+    model = models.EDMPreconditioned(models.UNet(channels=(8, 16), embed_dim=16), sde_lib.make_sde("vp"))
+
+    def forward(key, x, t):
+        params, stats = models.init_model(model, key, x, t)
+        return models.apply_model(model, params, stats, x, t, train=False)[0]
+
+    out = jax.eval_shape(forward, jax.random.key(0), jnp.zeros((3, 8, 8, 1)), jnp.zeros(3))
+    chex.assert_shape(out, (3, 8, 8, 1))

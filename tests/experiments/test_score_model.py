@@ -38,9 +38,12 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
         assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1)), part
         assert (folder / "training" / part / "checkpoints" / str(_steps(config, part))).is_dir(), part
         training = metrics[part]["training"]
-        # measured (quick): mixture train 1.39 -> 0.65, held-out 1.03 -> 0.63; digits 29.5 -> 9.8, 14.1 -> 9.6
-        assert training["train_loss"][-1] < 0.8 * training["train_loss"][0], (part, training)
-        assert training["heldout_loss"][-1] < 0.8 * training["heldout_loss"][0], (part, training)
+        # measured (quick): mixture train 1.39 -> 0.65, held-out 1.03 -> 0.63; digits 10.6 -> 8.2, 9.85 -> 8.25.
+        # The digits network is EDM-preconditioned: its skip term is already the eps of Gaussian data, so its
+        # first epoch starts far lower than the bare MLP's did (held-out 14.1 -> 9.6) and it must fall by 10 %
+        ratio = 0.8 if part == "mixture_2d" else 0.9
+        assert training["train_loss"][-1] < ratio * training["train_loss"][0], (part, training)
+        assert training["heldout_loss"][-1] < ratio * training["heldout_loss"][0], (part, training)
 
     # 2-D mixture: every sampler ran at its budget; the trained network's samples are far closer to
     # held-out data than the prior is, and the exact-score rows sit at the Monte Carlo floor
@@ -71,8 +74,8 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
         assert r["succeeded"] == config.likelihood_points, r
         values = np.asarray(r["bits_per_dim_values"])
         assert values.shape == (config.likelihood_points,) and np.all(np.isfinite(values)), r
-        # one-sided, 3 standard errors over the test images (measured 3.57 ± 0.09 with 16 images;
-        # a net trained for 72 steps gave 9.6)
+        # one-sided, 3 standard errors over the test images (measured 3.25 ± 0.04 with 16 images, 3.57 ± 0.09
+        # before the EDM preconditioning; a bare net trained for 72 steps gave 9.6)
         bits = r["bits_per_dim"]
         assert 0.0 < bits["mean"] < d["uniform_bits_per_dim"] - 3 * bits["se"], r
     assert d["gaussian_bits_per_dim"]["mean"] < d["uniform_bits_per_dim"], d["gaussian_bits_per_dim"]
@@ -112,6 +115,8 @@ def test_quick_config_is_valid_and_full_config_covers_every_sampler():
         ({"grid": "log"}, r"config\.grid must be one of"),
         ({"sde": "vpp"}, r"config\.sde must be one of"),
         ({"digits_model": "resnet"}, r"config\.digits_model must be one of"),
+        ({"digits_preconditioning": "karras"}, r"config\.digits_preconditioning must be one of"),
+        ({"digits_sigma_data": 0.0}, r"config\.digits_sigma_data must be a positive finite"),
         ({"likelihood_divergence": "trace"}, r"config\.likelihood_divergence must be one of"),
         ({"nfe_budgets": (20, 10)}, r"config\.nfe_budgets must be strictly increasing"),
         ({"nfe_budgets": (0, 10)}, r"config\.nfe_budgets must be positive integers"),
