@@ -8,22 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ef_sweep as config_module
 from experiments import ef_sweep
 
 
-def small_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.step_multipliers = (1.0, 16.0)  # x16 makes natural compression diverge (a NaN entry)
-    config.num_seeds = 2
-    config.num_steps = 300
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
+@pytest.fixture
+def small_config(quick_config, tmp_path):
+    """The quick config, made smaller still, writing under ``tmp_path``; keyword overrides win."""
+    smaller = dict(step_multipliers=(1.0, 16.0),  # x16 makes natural compression diverge (a NaN entry)
+                   num_seeds=2, num_steps=300)
+    return lambda **overrides: quick_config("ef_sweep", tmp_path, **{**smaller, **overrides})
 
 
-def test_every_sweep_entry_equals_its_single_run(tmp_path, x64):
-    config = small_config(tmp_path, num_steps=150, num_workers=10, examples_per_worker=20, dim=20)
+def test_every_sweep_entry_equals_its_single_run(small_config, tmp_path, x64):
+    config = small_config(num_steps=150, num_workers=10, examples_per_worker=20, dim=20)
     problem = ef_sweep.build_problem(config)
     names = list(config.compressors)
     compressors = [ef_sweep.make_compressor(name, config) for name in names]
@@ -61,8 +58,8 @@ def test_every_sweep_entry_equals_its_single_run(tmp_path, x64):
                                results.grad_norm_sq[names.index("top_k"), 0, 1], rtol=1e-12)
 
 
-def test_sweep_study_writes_results(tmp_path, x64, capsys):
-    metrics = ef_sweep.run(small_config(tmp_path))
+def test_sweep_study_writes_results(small_config, tmp_path, x64, capsys):
+    metrics = ef_sweep.run(small_config())
     (run_folder,) = list((tmp_path / "ef_sweep").iterdir())
     for name in ("config.json", "metrics.json", "sweep.csv", "curves.csv", "table.txt", "figure.png"):
         assert (run_folder / name).stat().st_size > 0, name
@@ -99,7 +96,7 @@ def test_sweep_study_writes_results(tmp_path, x64, capsys):
         ({"epsilon": 0.0}, "config.epsilon must lie in"),
     ],
 )
-def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_runs(small_config, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        ef_sweep.run(small_config(tmp_path, **overrides))
+        ef_sweep.run(small_config(**overrides))
     assert not (tmp_path / "ef_sweep").exists()

@@ -4,25 +4,19 @@ import json
 
 import pytest
 
-from configs import shuffling_rates as config_module
 from experiments import shuffling_rates
 
 
-def small_config(tmp_path, **overrides):
-    config = config_module.get_config("quick")
-    config.n = 16
-    config.epochs = [32, 64, 128, 256]
-    config.n_values = [8, 16, 32, 64]
-    config.n_sweep_epochs = 128
-    config.num_seeds = 32
-    config.schemes = ["with_replacement", "random_reshuffle", "incremental", "grab_pair_balance"]
-    config.results_dir = str(tmp_path)
-    config.update(overrides)
-    return config
+@pytest.fixture
+def small_config(quick_config, tmp_path):
+    """The quick config, made smaller still, writing under ``tmp_path``; keyword overrides win."""
+    smaller = dict(n=16, epochs=[32, 64, 128, 256], n_values=[8, 16, 32, 64], n_sweep_epochs=128, num_seeds=32,
+                   schemes=["with_replacement", "random_reshuffle", "incremental", "grab_pair_balance"])
+    return lambda **overrides: quick_config("shuffling_rates", tmp_path, **{**smaller, **overrides})
 
 
-def test_small_study_writes_results_and_separates_the_rates(tmp_path, x64):
-    metrics = shuffling_rates.run(small_config(tmp_path))
+def test_small_study_writes_results_and_separates_the_rates(small_config, tmp_path, x64):
+    metrics = shuffling_rates.run(small_config())
     folder = tmp_path / "shuffling_rates"
     (run_folder,) = list(folder.iterdir())
     for name in ("config.json", "metrics.json", "slopes.csv", "table.txt", "figure.png"):
@@ -56,7 +50,7 @@ def test_small_study_writes_results_and_separates_the_rates(tmp_path, x64):
         ({"step_size_c": -1.0}, "config.step_size_c must be positive"),
     ],
 )
-def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match):
+def test_bad_config_fails_before_anything_runs(small_config, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        shuffling_rates.run(small_config(tmp_path, **overrides))
+        shuffling_rates.run(small_config(**overrides))
     assert not (tmp_path / "shuffling_rates").exists()
