@@ -3,7 +3,11 @@
 XLA_FLAGS must be set before JAX initialises its backends, hence at import time here.
 """
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -19,6 +23,24 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_debug_key_reuse", True)
+
+
+@pytest.fixture
+def quick_benchmark(tmp_path):
+    """``run(module, blocked=None) -> results``: run ``python -m <module> --quick`` from the
+    repository root in a fresh process, writing its JSON under ``tmp_path`` (a folder it must
+    create), and return the parsed JSON.  ``blocked`` names a peer package made unimportable
+    through ``benchmarks.without``."""
+
+    def run(module: str, blocked: str | None = None) -> dict:
+        out = tmp_path / "bench" / f"{module.rsplit('.', 1)[-1]}.json"
+        entry = ["benchmarks.without", blocked, module] if blocked else [module]
+        subprocess.run([sys.executable, "-m", *entry, "--quick", "--out", str(out)],
+                       cwd=pathlib.Path(__file__).resolve().parents[1], check=True, capture_output=True, text=True,
+                       timeout=600)
+        return json.loads(out.read_text())
+
+    return run
 
 
 @pytest.fixture

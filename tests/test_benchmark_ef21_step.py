@@ -5,10 +5,8 @@ Passes with or without torch installed (the peer is optional).
 """
 
 import importlib.util
-import json
 import math
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -33,15 +31,8 @@ def _check_timing(row, min_repeats=5):
 
 
 @pytest.mark.parametrize("block_torch", [False, True], ids=["as_installed", "torch_blocked"])
-def test_quick_benchmark_writes_expected_json(tmp_path, block_torch):
-    out = tmp_path / "bench" / "ef21_step.json"
-    # run as installed, or with torch unimportable (as in CI, without the bench extra)
-    entry = ["-m", "benchmarks.without", "torch", "benchmarks.ef21_step"] if block_torch else ["-m", "benchmarks.ef21_step"]
-    subprocess.run(
-        [sys.executable, *entry, "--quick", "--out", str(out)],
-        cwd=REPO, check=True, capture_output=True, text=True, timeout=600,
-    )
-    results = json.loads(out.read_text())
+def test_quick_benchmark_writes_expected_json(quick_benchmark, block_torch):
+    results = quick_benchmark("benchmarks.ef21_step", "torch" if block_torch else None)
     peer_expected = not block_torch and importlib.util.find_spec("torch") is not None
 
     assert results["benchmark"] == "ef21_step" and results["quick"] is True

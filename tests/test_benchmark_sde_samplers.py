@@ -7,11 +7,8 @@ The peer checks skip when torch, diffusers or k-diffusion is absent (CI does not
 """
 
 import importlib.util
-import json
 import math
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -43,13 +40,8 @@ def _installed(name):
     return importlib.util.find_spec(name) is not None
 
 
-def test_quick_benchmark_writes_expected_json(tmp_path):
-    out = tmp_path / "bench" / "sde_samplers.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.sde_samplers", "--quick", "--out", str(out)],
-        cwd=REPO, check=True, capture_output=True, text=True, timeout=600,
-    )
-    results = json.loads(out.read_text())
+def test_quick_benchmark_writes_expected_json(quick_benchmark):
+    results = quick_benchmark("benchmarks.sde_samplers")
     assert results["benchmark"] == "sde_samplers" and results["quick"] is True
     assert results["targets"] == {"speedup": 3.0, "compile_seconds": 3.0}
     settings = results["settings"]

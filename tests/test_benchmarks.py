@@ -4,13 +4,8 @@ No wall-clock threshold is asserted: timings live in benchmarks/, not in tests (
 """
 
 import importlib.util
-import json
 import math
-import pathlib
-import subprocess
-import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SCHEMES = ("random_reshuffle", "grab_pair_balance", "grab_mean_balance")
 
 
@@ -34,13 +29,8 @@ def _check_epoch_rows(section):
                 assert _positive_finite(row["ratio_to_random_reshuffle_paired"])
 
 
-def test_quick_benchmark_writes_expected_json(tmp_path):
-    out = tmp_path / "bench" / "shuffling_overhead.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.shuffling_overhead", "--quick", "--out", str(out)],
-        cwd=REPO, check=True, capture_output=True, text=True, timeout=600,
-    )
-    results = json.loads(out.read_text())
+def test_quick_benchmark_writes_expected_json(quick_benchmark):
+    results = quick_benchmark("benchmarks.shuffling_overhead")
 
     assert results["quick"] is True
     machine = results["machine"]
