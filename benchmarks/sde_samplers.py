@@ -795,28 +795,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sliced_w2_floor=sliced_w2(exact, exact_other, directions),
     )
     z = np.random.default_rng(cfg["seed"] + 1).standard_normal((cfg["batch"], MIXTURE.dim)).astype(np.float32)
-    rows = []
-    for name in PAIRINGS:
-        for budget in cfg["nfe_budgets"]:
-            pairing = Pairing(name, budget, cfg, torch, diffusers, kdiff)
-            x_T = (z * np.float32(pairing.init_noise_sigma)).astype(np.float32)
-            row = bench_pairing(pairing, cfg, x_T, exact, directions)
-            rows.append(row)
-            print(f"{name} NFE {row['nfe_ours']}: {row['jax']['samples_per_second']:.4g} samples/s"
-                  + (f", peer {row['peer_timing']['samples_per_second']:.4g}, x{row['speedup']:.2f}"
-                     if row["peer_result"] == "ok" else f", peer {row['peer_result']}"), flush=True)
-    results["pairings"] = rows
-    overhead = []
-    for name in cfg["overhead_pairings"]:
-        for budget in cfg["overhead_nfe_budgets"]:
-            pairing = Pairing(name, budget, cfg, torch, diffusers, kdiff, model="isotropic")
-            x_T = (z * np.float32(pairing.init_noise_sigma)).astype(np.float32)
-            row = bench_pairing(pairing, cfg, x_T, None, None)
-            overhead.append(row)
-            print(f"[isotropic] {name} NFE {row['nfe_ours']}: {row['jax']['samples_per_second']:.4g} samples/s"
-                  + (f", peer {row['peer_timing']['samples_per_second']:.4g}, x{row['speedup']:.2f}"
-                     if row["peer_result"] == "ok" else f", peer {row['peer_result']}"), flush=True)
-    results["sampler_overhead_isotropic_model"] = overhead
+    def bench_all(names, budgets, model, tag=""):
+        rows = []
+        for name in names:
+            for budget in budgets:
+                pairing = Pairing(name, budget, cfg, torch, diffusers, kdiff, model=model)
+                x_T = (z * np.float32(pairing.init_noise_sigma)).astype(np.float32)
+                reference = (exact, directions) if model == "mixture" else (None, None)  # errors: mixture only
+                row = bench_pairing(pairing, cfg, x_T, *reference)
+                rows.append(row)
+                print(f"{tag}{name} NFE {row['nfe_ours']}: {row['jax']['samples_per_second']:.4g} samples/s"
+                      + (f", peer {row['peer_timing']['samples_per_second']:.4g}, x{row['speedup']:.2f}"
+                         if row["peer_result"] == "ok" else f", peer {row['peer_result']}"), flush=True)
+        return rows
+
+    rows = results["pairings"] = bench_all(PAIRINGS, cfg["nfe_budgets"], "mixture")
+    results["sampler_overhead_isotropic_model"] = bench_all(
+        cfg["overhead_pairings"], cfg["overhead_nfe_budgets"], "isotropic", "[isotropic] ")
     results["model_alone"] = bench_model_alone(cfg, torch, z)
     results["compile"] = bench_compile(cfg)
     compared = [row for row in rows if row["peer_result"] == "ok"]
@@ -834,7 +829,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     results["summary_compile_target_met"] = results["compile"]["target_met"]
     results["total_seconds"] = time.perf_counter() - wall
-    timings_positive(dict(pairings=rows, compile=results["compile"], overhead=overhead,
+    timings_positive(dict(pairings=rows, compile=results["compile"], overhead=results["sampler_overhead_isotropic_model"],
                           model_alone=results["model_alone"]))
 
     return write_results(args.out, results, table(results))

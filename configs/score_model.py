@@ -7,20 +7,9 @@ the test runs it).
 
 from ml_collections import ConfigDict, config_dict
 
-ALL_SAMPLERS = (
-    "euler_maruyama",
-    "reverse_diffusion",
-    "ancestral",
-    "ddim",
-    "predictor_corrector",
-    "pf_ode_euler",
-    "pf_ode_heun",
-    "dpm_solver_pp_2m",
-    "dpm_solver_pp_3m",
-    "edm_heun",
-    "restart",
-    "pf_ode_adaptive",
-)
+from shufflesgd import solvers
+
+ALL_SAMPLERS = tuple(solvers.SAMPLERS)  # every sampler of the library
 
 
 def get_config(variant: str = "full") -> ConfigDict:
