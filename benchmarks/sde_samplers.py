@@ -829,8 +829,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     results["summary_compile_target_met"] = results["compile"]["target_met"]
     results["total_seconds"] = time.perf_counter() - wall
-    timings_positive(dict(pairings=rows, compile=results["compile"], overhead=results["sampler_overhead_isotropic_model"],
-                          model_alone=results["model_alone"]))
+    timings_positive(dict(pairings=rows, compile=results["compile"],
+                          overhead=results["sampler_overhead_isotropic_model"], model_alone=results["model_alone"]))
 
     return write_results(args.out, results, table(results))
 

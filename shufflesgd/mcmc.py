@@ -91,8 +91,8 @@ def baoab(first_force: Callable[[PyTree], PyTree], second_force: Callable[[PyTre
           velocity: PyTree, noise: PyTree, step_size: jax.Array, friction: jax.Array) -> tuple[PyTree, PyTree]:
     r"""One BAOAB step of underdamped Langevin dynamics with unit mass (Leimkuhler & Matthews
     2013, "Rational construction of stochastic numerical methods for molecular sampling",
-    AMRX): half kick B :math:`v \mathrel{+}= rac h2 F(x)`, half drift A
-    :math:`x \mathrel{+}= rac h2 v`, exact Ornstein–Uhlenbeck O
+    AMRX): half kick B :math:`v \mathrel{+}= \frac h2 F(x)`, half drift A
+    :math:`x \mathrel{+}= \frac h2 v`, exact Ornstein–Uhlenbeck O
     :math:`v \leftarrow e^{-\gamma h}v + \sqrt{1-e^{-2\gamma h}}\,z`, A, B.  The first kick uses
     ``first_force`` and the last ``second_force`` (the same function, or one with its own
     randomness); ``noise`` is :math:`z`, shaped like ``velocity``."""
@@ -247,7 +247,8 @@ def sghmc(grad_estimator: GradientEstimator, integrator: str = "euler") -> Sampl
     :math:`v' = v + h\hat g(x) - h\gamma v + \sqrt{2\gamma h}\,z`, :math:`x' = x + h v'`; one
     gradient a step.  ``integrator="baoab"`` is :func:`baoab`, the symmetric splitting of
     Leimkuhler & Matthews (2013) for underdamped Langevin, both kicks with the same minibatch
-    (symmetric in the data as well); two gradients a step.  With exact gradients BAOAB samples a Gaussian target's positions exactly.
+    (symmetric in the data as well); two gradients a step.  With exact gradients BAOAB
+    samples a Gaussian target's positions exactly.
     ``step(key, state, batch_indices, step_size, friction)``.
     """
     if integrator not in SGHMC_INTEGRATORS:
