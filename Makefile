@@ -1,4 +1,5 @@
-# make demo: quick-start study on CPU (< 3 min); make test: the whole suite.
+# make demo: quick-start study on CPU (< 3 min); make test: ruff, the whole suite, then the API docs
+# in strict mode; make docs: the API reference alone, into docs/_build/html.
 # Both create .venv when it is missing and install the project into it.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test install bench clean
+.PHONY: demo test docs install bench clean
 
 install: $(STAMP)
 
@@ -22,10 +23,19 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.shuffling_rates --config configs/shuffling_rates.py:quick
 
 # pytest exits 5 when it collects nothing: report that as its own failure, never as a pass.
+# The docs step is strict: -n reports every unresolved cross-reference, -W fails the build on
+# any warning (Sphinx >= 8.1 lists them all first), and -E rereads every page so that an
+# incremental build cannot skip the warnings of an unchanged one.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	@$(BIN)/python -m pytest -n 2 --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
 	exit $$rc
+	$(BIN)/python -m sphinx -b html -E -n -W -q docs docs/_build/html
+
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -b html -n -q docs docs/_build/html
+	@echo "make docs: open docs/_build/html/index.html"
 
 # grab-sampler 0.1.3 goes in without its dependencies: it requires torch-sparse, a C++ source
 # build of ~15 min here that also needs the undeclared torch-scatter (another source build),
@@ -46,4 +56,4 @@ bench: $(STAMP)
 	XLA_FLAGS= taskset -c 0 $(BIN)/python -m benchmarks.train_throughput
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache docs/_build

@@ -1,11 +1,12 @@
 r"""What does one EF21 + Top-k step cost, against uncompressed GD and a PyTorch peer?
 
-One step of ``error_feedback.ef21(compression.top_k(fraction=0.01))`` for ``n = 32``
+One step of ``compression.ef21(compression.top_k(fraction=0.01))`` for ``n = 32``
 workers and ``d = 10**6`` coordinates (``k = 10_000``), float32, on CPU.  The worker
 gradients are one fixed ``[n, d]`` array drawn once, so only the step is timed, not the
 computing of gradients.
 
-1. **JAX.**  ``jax.jit(method.step, donate_argnums=0)`` fed its own output state, one call
+1. **JAX.**  ``jax.jit(method.step, donate_argnums=1)`` (``step(key, state, grads,
+   step_size)``, the state donated) fed its own output state, one call
    per repeat (the state evolves as in a run; the gradients do not).  Against it, the
    uncompressed averaged GD step :math:`x \leftarrow x - \gamma\frac1n\sum_i g_i` in the
    same harness (jitted, ``x`` donated), written two ways: ``jnp.mean(g, axis=0)`` and a
@@ -25,9 +26,9 @@ computing of gradients.
    number of steps the two states must agree up to ties at the k-th magnitude, which
    ``lax.top_k`` and ``torch.topk`` may break differently (see :func:`agreement`).
 3. **Rand-k.**  EF21 with ``rand_k(fraction=0.01)`` for context.  The library draws the
-   indices with ``jax.random.permutation(key, d)[:k]`` per worker (a sort of ``d`` keys),
-   which costs seconds per worker at ``d = 10**6``, so this part runs on the first
-   ``rand_k_workers`` workers only, against GD and EF21 + Top-k on the same workers.
+   indices as the top ``k`` of ``d`` random keys per worker (it used to take
+   ``jax.random.permutation(key, d)[:k]``, a sort of ``d`` keys); this part runs on the
+   first ``rand_k_workers`` workers only, against GD and EF21 + Top-k on the same workers.
 4. **Where the time goes.**  ``lax.top_k(|g|, k)`` alone on the ``[n, d]`` array, the
    elementwise pass ``|g - h|`` that feeds it, the worker mean both ways, and
    ``torch.topk`` on the same array.
@@ -63,15 +64,33 @@ from benchmarks.common import (
     usable_cores,
     write_results,
 )
-from shufflesgd import compression, error_feedback
+from shufflesgd import compression
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/ef21_step.json")
 TARGET_RATIO = 2.0
 
-FULL = dict(n=32, d=1_000_000, fraction=0.01, step_size=0.1, seed=0, repeats=7,
-            rand_k_workers=4, rand_k_repeats=5, breakdown_repeats=5)
-QUICK = dict(n=4, d=10_000, fraction=0.01, step_size=0.1, seed=0, repeats=5,
-             rand_k_workers=2, rand_k_repeats=5, breakdown_repeats=5)
+FULL = dict(
+    n=32,
+    d=1_000_000,
+    fraction=0.01,
+    step_size=0.1,
+    seed=0,
+    repeats=7,
+    rand_k_workers=4,
+    rand_k_repeats=5,
+    breakdown_repeats=5,
+)
+QUICK = dict(
+    n=4,
+    d=10_000,
+    fraction=0.01,
+    step_size=0.1,
+    seed=0,
+    repeats=5,
+    rand_k_workers=2,
+    rand_k_repeats=5,
+    breakdown_repeats=5,
+)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -87,9 +106,13 @@ def time_steps(variants: dict[str, Stepper], repeats: int) -> dict[str, Any]:
     """``time_round_robin`` over the variants, each call waited for with ``block_until_ready``.
     Returns ``{name: {step_seconds, first_call_seconds}}``."""
     first, times = time_round_robin(
-        {name: (lambda call=v.call: jax.block_until_ready(call())) for name, v in variants.items()}, repeats
+        {name: (lambda call=v.call: jax.block_until_ready(call())) for name, v in variants.items()},
+        repeats,
     )
-    return {name: dict(step_seconds=summarize(times[name]), first_call_seconds=first[name]) for name in variants}
+    return {
+        name: dict(step_seconds=summarize(times[name]), first_call_seconds=first[name])
+        for name in variants
+    }
 
 
 def median(section: dict[str, Any], name: str) -> float:
@@ -99,20 +122,25 @@ def median(section: dict[str, Any], name: str) -> float:
 # ----------------------------------------------------------------------------- JAX steps
 
 
-def ef21_stepper(compressor: compression.Compressor, grads: jax.Array, keys: jax.Array,
-                 step_size: jax.Array, donate: bool = True) -> tuple[Stepper, dict]:
+def ef21_stepper(
+    compressor: compression.Compressor,
+    grads: jax.Array,
+    keys: jax.Array,
+    step_size: jax.Array,
+    donate: bool = True,
+) -> tuple[Stepper, dict]:
     """The library's EF21 step, jitted, fed its own output state; a fresh key per step."""
-    method = error_feedback.ef21(compressor)
+    method = compression.ef21(compressor)
     n, d = grads.shape
     compression.check_tree(compressor, jnp.zeros((d,), grads.dtype))
     # Fresh buffers: init shares x0 between fields, and a donated buffer must be our own.
     state = jax.tree.map(jnp.copy, method.init(jax.random.key(0), jnp.zeros((d,), grads.dtype), n))
-    step = jax.jit(method.step, donate_argnums=(0,) if donate else ())
+    step = jax.jit(method.step, donate_argnums=(1,) if donate else ())  # step(key, state, ...)
     holder = dict(state=state, count=0)
     step_keys = [keys[i] for i in range(keys.shape[0])]  # sliced here, not in the timed call
 
     def call():
-        holder["state"], info = step(holder["state"], grads, step_keys[holder["count"]], step_size)
+        holder["state"], info = step(step_keys[holder["count"]], holder["state"], grads, step_size)
         holder["count"] += 1
         return holder["state"].x, info
 
@@ -142,14 +170,14 @@ def gd_steppers(grads: jax.Array, step_size: jax.Array) -> dict[str, Stepper]:
 
         steppers[name] = Stepper(call)
 
-    method = error_feedback.compressed_gd(compression.identity())
+    method = compression.compressed_gd(compression.identity())
     state = jax.tree.map(jnp.copy, method.init(jax.random.key(0), jnp.zeros((d,), grads.dtype), n))
-    step = jax.jit(method.step, donate_argnums=0)
+    step = jax.jit(method.step, donate_argnums=1)
     holder = dict(state=state)
     key = jax.random.key(1)  # identity() draws nothing from it
 
     def call_library():
-        holder["state"], info = step(holder["state"], grads, key, step_size)
+        holder["state"], info = step(key, holder["state"], grads, step_size)
         return holder["state"].x, info
 
     steppers["compressed_gd_identity"] = Stepper(call_library)
@@ -161,7 +189,9 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / scale)
 
 
-def agreement(memory: np.ndarray, x: np.ndarray, peer_memory: np.ndarray, peer_x: np.ndarray) -> dict:
+def agreement(
+    memory: np.ndarray, x: np.ndarray, peer_memory: np.ndarray, peer_x: np.ndarray
+) -> dict:
     """How JAX's and the peer's EF21 states compare after the same steps from the same start.
 
     With fixed gradients every kept coordinate of ``h_i`` holds exactly ``g_i``'s value, so the
@@ -186,7 +216,9 @@ def agreement(memory: np.ndarray, x: np.ndarray, peer_memory: np.ndarray, peer_x
 # ----------------------------------------------------------------------------- peer
 
 
-def torch_ef21(grads_np: np.ndarray, k: int, lr: float) -> tuple[Stepper, Callable[[], np.ndarray]] | str:
+def torch_ef21(
+    grads_np: np.ndarray, k: int, lr: float
+) -> tuple[Stepper, Callable[[], np.ndarray]] | str:
     """The EF21 step in PyTorch, a Python loop over workers; ``"not installed"`` without torch."""
     try:
         import torch
@@ -220,12 +252,21 @@ def bench_steps(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray, key
     k = math.ceil(round(cfg["fraction"] * d, 9))
     lr = jnp.asarray(cfg["step_size"], grads.dtype)
     keys = jax.random.split(key, cfg["repeats"] + 1)
-    ef21_top_k, top_k_holder = ef21_stepper(compression.top_k(fraction=cfg["fraction"]), grads, keys, lr)
+    ef21_top_k, top_k_holder = ef21_stepper(
+        compression.top_k(fraction=cfg["fraction"]), grads, keys, lr
+    )
     ef21_approx, approx_holder = ef21_stepper(
-        compression.approx_top_k(fraction=cfg["fraction"]), grads, keys, lr)
-    undonated, _ = ef21_stepper(compression.top_k(fraction=cfg["fraction"]), grads, keys, lr, donate=False)
-    variants = dict(ef21_top_k=ef21_top_k, ef21_top_k_undonated=undonated,
-                    ef21_approx_top_k=ef21_approx, **gd_steppers(grads, lr))
+        compression.approx_top_k(fraction=cfg["fraction"]), grads, keys, lr
+    )
+    undonated, _ = ef21_stepper(
+        compression.top_k(fraction=cfg["fraction"]), grads, keys, lr, donate=False
+    )
+    variants = dict(
+        ef21_top_k=ef21_top_k,
+        ef21_top_k_undonated=undonated,
+        ef21_approx_top_k=ef21_approx,
+        **gd_steppers(grads, lr),
+    )
     peer = torch_ef21(grads_np, k, cfg["step_size"])
     if not isinstance(peer, str):
         variants["torch_ef21"] = peer[0]
@@ -240,7 +281,8 @@ def bench_steps(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray, key
         ef21_top_k_over_gd_mean=ef21 / median(jax_part, "gd_mean"),
         ef21_top_k_over_gd_dot=ef21 / median(jax_part, "gd_dot"),
         ef21_top_k_over_compressed_gd_identity=ef21 / median(jax_part, "compressed_gd_identity"),
-        ef21_approx_top_k_over_gd=median(jax_part, "ef21_approx_top_k") / median(jax_part, gd_reference),
+        ef21_approx_top_k_over_gd=median(jax_part, "ef21_approx_top_k")
+        / median(jax_part, gd_reference),
         ef21_approx_top_k_over_ef21_top_k=median(jax_part, "ef21_approx_top_k") / ef21,
         ef21_top_k_donated_over_undonated=ef21 / median(jax_part, "ef21_top_k_undonated"),
     )
@@ -249,7 +291,8 @@ def bench_steps(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray, key
         steps_taken=top_k_holder["count"],
         approx_top_k_state_equals_top_k=bool(
             np.array_equal(np.asarray(top_k_state.memory), np.asarray(approx_state.memory))
-            and np.array_equal(np.asarray(top_k_state.x), np.asarray(approx_state.x))),
+            and np.array_equal(np.asarray(top_k_state.x), np.asarray(approx_state.x))
+        ),
     )
     if isinstance(peer, str):
         peer_part: dict[str, Any] | str = peer
@@ -261,10 +304,12 @@ def bench_steps(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray, key
             torch_num_threads=torch.get_num_threads(),
             torch_threads_rule="torch.set_num_threads(usable cores), the size of XLA's CPU pool",
             implementation="Python loop over workers: torch.topk(|g_i - h_i|, k, sorted=False), "
-                           "h_i.index_add_, x -= lr * h.mean(0)",
+            "h_i.index_add_, x -= lr * h.mean(0)",
         )
         ratios["ef21_top_k_over_torch"] = ef21 / median(timed, "torch_ef21")
-        checks.update(agreement(np.asarray(top_k_state.memory), np.asarray(top_k_state.x), *peer[1]()))
+        checks.update(
+            agreement(np.asarray(top_k_state.memory), np.asarray(top_k_state.x), *peer[1]())
+        )
         if not checks["memory_same_magnitudes_per_worker"]:
             raise RuntimeError(f"JAX and torch EF21 disagree: {checks}")
     return dict(k=k, jax=jax_part, peer=peer_part, ratios=ratios, checks=checks)
@@ -285,23 +330,32 @@ def bench_rand_k(cfg: dict[str, Any], grads: jax.Array, key: jax.Array) -> dict[
     gd_reference = min(("gd_mean", "gd_dot"), key=lambda name: median(timed, name))
     rand_k = median(timed, "ef21_rand_k")
     return dict(
-        workers=workers, timings=timed,
+        workers=workers,
+        timings=timed,
         rand_k_seconds_per_worker=rand_k / workers,
-        ratios=dict(gd_reference=gd_reference,
-                    ef21_rand_k_over_gd=rand_k / median(timed, gd_reference),
-                    ef21_rand_k_over_ef21_top_k=rand_k / median(timed, "ef21_top_k")),
+        ratios=dict(
+            gd_reference=gd_reference,
+            ef21_rand_k_over_gd=rand_k / median(timed, gd_reference),
+            ef21_rand_k_over_ef21_top_k=rand_k / median(timed, "ef21_top_k"),
+        ),
     )
 
 
-def bench_breakdown(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray, k: int) -> dict[str, Any]:
+def bench_breakdown(
+    cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray, k: int
+) -> dict[str, Any]:
     n, _ = grads.shape
     magnitudes = jnp.abs(grads)
     memory = grads * 0.5
     top_k = jax.jit(lambda a: jax.lax.top_k(a, k))
     abs_diff = jax.jit(lambda g, h: jnp.abs(g - h))
     mean_reduce = jax.jit(lambda g: jnp.mean(g, axis=0))
-    mean_dot = jax.jit(lambda g: jnp.tensordot(
-        jnp.ones((n,), g.dtype), g, axes=1, precision=jax.lax.Precision.HIGHEST) / n)
+    mean_dot = jax.jit(
+        lambda g: (
+            jnp.tensordot(jnp.ones((n,), g.dtype), g, axes=1, precision=jax.lax.Precision.HIGHEST)
+            / n
+        )
+    )
     variants = dict(
         lax_top_k=Stepper(lambda: top_k(magnitudes)),
         abs_diff=Stepper(lambda: abs_diff(grads, memory)),
@@ -314,7 +368,9 @@ def bench_breakdown(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray,
         torch = None
     if torch is not None:
         torch_magnitudes = torch.from_numpy(np.abs(grads_np))
-        variants["torch_topk"] = Stepper(lambda: torch.topk(torch_magnitudes, k, dim=1, sorted=False))
+        variants["torch_topk"] = Stepper(
+            lambda: torch.topk(torch_magnitudes, k, dim=1, sorted=False)
+        )
     return time_steps(variants, cfg["breakdown_repeats"])
 
 
@@ -324,9 +380,12 @@ def bench_breakdown(cfg: dict[str, Any], grads: jax.Array, grads_np: np.ndarray,
 def table(results: dict[str, Any]) -> str:
     steps = results["steps"]
     gd = steps["jax"][steps["ratios"]["gd_reference"]]["step_seconds"]["median"]
-    lines = [f"n = {results['settings']['n']} workers, d = {results['settings']['d']}, "
-             f"k = {steps['k']}: seconds per step (median)",
-             "| step | s / step | x GD |", "|---|---|---|"]
+    lines = [
+        f"n = {results['settings']['n']} workers, d = {results['settings']['d']}, "
+        f"k = {steps['k']}: seconds per step (median)",
+        "| step | s / step | x GD |",
+        "|---|---|---|",
+    ]
     rows = [(name, row) for name, row in steps["jax"].items()]
     if isinstance(steps["peer"], dict):
         rows.append(("torch_ef21 (peer)", steps["peer"]["torch_ef21"]))
@@ -337,8 +396,10 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"| torch_ef21 (peer) | {steps['peer']} | |")
     ratios = steps["ratios"]
     lines.append("")
-    lines.append(f"EF21+Top-k / GD ({ratios['gd_reference']}): {ratios['ef21_top_k_over_gd']:.2f} "
-                 f"(target <= {results['target_ratio']:g})")
+    lines.append(
+        f"EF21+Top-k / GD ({ratios['gd_reference']}): {ratios['ef21_top_k_over_gd']:.2f} "
+        f"(target <= {results['target_ratio']:g})"
+    )
     if "ef21_top_k_over_torch" in ratios:
         lines.append(f"EF21+Top-k JAX / torch: {ratios['ef21_top_k_over_torch']:.2f}")
     rand_k = results["rand_k"]
@@ -356,7 +417,11 @@ def timings_positive(tree: Any) -> None:
     if isinstance(tree, dict):
         for name, value in tree.items():
             if "seconds" in name:
-                values = value["repeats"] + [value["median"], value["min"]] if isinstance(value, dict) else [value]
+                values = (
+                    value["repeats"] + [value["median"], value["min"]]
+                    if isinstance(value, dict)
+                    else [value]
+                )
                 for v in values:
                     if not (isinstance(v, float) and math.isfinite(v) and v > 0):
                         raise RuntimeError(f"non-positive or non-finite timing {name}={v}")
@@ -374,17 +439,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     key = jax.random.key(cfg["seed"])
     key_grads, key_steps, key_rand_k = jax.random.split(key, 3)
-    grads = jax.block_until_ready(
-        jax.random.normal(key_grads, (cfg["n"], cfg["d"]), jnp.float32))
+    grads = jax.block_until_ready(jax.random.normal(key_grads, (cfg["n"], cfg["d"]), jnp.float32))
     grads_np = np.asarray(grads)
     results: dict[str, Any] = dict(
         benchmark="ef21_step",
         quick=args.quick,
         target_ratio=TARGET_RATIO,
         machine=machine_info("torch"),
-        settings=dict(**cfg, dtype="float32", donate_state=True,
-                      gradients="jax.random.normal(key, (n, d)), fixed for every step",
-                      method="error_feedback.ef21(compression.top_k(fraction=fraction))"),
+        settings=dict(
+            **cfg,
+            dtype="float32",
+            donate_state=True,
+            gradients="jax.random.normal(key, (n, d)), fixed for every step",
+            method="compression.ef21(compression.top_k(fraction=fraction))",
+        ),
     )
     results["steps"] = bench_steps(cfg, grads, grads_np, key_steps)
     results["rand_k"] = bench_rand_k(cfg, grads, key_rand_k)
@@ -392,7 +460,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ef21 = median(results["steps"]["jax"], "ef21_top_k")
     results["breakdown_share_of_ef21_top_k_step"] = {
         name: row["step_seconds"]["median"] / ef21
-        for name, row in results["breakdown"].items() if not name.startswith("torch")
+        for name, row in results["breakdown"].items()
+        if not name.startswith("torch")
     }
     results["total_seconds"] = time.perf_counter() - wall
     timings_positive({k: results[k] for k in ("steps", "rand_k", "breakdown")})

@@ -8,9 +8,10 @@ score is exact at every noise level.  Both sides sample it with the same closed 
   sampler of :mod:`shufflesgd.solvers` through ``sample_batch`` under one ``jax.jit``;
 * **peer**: :class:`TorchMixture`, a line-for-line PyTorch port of the same computation
   (inverse Cholesky factors of the diffused covariances, whitened offsets by matrix products,
-  responsibilities by a softmax in log space), converted to :math:`\varepsilon` or :math:`D(x;\sigma)`
-  with the formulas of :func:`shufflesgd.sde.convert`; :func:`model_agreement` checks that
-  the two agree to float32 rounding, and the test suite asserts it.
+  responsibilities by a softmax in log space), converted to :math:`\varepsilon` or
+  :math:`D(x;\sigma)` with the formulas of :func:`shufflesgd.sde.convert`;
+  :func:`model_agreement` checks that the two agree to float32 rounding, and the test suite
+  asserts it.
 
 Four pairings, each with the same noise levels, the same number of model evaluations (NFE),
 the same final step and the same initial points ``x_T`` on both sides:
@@ -108,25 +109,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine_info, summarize, time_round_robin, usable_cores, version, write_results
-from shufflesgd import problems, solvers
-from shufflesgd import sde as sde_lib
+from benchmarks.common import (
+    machine_info,
+    summarize,
+    time_round_robin,
+    usable_cores,
+    version,
+    write_results,
+)
+from shufflesgd import diffusion, problems
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/sde_samplers.json")
 TARGET_SPEEDUP = 3.0
 TARGET_COMPILE_SECONDS = 3.0
-PAIRINGS = ("diffusers_dpm_solver_multistep", "diffusers_euler_discrete", "k_diffusion_dpmpp_2m",
-            "k_diffusion_heun")
+PAIRINGS = (
+    "diffusers_dpm_solver_multistep",
+    "diffusers_euler_discrete",
+    "k_diffusion_dpmpp_2m",
+    "k_diffusion_heun",
+)
 
-FULL = dict(batch=4096, nfe_budgets=(10, 20, 50), repeats=15, seed=0, num_projections=256,
-            reference_steps=1000, compile_steps=(10, 1000), compile_repeats=2,
-            compile_models=("mixture", "isotropic"),
-            compile_samplers=("dpm_solver_pp_2m", "euler_maruyama", "edm_heun"),
-            overhead_nfe_budgets=(20,), breakdown_repeats=20, overhead_pairings=PAIRINGS)
-QUICK = dict(batch=64, nfe_budgets=(6,), repeats=3, seed=0, num_projections=32,
-             reference_steps=50, compile_steps=(1000,), compile_repeats=1, compile_models=("mixture",),
-             compile_samplers=("dpm_solver_pp_2m",), overhead_nfe_budgets=(6,), breakdown_repeats=3,
-             overhead_pairings=("k_diffusion_dpmpp_2m",))
+FULL = dict(
+    batch=4096,
+    nfe_budgets=(10, 20, 50),
+    repeats=15,
+    seed=0,
+    num_projections=256,
+    reference_steps=1000,
+    compile_steps=(10, 1000),
+    compile_repeats=2,
+    compile_models=("mixture", "isotropic"),
+    compile_samplers=("dpm_solver_pp_2m", "euler_maruyama", "edm_heun"),
+    overhead_nfe_budgets=(20,),
+    breakdown_repeats=20,
+    overhead_pairings=PAIRINGS,
+)
+QUICK = dict(
+    batch=64,
+    nfe_budgets=(6,),
+    repeats=3,
+    seed=0,
+    num_projections=32,
+    reference_steps=50,
+    compile_steps=(1000,),
+    compile_repeats=1,
+    compile_models=("mixture",),
+    compile_samplers=("dpm_solver_pp_2m",),
+    overhead_nfe_budgets=(6,),
+    breakdown_repeats=3,
+    overhead_pairings=("k_diffusion_dpmpp_2m",),
+)
 
 # The target: four anisotropic components in 2-D, unequal weights.
 MIXTURE_WEIGHTS = [0.15, 0.25, 0.25, 0.35]
@@ -143,7 +175,6 @@ VP_OPTIONS = dict(beta_min=0.1, beta_max=20.0)  # continuous limit of diffusers'
 EDM_OPTIONS = dict(sigma_min=0.002, sigma_max=80.0)  # k-diffusion / EDM defaults
 KARRAS_RHO = 7.0
 REFERENCE_SIGMA_MIN = 1e-4
-
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -164,13 +195,16 @@ def rms_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum(diff**2, axis=-1))))
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> np.ndarray:
-    """Karras et al. (2022), Eq. 5: ``n`` levels from ``sigma_max`` down to ``sigma_min`` (float64)."""
+def karras_sigmas(
+    n: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO
+) -> np.ndarray:
+    """Karras et al. (2022), Eq. 5: ``n`` levels from ``sigma_max`` down to ``sigma_min``
+    (float64)."""
     u = np.linspace(0.0, 1.0, n)
     return (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def vp_time_of_scaled_sigma(sde: sde_lib.VP, scaled_sigma: np.ndarray) -> np.ndarray:
+def vp_time_of_scaled_sigma(sde: diffusion.VP, scaled_sigma: np.ndarray) -> np.ndarray:
     r"""The VP time whose :math:`\sigma/\alpha` is ``scaled_sigma`` (float64 NumPy; the
     closed form of ``VP.time_of_log_snr`` at :math:`\lambda = -2\log\tilde\sigma`):
     :math:`\log\alpha^2 = -\log(1+\tilde\sigma^2)`."""
@@ -182,13 +216,13 @@ def vp_time_of_scaled_sigma(sde: sde_lib.VP, scaled_sigma: np.ndarray) -> np.nda
 # ----------------------------------------------------------------------------- the two models
 
 
-def jax_model(mixture: problems.GaussianMixture, sde: sde_lib.SDE) -> solvers.Model:
+def jax_model(mixture: problems.GaussianMixture, sde: diffusion.SDE) -> diffusion.Model:
     """The library's closed form: the mixture diffused to ``(alpha(t), sigma(t))``, its score."""
 
     def fn(x, t):
         return mixture.diffuse(sde.alpha(t), sde.sigma(t)).score(x)
 
-    return solvers.Model(fn, "score")
+    return diffusion.Model(fn, "score")
 
 
 class TorchMixture:
@@ -226,7 +260,9 @@ class TorchMixture:
         inverse = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), self.eyes, upper=False)
         whitened = (x[None] - alpha * self.means[:, None]) @ inverse.transpose(1, 2)  # [K, n, d]
         log_det = -2.0 * torch.log(torch.diagonal(inverse, dim1=-2, dim2=-1)).sum(-1)  # [K]
-        log_probs = -0.5 * ((whitened**2).sum(-1) + log_det[:, None] + self.dim * math.log(2 * math.pi))
+        log_probs = -0.5 * (
+            (whitened**2).sum(-1) + log_det[:, None] + self.dim * math.log(2 * math.pi)
+        )
         resp = torch.softmax(self.log_weights[:, None] + log_probs, dim=0)  # [K, n]
         return -(resp[..., None] * (whitened @ inverse)).sum(0)  # [n, d]
 
@@ -242,12 +278,12 @@ class TorchMixture:
 ISOTROPIC_MEAN, ISOTROPIC_VAR = 0.5, 0.25
 
 
-def jax_isotropic_model(sde: sde_lib.SDE) -> solvers.Model:
+def jax_isotropic_model(sde: diffusion.SDE) -> diffusion.Model:
     def fn(x, t):
         alpha, sigma = sde.alpha(t), sde.sigma(t)
         return -(x - alpha * ISOTROPIC_MEAN) / (alpha**2 * ISOTROPIC_VAR + sigma**2)
 
-    return solvers.Model(fn, "score")
+    return diffusion.Model(fn, "score")
 
 
 class TorchIsotropic(TorchMixture):
@@ -262,8 +298,9 @@ class TorchIsotropic(TorchMixture):
         return -(x - alpha * ISOTROPIC_MEAN) / (alpha**2 * ISOTROPIC_VAR + sigma**2)
 
 
-def model_agreement(mixture: problems.GaussianMixture, torch_module: Any, num: int = 256,
-                    seed: int = 0) -> dict[str, float]:
+def model_agreement(
+    mixture: problems.GaussianMixture, torch_module: Any, num: int = 256, seed: int = 0
+) -> dict[str, float]:
     """Largest differences between the JAX and PyTorch closed forms (score, eps and D) over
     ``num`` points at noise levels from 1e-3 to 80, relative to the largest value (for D, to
     the largest of ``|D|`` and ``|x| / alpha``, the size of the terms that cancel in it)."""
@@ -274,20 +311,30 @@ def model_agreement(mixture: problems.GaussianMixture, torch_module: Any, num: i
     for scaled in (1e-3, 0.05, 0.5, 2.0, 10.0, 80.0):
         alpha = 1.0 / math.sqrt(1.0 + scaled**2)  # a VP level; EDM's is alpha = 1, sigma = scaled
         for a, s in ((alpha, scaled * alpha), (1.0, scaled)):
-            x = (rng.standard_normal((num, mixture.dim)) * (1.0 + s) + rng.uniform(-2, 2, mixture.dim) * a)
+            x = (
+                rng.standard_normal((num, mixture.dim)) * (1.0 + s)
+                + rng.uniform(-2, 2, mixture.dim) * a
+            )
             x = x.astype(np.float32)
             diffused = mixture.diffuse(jnp.float32(a), jnp.float32(s))
             score = np.asarray(jax.vmap(diffused.score)(jnp.asarray(x)))
             ours = dict(score=score, eps=-s * score, x0=(x + s**2 * score) / a)
             with torch.inference_mode():
                 xt = torch.from_numpy(x)
-                theirs = dict(score=tm.score(xt, a, s).numpy(), eps=tm.eps(xt, a, s).numpy(),
-                              x0=tm.denoise(xt, a, s).numpy())
+                theirs = dict(
+                    score=tm.score(xt, a, s).numpy(),
+                    eps=tm.eps(xt, a, s).numpy(),
+                    x0=tm.denoise(xt, a, s).numpy(),
+                )
             for name in worst:
                 scale = max(float(np.max(np.abs(ours[name]))), 1e-30)
-                if name == "x0":  # (x + sigma^2 s) / alpha cancels at low SNR: measure against |x| / alpha
+                if (
+                    name == "x0"
+                ):  # (x + sigma^2 s) / alpha cancels at low SNR: measure against |x| / alpha
                     scale = max(scale, float(np.max(np.abs(x))) / a)
-                worst[name] = max(worst[name], float(np.max(np.abs(ours[name] - theirs[name]))) / scale)
+                worst[name] = max(
+                    worst[name], float(np.max(np.abs(ours[name] - theirs[name]))) / scale
+                )
     return {f"max_relative_difference_{name}": value for name, value in worst.items()}
 
 
@@ -339,7 +386,9 @@ def import_k_diffusion_sampling() -> tuple[types.ModuleType, str] | str:
         package = types.ModuleType("k_diffusion")
         package.__path__ = [str(folder)]
         package.__package__ = "k_diffusion"
-        package.__spec__ = importlib.util.spec_from_loader("k_diffusion", loader=None, is_package=True)
+        package.__spec__ = importlib.util.spec_from_loader(
+            "k_diffusion", loader=None, is_package=True
+        )
         package.__spec__.submodule_search_locations = [str(folder)]
         sys.modules["k_diffusion"] = package
     try:
@@ -347,21 +396,28 @@ def import_k_diffusion_sampling() -> tuple[types.ModuleType, str] | str:
         utils_source = "real k_diffusion.utils"
     except ImportError as error:
         if not used <= {"append_dims"}:
-            return f"not usable: k_diffusion.sampling needs utils.{sorted(used)} and utils fails: {error}"
+            return (
+                f"not usable: k_diffusion.sampling needs utils.{sorted(used)} "
+                f"and utils fails: {error}"
+            )
         stand_in = types.ModuleType("k_diffusion.utils")
 
         def append_dims(x, target_dims):
             """Append trailing singleton axes to ``x`` until it has ``target_dims`` axes."""
             missing = target_dims - x.ndim
             if missing < 0:
-                raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+                raise ValueError(
+                    f"input has {x.ndim} dims but target_dims is {target_dims}, which is less"
+                )
             return x.reshape(tuple(x.shape) + (1,) * missing)
 
         stand_in.append_dims = append_dims
         sys.modules["k_diffusion.utils"] = stand_in
         sys.modules["k_diffusion"].utils = stand_in
-        utils_source = (f"stand-in k_diffusion.utils with append_dims only ({type(error).__name__}: {error}); "
-                        f"sampling.py uses utils.{sorted(used)}")
+        utils_source = (
+            f"stand-in k_diffusion.utils with append_dims only ({type(error).__name__}: {error}); "
+            f"sampling.py uses utils.{sorted(used)}"
+        )
     try:
         sampling = importlib.import_module("k_diffusion.sampling")
     except ImportError as error:
@@ -379,14 +435,26 @@ class Pairing:
     the peer is missing); ``reference`` solves the same x_T's ODE finely.
     """
 
-    def __init__(self, name: str, budget: int, cfg: dict[str, Any], torch: Any, diffusers: Any, kdiff: Any,
-                 model: str = "mixture"):
+    def __init__(
+        self,
+        name: str,
+        budget: int,
+        cfg: dict[str, Any],
+        torch: Any,
+        diffusers: Any,
+        kdiff: Any,
+        model: str = "mixture",
+    ):
         self.name, self.budget, self.cfg, self.model = name, budget, cfg, model
         self.torch = None if isinstance(torch, str) else torch
         if self.torch is None:
             self.tmix = None
         else:
-            self.tmix = TorchMixture(MIXTURE, self.torch) if model == "mixture" else TorchIsotropic(self.torch)
+            self.tmix = (
+                TorchMixture(MIXTURE, self.torch)
+                if model == "mixture"
+                else TorchIsotropic(self.torch)
+            )
         self.peer_status = "ok"
         if name.startswith("diffusers"):
             self._diffusers(name, budget, diffusers)
@@ -397,11 +465,11 @@ class Pairing:
     def _diffusers(self, name: str, budget: int, diffusers: Any) -> None:
         self.num_steps = budget
         if name == "diffusers_dpm_solver_multistep":
-            self.sampler_name, self.sde = "dpm_solver_pp_2m", sde_lib.make_sde("vp", **VP_OPTIONS)
+            self.sampler_name, self.sde = "dpm_solver_pp_2m", diffusion.make_sde("vp", **VP_OPTIONS)
             self.options = dict(lower_order_final=True, final="none")
             peer_name = "DPMSolverMultistepScheduler"
         else:
-            self.sampler_name, self.sde = "pf_ode_euler", sde_lib.make_sde("edm", **EDM_OPTIONS)
+            self.sampler_name, self.sde = "pf_ode_euler", diffusion.make_sde("edm", **EDM_OPTIONS)
             self.options = dict(final="none")
             peer_name = "EulerDiscreteScheduler"
         self.peer_sampler = f"diffusers.{peer_name}"
@@ -414,14 +482,18 @@ class Pairing:
         else:
             cls = diffusers[0] if name == "diffusers_dpm_solver_multistep" else diffusers[1]
             scheduler = cls()
-            self.scheduler_config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+            self.scheduler_config = {
+                k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
+            }
             scheduler.set_timesteps(budget)
             scaled = scheduler.sigmas.double().numpy()
             init_noise_sigma = float(scheduler.init_noise_sigma)
             self.scheduler_cls = cls
             # the noise level (sigma / alpha) the scheduler attaches to each timestep it calls
             # the model at (diffusers' Euler interpolates between training steps)
-            self.level_of_timestep = {float(t): float(s) for t, s in zip(scheduler.timesteps, scaled[:-1])}
+            self.level_of_timestep = {
+                float(t): float(s) for t, s in zip(scheduler.timesteps, scaled[:-1])
+            }
         self.scaled_sigmas = np.asarray(scaled, np.float64)
         if name == "diffusers_dpm_solver_multistep":
             grid = np.append(vp_time_of_scaled_sigma(self.sde, self.scaled_sigmas[:-1]), 0.0)
@@ -430,14 +502,19 @@ class Pairing:
         self.grid = grid
         self.init_noise_sigma = init_noise_sigma
         self.schedule = (
-            "diffusers DDPM linear betas 1e-4..0.02 over 1000 training steps, timestep_spacing linspace, "
-            "final_sigmas_type zero; ours: " + (
+            "diffusers DDPM linear betas 1e-4..0.02 over 1000 training steps, "
+            "timestep_spacing linspace, "
+            "final_sigmas_type zero; ours: "
+            + (
                 "VP(beta 0.1..20) at the VP times with the scheduler's log-SNRs, then t = 0"
-                if name == "diffusers_dpm_solver_multistep" else
-                "EDM process (alpha = 1, sigma = t) with t = the scheduler's sigmas = sigma/alpha, then 0"))
+                if name == "diffusers_dpm_solver_multistep"
+                else "EDM process (alpha = 1, sigma = t) with t = the scheduler's sigmas "
+                "= sigma/alpha, then 0"
+            )
+        )
 
     def _k_diffusion(self, name: str, budget: int, kdiff: Any) -> None:
-        self.sde = sde_lib.make_sde("edm", **EDM_OPTIONS)
+        self.sde = diffusion.make_sde("edm", **EDM_OPTIONS)
         if name == "k_diffusion_dpmpp_2m":
             self.num_steps, self.sampler_name = budget, "dpm_solver_pp_2m"
             self.options = dict(lower_order_final=False, final="none")
@@ -447,30 +524,42 @@ class Pairing:
             self.options = dict(S_churn=0.0, final="none")
             self.peer_sampler = "k_diffusion.sampling.sample_heun (s_churn = 0)"
         n = self.num_steps
-        grid = np.append(sde_lib.time_grid(self.sde, "karras", n - 1, rho=KARRAS_RHO), 0.0) if n > 1 else \
-            np.array([EDM_OPTIONS["sigma_max"], 0.0])
+        grid = (
+            np.append(diffusion.time_grid(self.sde, "karras", n - 1, rho=KARRAS_RHO), 0.0)
+            if n > 1
+            else np.array([EDM_OPTIONS["sigma_max"], 0.0])
+        )
         self.grid = grid
         self.scaled_sigmas = grid.copy()
         self.init_noise_sigma = EDM_OPTIONS["sigma_max"]
         self.scheduler_config = None
         if isinstance(kdiff, str) or self.torch is None:
-            self.peer_status = "not installed" if isinstance(kdiff, str) and kdiff == "not installed" else str(kdiff)
+            self.peer_status = (
+                "not installed"
+                if isinstance(kdiff, str) and kdiff == "not installed"
+                else str(kdiff)
+            )
             self.kdiff = None
         else:
             self.kdiff = kdiff[0]
-            self.peer_sigmas = self.kdiff.get_sigmas_karras(n, EDM_OPTIONS["sigma_min"], EDM_OPTIONS["sigma_max"],
-                                                            rho=KARRAS_RHO)
-        self.schedule = (f"Karras sigmas (rho 7) from {EDM_OPTIONS['sigma_max']} to {EDM_OPTIONS['sigma_min']}, "
-                         f"{n} levels then 0; ours: EDM process, grid time_grid(EDM, 'karras', {n - 1}) + [0]")
+            self.peer_sigmas = self.kdiff.get_sigmas_karras(
+                n, EDM_OPTIONS["sigma_min"], EDM_OPTIONS["sigma_max"], rho=KARRAS_RHO
+            )
+        self.schedule = (
+            f"Karras sigmas (rho 7) from {EDM_OPTIONS['sigma_max']} to {EDM_OPTIONS['sigma_min']}, "
+            f"{n} levels then 0; ours: EDM process, grid time_grid(EDM, 'karras', {n - 1}) + [0]"
+        )
 
     # -- our side
     def jax_fn(self) -> Callable:
-        sampler = solvers.make_sampler(self.sampler_name)
+        sampler = diffusion.make_sampler(self.sampler_name)
         sde, options = self.sde, self.options
         model = jax_model(MIXTURE, sde) if self.model == "mixture" else jax_isotropic_model(sde)
 
         def run(x_T, grid):
-            x, info = solvers.sample_batch(sampler, jax.random.key(0), model, sde, x_T, grid, **options)
+            x, info = diffusion.sample_batch(
+                sampler, jax.random.key(0), model, sde, x_T, grid, **options
+            )
             return x, info.nfe[0], jnp.max(info.nonfinite_step)
 
         return jax.jit(run)
@@ -502,7 +591,11 @@ class Pairing:
                     return x.numpy()
 
             return run
-        sample = (self.kdiff.sample_dpmpp_2m if self.name == "k_diffusion_dpmpp_2m" else self.kdiff.sample_heun)
+        sample = (
+            self.kdiff.sample_dpmpp_2m
+            if self.name == "k_diffusion_dpmpp_2m"
+            else self.kdiff.sample_heun
+        )
         sigmas = self.peer_sigmas
 
         def denoiser(x, sigma):
@@ -516,11 +609,18 @@ class Pairing:
 
     def describe(self) -> dict[str, Any]:
         return dict(
-            pairing=self.name, model=self.model, nfe_budget=self.budget, num_steps=self.num_steps,
-            ours=f"shufflesgd.solvers.{self.sampler_name}", ours_sde=type(self.sde).__name__,
-            ours_options={k: v for k, v in self.options.items()}, peer=self.peer_sampler,
-            peer_scheduler_config=self.scheduler_config, schedule=self.schedule,
-            init_noise_sigma=self.init_noise_sigma, grid=[float(g) for g in self.grid],
+            pairing=self.name,
+            model=self.model,
+            nfe_budget=self.budget,
+            num_steps=self.num_steps,
+            ours=f"shufflesgd.solvers.{self.sampler_name}",
+            ours_sde=type(self.sde).__name__,
+            ours_options={k: v for k, v in self.options.items()},
+            peer=self.peer_sampler,
+            peer_scheduler_config=self.scheduler_config,
+            schedule=self.schedule,
+            init_noise_sigma=self.init_noise_sigma,
+            grid=[float(g) for g in self.grid],
             scaled_sigmas=[float(s) for s in self.scaled_sigmas],
         )
 
@@ -547,7 +647,7 @@ def reference_solution(pairing: Pairing, x_T: np.ndarray, steps: int) -> np.ndar
     sde = pairing.sde
     top = float(pairing.scaled_sigmas[0])
     levels = karras_sigmas(steps, REFERENCE_SIGMA_MIN, top)
-    if isinstance(sde, sde_lib.VP):
+    if isinstance(sde, diffusion.VP):
         grid = np.append(vp_time_of_scaled_sigma(sde, levels), 0.0)
         grid[0] = pairing.grid[0]
     else:
@@ -556,14 +656,22 @@ def reference_solution(pairing: Pairing, x_T: np.ndarray, steps: int) -> np.ndar
 
 
 @functools.cache
-def _reference_run(sde: sde_lib.SDE) -> Callable:
+def _reference_run(sde: diffusion.SDE) -> Callable:
     model = jax_model(MIXTURE, sde)
-    return jax.jit(lambda x, g: solvers.sample_batch(solvers.edm_heun, jax.random.key(0), model, sde, x, g,
-                                                     final="none")[0])
+    return jax.jit(
+        lambda x, g: diffusion.sample_batch(
+            diffusion.edm_heun, jax.random.key(0), model, sde, x, g, final="none"
+        )[0]
+    )
 
 
-def bench_pairing(pairing: Pairing, cfg: dict[str, Any], x_T: np.ndarray, exact: np.ndarray | None,
-                  directions: np.ndarray | None) -> dict[str, Any]:
+def bench_pairing(
+    pairing: Pairing,
+    cfg: dict[str, Any],
+    x_T: np.ndarray,
+    exact: np.ndarray | None,
+    directions: np.ndarray | None,
+) -> dict[str, Any]:
     """Time both sides (turns within each repeat); with ``exact`` samples, also the errors."""
     row = pairing.describe()
     grid = jnp.asarray(pairing.grid, jnp.float32)
@@ -585,27 +693,41 @@ def bench_pairing(pairing: Pairing, cfg: dict[str, Any], x_T: np.ndarray, exact:
         else:
             row["nfe_peer"] = pairing.tmix.calls
             if row["nfe_peer"] != row["nfe_ours"]:
-                raise RuntimeError(f"{pairing.name}: unequal NFE, ours {row['nfe_ours']} peer {row['nfe_peer']}")
+                raise RuntimeError(
+                    f"{pairing.name}: unequal NFE, ours {row['nfe_ours']} peer {row['nfe_peer']}"
+                )
 
     first, times = time_round_robin(calls, cfg["repeats"], after_first=after_first)
     ours, theirs = np.asarray(outputs["jax"][0]), outputs.get("peer")
     jax_times, peer_times = times["jax"], times.get("peer")
     batch = x_T.shape[0]
-    row["jax"] = dict(run_seconds=summarize(jax_times), first_call_seconds=first["jax"],
-                      samples_per_second=batch / statistics.median(jax_times))
+    row["jax"] = dict(
+        run_seconds=summarize(jax_times),
+        first_call_seconds=first["jax"],
+        samples_per_second=batch / statistics.median(jax_times),
+    )
 
     if peer_run is None:
         row["peer_result"] = pairing.peer_status
     else:
         row["peer_result"] = "ok"
-        row["peer_timing"] = dict(run_seconds=summarize(peer_times), first_call_seconds=first["peer"],
-                                  samples_per_second=batch / statistics.median(peer_times))
+        row["peer_timing"] = dict(
+            run_seconds=summarize(peer_times),
+            first_call_seconds=first["peer"],
+            samples_per_second=batch / statistics.median(peer_times),
+        )
         row["speedup"] = statistics.median(peer_times) / statistics.median(jax_times)
-        row["speedup_paired"] = statistics.median(p / j for p, j in zip(peer_times, jax_times, strict=True))
-        row["speedup_of_fastest_runs"] = min(peer_times) / min(jax_times)  # least disturbed by other load
+        row["speedup_paired"] = statistics.median(
+            p / j for p, j in zip(peer_times, jax_times, strict=True)
+        )
+        row["speedup_of_fastest_runs"] = min(peer_times) / min(
+            jax_times
+        )  # least disturbed by other load
     if exact is None:  # the isotropic stand-in: timings only, and the two sides' agreement
         if peer_run is not None:
-            row["max_abs_difference_ours_vs_peer"] = float(np.max(np.abs(ours.astype(np.float64) - theirs)))
+            row["max_abs_difference_ours_vs_peer"] = float(
+                np.max(np.abs(ours.astype(np.float64) - theirs))
+            )
         return row
     reference = reference_solution(pairing, x_T, cfg["reference_steps"])
     errors = dict(
@@ -620,8 +742,9 @@ def bench_pairing(pairing: Pairing, cfg: dict[str, Any], x_T: np.ndarray, exact:
             rms_distance_ours_vs_peer=rms_distance(ours, theirs),
             max_abs_difference_ours_vs_peer=float(np.max(np.abs(ours.astype(np.float64) - theirs))),
         )
-        errors["ours_over_peer_rms_distance_to_reference"] = (
-            errors["ours_rms_distance_to_reference_ode"] / max(errors["peer_rms_distance_to_reference_ode"], 1e-30))
+        errors["ours_over_peer_rms_distance_to_reference"] = errors[
+            "ours_rms_distance_to_reference_ode"
+        ] / max(errors["peer_rms_distance_to_reference_ode"], 1e-30)
     row["errors"] = errors
     return row
 
@@ -629,7 +752,7 @@ def bench_pairing(pairing: Pairing, cfg: dict[str, Any], x_T: np.ndarray, exact:
 def bench_model_alone(cfg: dict[str, Any], torch: Any, x: np.ndarray) -> dict[str, Any]:
     """One evaluation of the mixture score on the whole batch, each side, at a noise level that
     is a runtime value (as inside a sampler's scan): where a sampler step's time goes."""
-    sde = sde_lib.make_sde("vp", **VP_OPTIONS)
+    sde = diffusion.make_sde("vp", **VP_OPTIONS)
     model = jax_model(MIXTURE, sde)
     score = jax.jit(jax.vmap(model.fn, in_axes=(0, None)))
     x_jax, t = jnp.asarray(x), jnp.float32(0.5)
@@ -644,10 +767,14 @@ def bench_model_alone(cfg: dict[str, Any], torch: Any, x: np.ndarray) -> dict[st
 
         calls["torch_mixture_score"] = torch_call
     _, times = time_round_robin(calls, cfg["breakdown_repeats"])  # JAX compiles in the warm-up
-    out: dict[str, Any] = {name: dict(call_seconds=summarize(values)) for name, values in times.items()}
+    out: dict[str, Any] = {
+        name: dict(call_seconds=summarize(values)) for name, values in times.items()
+    }
     if "torch_mixture_score" in out:
-        out["torch_over_jax"] = (out["torch_mixture_score"]["call_seconds"]["median"]
-                                 / out["jax_mixture_score"]["call_seconds"]["median"])
+        out["torch_over_jax"] = (
+            out["torch_mixture_score"]["call_seconds"]["median"]
+            / out["jax_mixture_score"]["call_seconds"]["median"]
+        )
     return out
 
 
@@ -658,14 +785,24 @@ def bench_compile(cfg: dict[str, Any]) -> dict[str, Any]:
     """Seconds to ``lower`` and ``compile`` a whole batched sampler of 10 and of 1000 steps."""
     batch = cfg["batch"]
     cases = {
-        "dpm_solver_pp_2m": (sde_lib.make_sde("vp", **VP_OPTIONS), "uniform_log_snr", dict(final="denoise")),
-        "euler_maruyama": (sde_lib.make_sde("vp", **VP_OPTIONS), "uniform_time", dict(final="denoise")),
-        "edm_heun": (sde_lib.make_sde("edm", **EDM_OPTIONS), "karras", dict(final="none")),
+        "dpm_solver_pp_2m": (
+            diffusion.make_sde("vp", **VP_OPTIONS),
+            "uniform_log_snr",
+            dict(final="denoise"),
+        ),
+        "euler_maruyama": (
+            diffusion.make_sde("vp", **VP_OPTIONS),
+            "uniform_time",
+            dict(final="denoise"),
+        ),
+        "edm_heun": (diffusion.make_sde("edm", **EDM_OPTIONS), "karras", dict(final="none")),
     }
     out: dict[str, Any] = {}
-    for name, model_kind in ((n, m) for n in cfg["compile_samplers"] for m in cfg["compile_models"]):
+    for name, model_kind in (
+        (n, m) for n in cfg["compile_samplers"] for m in cfg["compile_models"]
+    ):
         sde, kind, options = cases[name]
-        sampler = solvers.make_sampler(name)
+        sampler = diffusion.make_sampler(name)
         model = jax_model(MIXTURE, sde) if model_kind == "mixture" else jax_isotropic_model(sde)
         x_T = jax.ShapeDtypeStruct((batch, MIXTURE.dim), jnp.float32)
         label = name if model_kind == "mixture" else f"{name}[isotropic model]"
@@ -675,9 +812,11 @@ def bench_compile(cfg: dict[str, Any]) -> dict[str, Any]:
             lowers, compiles = [], []
             for repeat in range(cfg["compile_repeats"]):
                 # a new function object each time: nothing is reused from an earlier trace
-                def run(x, g, repeat=repeat, sampler=sampler, model=model, sde=sde, options=options):
+                def run(
+                    x, g, repeat=repeat, sampler=sampler, model=model, sde=sde, options=options
+                ):
                     key = jax.random.key(repeat)
-                    return solvers.sample_batch(sampler, key, model, sde, x, g, **options)
+                    return diffusion.sample_batch(sampler, key, model, sde, x, g, **options)
 
                 start = time.perf_counter()
                 lowered = jax.jit(run).lower(x_T, grid)
@@ -688,51 +827,96 @@ def bench_compile(cfg: dict[str, Any]) -> dict[str, Any]:
                 compiles.append(end - middle)
             totals = [a + b for a, b in zip(lowers, compiles)]
             out[label][f"steps_{steps}"] = dict(
-                lower_seconds=summarize(lowers), compile_seconds=summarize(compiles),
-                total_seconds=summarize(totals))
+                lower_seconds=summarize(lowers),
+                compile_seconds=summarize(compiles),
+                total_seconds=summarize(totals),
+            )
     longest = max(cfg["compile_steps"])
-    worst = max(row[f"steps_{longest}"]["total_seconds"]["median"] for row in out.values() if row["model"] == "mixture")
-    return dict(samplers=out, batch=batch, longest_steps=longest,
-                worst_total_seconds_at_longest=worst, target_seconds=TARGET_COMPILE_SECONDS,
-                target_met=bool(worst < TARGET_COMPILE_SECONDS))
+    worst = max(
+        row[f"steps_{longest}"]["total_seconds"]["median"]
+        for row in out.values()
+        if row["model"] == "mixture"
+    )
+    return dict(
+        samplers=out,
+        batch=batch,
+        longest_steps=longest,
+        worst_total_seconds_at_longest=worst,
+        target_seconds=TARGET_COMPILE_SECONDS,
+        target_met=bool(worst < TARGET_COMPILE_SECONDS),
+    )
 
 
 # ----------------------------------------------------------------------------- report
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [("| pairing | NFE | ours samples/s | peer samples/s | speedup (paired) | "
-              "RMS to ODE ours | RMS to ODE peer | SW2 ours | SW2 peer | max |ours-peer| |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| pairing | NFE | ours samples/s | peer samples/s | speedup (paired) | "
+            "RMS to ODE ours | RMS to ODE peer | SW2 ours | SW2 peer | max |ours-peer| |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in results["pairings"]:
         e = row["errors"]
         if row["peer_result"] == "ok":
-            peer = (f"{row['peer_timing']['samples_per_second']:.4g} | {row['speedup']:.2f} "
-                    f"({row['speedup_paired']:.2f}) | {e['ours_rms_distance_to_reference_ode']:.3g} | "
-                    f"{e['peer_rms_distance_to_reference_ode']:.3g} | {e['ours_sliced_w2_to_exact']:.3g} | "
-                    f"{e['peer_sliced_w2_to_exact']:.3g} | {e['max_abs_difference_ours_vs_peer']:.2g}")
+            peer = (
+                f"{row['peer_timing']['samples_per_second']:.4g} | {row['speedup']:.2f} "
+                f"({row['speedup_paired']:.2f}) | {e['ours_rms_distance_to_reference_ode']:.3g} | "
+                f"{e['peer_rms_distance_to_reference_ode']:.3g} | "
+                f"{e['ours_sliced_w2_to_exact']:.3g} | "
+                f"{e['peer_sliced_w2_to_exact']:.3g} | {e['max_abs_difference_ours_vs_peer']:.2g}"
+            )
         else:
-            peer = (f"{row['peer_result']} | – | {e['ours_rms_distance_to_reference_ode']:.3g} | – | "
-                    f"{e['ours_sliced_w2_to_exact']:.3g} | – | –")
-        lines.append(f"| {row['pairing']} | {row['nfe_ours']} | {row['jax']['samples_per_second']:.4g} | {peer} |")
-    lines.append(f"\nexact-vs-exact sliced W2 (Monte Carlo floor): {results['sliced_w2_floor']:.3g}")
-    lines += ["", "isotropic stand-in model (the samplers' own cost):",
-              "| pairing | NFE | ours samples/s | peer samples/s | speedup (paired) |", "|---|---|---|---|---|"]
+            peer = (
+                f"{row['peer_result']} | – | {e['ours_rms_distance_to_reference_ode']:.3g} | – | "
+                f"{e['ours_sliced_w2_to_exact']:.3g} | – | –"
+            )
+        lines.append(
+            f"| {row['pairing']} | {row['nfe_ours']} | "
+            f"{row['jax']['samples_per_second']:.4g} | {peer} |"
+        )
+    lines.append(
+        f"\nexact-vs-exact sliced W2 (Monte Carlo floor): {results['sliced_w2_floor']:.3g}"
+    )
+    lines += [
+        "",
+        "isotropic stand-in model (the samplers' own cost):",
+        "| pairing | NFE | ours samples/s | peer samples/s | speedup (paired) |",
+        "|---|---|---|---|---|",
+    ]
     for row in results["sampler_overhead_isotropic_model"]:
-        peer = (f"{row['peer_timing']['samples_per_second']:.4g} | {row['speedup']:.2f} ({row['speedup_paired']:.2f})"
-                if row["peer_result"] == "ok" else f"{row['peer_result']} | –")
-        lines.append(f"| {row['pairing']} | {row['nfe_ours']} | {row['jax']['samples_per_second']:.4g} | {peer} |")
+        peer = (
+            f"{row['peer_timing']['samples_per_second']:.4g} | {row['speedup']:.2f} "
+            f"({row['speedup_paired']:.2f})"
+            if row["peer_result"] == "ok"
+            else f"{row['peer_result']} | –"
+        )
+        lines.append(
+            f"| {row['pairing']} | {row['nfe_ours']} | "
+            f"{row['jax']['samples_per_second']:.4g} | {peer} |"
+        )
     lines += ["", "one mixture-score evaluation on the whole batch:"]
     for name, value in results["model_alone"].items():
-        lines.append(f"  {name}: " + (f"{value['call_seconds']['median'] * 1e3:.3g} ms" if isinstance(value, dict)
-                                      else f"{value:.2f}"))
+        lines.append(
+            f"  {name}: "
+            + (
+                f"{value['call_seconds']['median'] * 1e3:.3g} ms"
+                if isinstance(value, dict)
+                else f"{value:.2f}"
+            )
+        )
     comp = results["compile"]
     lines += ["", "| sampler | steps | lower s | compile s | total s |", "|---|---|---|---|---|"]
     for name, row in comp["samplers"].items():
         for key, value in row.items():
             if key.startswith("steps_"):
-                lines.append(f"| {name} | {key[6:]} | {value['lower_seconds']['median']:.3g} | "
-                             f"{value['compile_seconds']['median']:.3g} | {value['total_seconds']['median']:.3g} |")
+                lines.append(
+                    f"| {name} | {key[6:]} | {value['lower_seconds']['median']:.3g} | "
+                    f"{value['compile_seconds']['median']:.3g} | "
+                    f"{value['total_seconds']['median']:.3g} |"
+                )
     return "\n".join(lines)
 
 
@@ -754,14 +938,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON path")
     parser.add_argument("--quick", action="store_true", help="tiny smoke version (seconds)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads (default: the usable cores, XLA's pool size)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: the usable cores, XLA's pool size)",
+    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     wall = time.perf_counter()
     if "xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""):
-        print("warning: XLA_FLAGS has --xla_cpu_multi_thread_eigen=false; JAX timings will suffer",
-              file=sys.stderr)
+        print(
+            "warning: XLA_FLAGS has --xla_cpu_multi_thread_eigen=false; JAX timings will suffer",
+            file=sys.stderr,
+        )
 
     torch = import_torch()
     diffusers = import_diffusers_schedulers() if not isinstance(torch, str) else "not installed"
@@ -785,33 +975,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     exact_other = np.asarray(MIXTURE.sample(key_b, cfg["batch"]))
 
     results: dict[str, Any] = dict(
-        benchmark="sde_samplers", quick=args.quick,
+        benchmark="sde_samplers",
+        quick=args.quick,
         targets=dict(speedup=TARGET_SPEEDUP, compile_seconds=TARGET_COMPILE_SECONDS),
-        machine=machine_info("torch", "diffusers", "k-diffusion"), peers=peers,
-        settings=dict(cfg, dtype="float32", vp=VP_OPTIONS, edm=EDM_OPTIONS, karras_rho=KARRAS_RHO,
-                      reference_sigma_min=REFERENCE_SIGMA_MIN,
-                      x_T="z ~ N(0, I) from numpy default_rng(seed + 1), times the pairing's init_noise_sigma"),
+        machine=machine_info("torch", "diffusers", "k-diffusion"),
+        peers=peers,
+        settings=dict(
+            cfg,
+            dtype="float32",
+            vp=VP_OPTIONS,
+            edm=EDM_OPTIONS,
+            karras_rho=KARRAS_RHO,
+            reference_sigma_min=REFERENCE_SIGMA_MIN,
+            x_T=(
+                "z ~ N(0, I) from numpy default_rng(seed + 1), times the pairing's init_noise_sigma"
+            ),
+        ),
         mixture=dict(weights=MIXTURE_WEIGHTS, means=MIXTURE_MEANS, covariances=MIXTURE_COVARIANCES),
         sliced_w2_floor=sliced_w2(exact, exact_other, directions),
     )
-    z = np.random.default_rng(cfg["seed"] + 1).standard_normal((cfg["batch"], MIXTURE.dim)).astype(np.float32)
+    z = (
+        np.random.default_rng(cfg["seed"] + 1)
+        .standard_normal((cfg["batch"], MIXTURE.dim))
+        .astype(np.float32)
+    )
+
     def bench_all(names, budgets, model, tag=""):
         rows = []
         for name in names:
             for budget in budgets:
                 pairing = Pairing(name, budget, cfg, torch, diffusers, kdiff, model=model)
                 x_T = (z * np.float32(pairing.init_noise_sigma)).astype(np.float32)
-                reference = (exact, directions) if model == "mixture" else (None, None)  # errors: mixture only
+                reference = (
+                    (exact, directions) if model == "mixture" else (None, None)
+                )  # errors: mixture only
                 row = bench_pairing(pairing, cfg, x_T, *reference)
                 rows.append(row)
-                print(f"{tag}{name} NFE {row['nfe_ours']}: {row['jax']['samples_per_second']:.4g} samples/s"
-                      + (f", peer {row['peer_timing']['samples_per_second']:.4g}, x{row['speedup']:.2f}"
-                         if row["peer_result"] == "ok" else f", peer {row['peer_result']}"), flush=True)
+                print(
+                    f"{tag}{name} NFE {row['nfe_ours']}: "
+                    f"{row['jax']['samples_per_second']:.4g} samples/s"
+                    + (
+                        f", peer {row['peer_timing']['samples_per_second']:.4g}, "
+                        f"x{row['speedup']:.2f}"
+                        if row["peer_result"] == "ok"
+                        else f", peer {row['peer_result']}"
+                    ),
+                    flush=True,
+                )
         return rows
 
     rows = results["pairings"] = bench_all(PAIRINGS, cfg["nfe_budgets"], "mixture")
     results["sampler_overhead_isotropic_model"] = bench_all(
-        cfg["overhead_pairings"], cfg["overhead_nfe_budgets"], "isotropic", "[isotropic] ")
+        cfg["overhead_pairings"], cfg["overhead_nfe_budgets"], "isotropic", "[isotropic] "
+    )
     results["model_alone"] = bench_model_alone(cfg, torch, z)
     results["compile"] = bench_compile(cfg)
     compared = [row for row in rows if row["peer_result"] == "ok"]
@@ -825,12 +1041,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # float32 rounding on both sides: "no worse" allows 1 % or 1e-5 above the peer
             error_no_worse_everywhere=all(
                 row["errors"]["ours_rms_distance_to_reference_ode"]
-                <= 1.01 * row["errors"]["peer_rms_distance_to_reference_ode"] + 1e-5 for row in compared),
+                <= 1.01 * row["errors"]["peer_rms_distance_to_reference_ode"] + 1e-5
+                for row in compared
+            ),
         )
     results["summary_compile_target_met"] = results["compile"]["target_met"]
     results["total_seconds"] = time.perf_counter() - wall
-    timings_positive(dict(pairings=rows, compile=results["compile"],
-                          overhead=results["sampler_overhead_isotropic_model"], model_alone=results["model_alone"]))
+    timings_positive(
+        dict(
+            pairings=rows,
+            compile=results["compile"],
+            overhead=results["sampler_overhead_isotropic_model"],
+            model_alone=results["model_alone"],
+        )
+    )
 
     return write_results(args.out, results, table(results))
 

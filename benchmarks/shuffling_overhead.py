@@ -4,7 +4,7 @@ Three timings on one L2-regularised logistic regression
 (``problems.synthetic_classification`` + ``problems.logistic_regression``; ``n = 10_240 =
 160 * 64`` examples, ``d = 1_000`` features, float32, step size ``1 / (2 L)``):
 
-1. **JAX.**  Seconds per epoch of the same jitted loop (:func:`shufflesgd.training.make_sgd_run`)
+1. **JAX.**  Seconds per epoch of the same jitted loop (:func:`shufflesgd.shuffling.make_sgd_run`)
    under ``random_reshuffle`` (RR), ``grab_pair_balance`` and ``grab_mean_balance``, for
    minibatches of 1 and of 64, and the GraB/RR ratio (target: at most 1.3x).  An epoch
    here is one pass of SGD steps plus the loop's end-of-epoch full loss and gradient
@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 from benchmarks.common import machine_info, summarize, time_round_robin, write_results
-from shufflesgd import problems, shuffling, training
+from shufflesgd import problems, shuffling
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/shuffling_overhead.json")
 TARGET_RATIO = 1.3
@@ -69,14 +69,34 @@ SCHEMES = ("random_reshuffle",) + GRAB_SCHEMES
 PEER_BALANCE = {"grab_pair_balance": "pair", "grab_mean_balance": "mean"}
 
 FULL = dict(
-    n=10_240, d=1_000, l2=1e-3, seed=0, batch_sizes=(1, 64), jax_epochs=2, repeats=7,
-    peer_batch_sizes=(64, 1), peer_repeats=5, num_seeds=32, seeds_batch_size=64,
-    seeds_epochs=2, seeds_repeats=5,
+    n=10_240,
+    d=1_000,
+    l2=1e-3,
+    seed=0,
+    batch_sizes=(1, 64),
+    jax_epochs=2,
+    repeats=7,
+    peer_batch_sizes=(64, 1),
+    peer_repeats=5,
+    num_seeds=32,
+    seeds_batch_size=64,
+    seeds_epochs=2,
+    seeds_repeats=5,
 )
 QUICK = dict(
-    n=256, d=16, l2=1e-2, seed=0, batch_sizes=(16,), jax_epochs=1, repeats=5,
-    peer_batch_sizes=(16,), peer_repeats=5, num_seeds=4, seeds_batch_size=16,
-    seeds_epochs=1, seeds_repeats=5,
+    n=256,
+    d=16,
+    l2=1e-2,
+    seed=0,
+    batch_sizes=(16,),
+    jax_epochs=1,
+    repeats=5,
+    peer_batch_sizes=(16,),
+    peer_repeats=5,
+    num_seeds=4,
+    seeds_batch_size=16,
+    seeds_epochs=1,
+    seeds_repeats=5,
 )
 
 
@@ -116,7 +136,7 @@ def add_ratios(rows: dict[str, Any]) -> None:
         )
 
 
-def check_converged(result: training.SGDResult) -> training.SGDResult:
+def check_converged(result: shuffling.SGDResult) -> shuffling.SGDResult:
     """Raise if a run diverged: a timing of NaN arithmetic would mean nothing."""
     if int(jnp.max(result.diverged_epoch)) != -1:
         raise RuntimeError("an SGD run diverged; lower the step size")
@@ -124,7 +144,12 @@ def check_converged(result: training.SGDResult) -> training.SGDResult:
 
 
 def call_run(
-    run: Callable, keys: jax.Array, r: int, *, x0: jax.Array, learning_rate: jax.Array,
+    run: Callable,
+    keys: jax.Array,
+    r: int,
+    *,
+    x0: jax.Array,
+    learning_rate: jax.Array,
     check: Callable = lambda result: result,
 ):
     """``run(keys[r], x0, learning_rate)``, waited for, then passed through ``check``."""
@@ -149,9 +174,12 @@ def jitted_run(
     """``jax.jit(make_sgd_run(...))``, built once per (scheme, batch size, epochs) and reused."""
     spec = (name, batch_size, num_epochs)
     if spec not in cache:
-        run = training.make_sgd_run(
-            problem, shuffling.make_scheme(name, problem.num_examples), num_epochs=num_epochs,
-            batch_size=batch_size, drop_remainder=False,
+        run = shuffling.make_sgd_run(
+            problem,
+            shuffling.make_scheme(name, problem.num_examples),
+            num_epochs=num_epochs,
+            batch_size=batch_size,
+            drop_remainder=False,
         )
         cache[spec] = (run, jax.jit(run))
     return cache[spec]
@@ -168,7 +196,9 @@ def bench_jax(
     metrics = jax.jit(
         lambda x: (problem.suboptimality(x), optax.tree.norm(problem.gradient(x), squared=True))
     )
-    timed = time_interleaved({"metrics": lambda r: jax.block_until_ready(metrics(x0 + r))}, cfg["repeats"])
+    timed = time_interleaved(
+        {"metrics": lambda r: jax.block_until_ready(metrics(x0 + r))}, cfg["repeats"]
+    )
     out: dict[str, Any] = {"epoch_metrics_seconds": timed["metrics"]["epoch_seconds"]}
     for batch_size in cfg["batch_sizes"]:
         calls = {}
@@ -338,9 +368,7 @@ def bench_seeds(
         num_seeds=num_seeds, batch_size=cfg["seeds_batch_size"], num_epochs=cfg["seeds_epochs"]
     )
     for name in SCHEMES:
-        run, single = jitted_run(
-            problem, name, cfg["seeds_batch_size"], cfg["seeds_epochs"], cache
-        )
+        run, single = jitted_run(problem, name, cfg["seeds_batch_size"], cfg["seeds_epochs"], cache)
         batched = jax.jit(jax.vmap(run, in_axes=(0, None, None)))
 
         def sequential(r, keys, single=single):
@@ -355,7 +383,11 @@ def bench_seeds(
             dict(
                 sequential=functools.partial(sequential, keys=seq_keys),
                 vmapped=functools.partial(
-                    call_run, batched, vmap_keys, x0=x0, learning_rate=learning_rate,
+                    call_run,
+                    batched,
+                    vmap_keys,
+                    x0=x0,
+                    learning_rate=learning_rate,
                     check=check_converged,
                 ),
             ),

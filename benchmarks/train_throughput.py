@@ -8,7 +8,7 @@ size, one timed call trains ``epochs`` epochs from the same initial state, in fo
 
 * ``scan`` -- the in-memory loop of ``experiments/grab_digits.py``: one jitted program,
   ``lax.scan`` over epochs of :func:`shufflesgd.network_training.make_trainer`'s
-  ``scan_epoch`` (``scheme.next_epoch``, then a ``lax.scan`` of the step over minibatches
+  ``scan_epoch`` (the scheme's order for the epoch, then a ``lax.scan`` of the step over minibatches
   gathered from device-resident arrays);
 * ``trainer`` -- the per-batch Python loop, ``Trainer.run_epoch`` over an in-memory
   :class:`shufflesgd.data.ArraySource` (host gather, transfer, one jitted step per batch);
@@ -49,8 +49,8 @@ import numpy as np
 import optax
 
 from benchmarks.common import machine_info, summarize, time_round_robin, write_results
-from shufflesgd import data, models, shuffling
-from shufflesgd import network_training as nt
+from shufflesgd import drivers, shuffling
+from shufflesgd.nn import data, models, training
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/train_throughput.json")
 LEARNING_RATE = 0.05
@@ -68,37 +68,43 @@ Timer = Callable[[], float]
 
 
 def digits_train() -> dict[str, np.ndarray]:
-    """The digits training split in memory: ``image float32[1536, 8, 8, 1]`` in ``[0, 1]``, ``label int32``."""
+    """The digits training split in memory: ``image float32[1536, 8, 8, 1]`` in ``[0, 1]``,
+    ``label int32``."""
     arrays = data.scale_images(data.digits_arrays("train"), data.DIGITS_MAX_VALUE)
     return {"image": arrays["image"], "label": arrays["label"].astype(np.int32)}
 
 
-def jax_timers(model: nn.Module, arrays: dict[str, np.ndarray], batch_size: int, epochs: int,
-               seed: int) -> tuple[dict[str, Timer], int]:
+def jax_timers(
+    model: nn.Module, arrays: dict[str, np.ndarray], batch_size: int, epochs: int, seed: int
+) -> tuple[dict[str, Timer], int]:
     """One timer per JAX way (each call trains ``epochs`` epochs from the same initial state,
     waits for the result and returns the seconds), and the model's parameter count."""
     n = len(arrays["label"])
     scheme = shuffling.random_reshuffle(n)
     optimizer = optax.sgd(LEARNING_RATE)
-    trainer = nt.make_trainer(nt.cross_entropy_loss(model), optimizer, scheme, batch_size=batch_size)
+    trainer = training.make_trainer(
+        training.cross_entropy_loss(model), optimizer, scheme, batch_size=batch_size
+    )
     init_key, state_key = jax.random.split(jax.random.key(seed))
     params, batch_stats = models.init_model(model, init_key, jnp.asarray(arrays["image"][:1]))
-    state = nt.init_train_state(state_key, params, batch_stats, optimizer, scheme)
+    state = training.init_train_state(state_key, params, batch_stats, optimizer, scheme)
     source = data.ArraySource(arrays)
     device = {name: jnp.asarray(value) for name, value in arrays.items()}
 
     @jax.jit
-    def scan_epochs(state: nt.TrainState, images: jax.Array, labels: jax.Array) -> nt.TrainState:
-        def epoch(state: nt.TrainState, _: None) -> tuple[nt.TrainState, None]:
+    def scan_epochs(
+        state: training.TrainState, images: jax.Array, labels: jax.Array
+    ) -> training.TrainState:
+        def epoch(state: training.TrainState, _: None) -> tuple[training.TrainState, None]:
             return trainer.scan_epoch(state, {"image": images, "label": labels})[0], None
 
         return jax.lax.scan(epoch, state, length=epochs)[0]
 
     # The step way visits the same batches as the scan way, placed on the device beforehand.
     orders, scheme_state = [], state.scheme_state
-    for _ in range(epochs):
-        scheme_state, order = scheme.next_epoch(scheme_state)
-        orders.append(shuffling.minibatches(order, batch_size))
+    for epoch in range(epochs):
+        scheme_state, order = drivers.epoch_order(scheme, state.scheme_key, scheme_state, epoch)
+        orders.append(drivers.minibatches(order, batch_size))
     indices = jnp.concatenate(orders)
     batches = [({name: value[i] for name, value in device.items()}, i) for i in indices]
 
@@ -160,8 +166,9 @@ def torch_model(name: str) -> Any:
     return tnn.Sequential(*layers)
 
 
-def torch_timer(name: str, arrays: dict[str, np.ndarray], batch_size: int, epochs: int,
-                seed: int) -> tuple[Timer, int]:
+def torch_timer(
+    name: str, arrays: dict[str, np.ndarray], batch_size: int, epochs: int, seed: int
+) -> tuple[Timer, int]:
     """A timer for the PyTorch loop (fresh copies of one initial network each call) and its
     parameter count."""
     import copy
@@ -171,7 +178,11 @@ def torch_timer(name: str, arrays: dict[str, np.ndarray], batch_size: int, epoch
     torch.manual_seed(seed)
     initial = torch_model(name)
     images = torch.from_numpy(arrays["image"])
-    images = images.reshape(len(images), -1) if name.startswith("mlp") else images.permute(0, 3, 1, 2).contiguous()
+    images = (
+        images.reshape(len(images), -1)
+        if name.startswith("mlp")
+        else images.permute(0, 3, 1, 2).contiguous()
+    )
     labels = torch.from_numpy(arrays["label"].astype(np.int64))
     n = len(labels)
     generator = torch.Generator().manual_seed(seed)
@@ -183,7 +194,7 @@ def torch_timer(name: str, arrays: dict[str, np.ndarray], batch_size: int, epoch
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
             for first in range(0, n - batch_size + 1, batch_size):
-                batch = order[first:first + batch_size]
+                batch = order[first : first + batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
                 loss.backward()
@@ -201,41 +212,56 @@ def torch_version() -> str | None:
     return torch.__version__
 
 
-def bench_row(name: str, batch_size: int, cfg: dict[str, Any], arrays: dict[str, np.ndarray],
-              peer: bool) -> dict[str, Any]:
+def bench_row(
+    name: str, batch_size: int, cfg: dict[str, Any], arrays: dict[str, np.ndarray], peer: bool
+) -> dict[str, Any]:
     timers, num_params = jax_timers(MODELS[name](), arrays, batch_size, cfg["epochs"], cfg["seed"])
     row: dict[str, Any] = dict(params=num_params)
     if peer:
-        timers["torch"], row["torch_params"] = torch_timer(name, arrays, batch_size, cfg["epochs"], cfg["seed"])
+        timers["torch"], row["torch_params"] = torch_timer(
+            name, arrays, batch_size, cfg["epochs"], cfg["seed"]
+        )
     first, times = time_round_robin(timers, cfg["repeats"], self_timed=True)  # the warm-up compiles
     examples = cfg["epochs"] * (len(arrays["label"]) // batch_size) * batch_size
     for way in timers:
         seconds = summarize(times[way])
-        row[way] = dict(seconds=seconds, first_call_seconds=first[way],
-                        examples_per_second=examples / seconds["median"])
+        row[way] = dict(
+            seconds=seconds,
+            first_call_seconds=first[way],
+            examples_per_second=examples / seconds["median"],
+        )
     if peer:
         for way in ("scan", "trainer"):
-            row[f"{way}_to_torch"] = row[way]["examples_per_second"] / row["torch"]["examples_per_second"]
+            row[f"{way}_to_torch"] = (
+                row[way]["examples_per_second"] / row["torch"]["examples_per_second"]
+            )
             row[f"{way}_to_torch_paired"] = statistics.median(
-                t / s for s, t in zip(times[way], times["torch"]))
+                t / s for s, t in zip(times[way], times["torch"])
+            )
     return row
 
 
 def table(results: dict[str, Any]) -> str:
     """Examples/s of every way, the ratios to the peer (paired in brackets) and the scan's
     first call (compilation plus one call), one line per model and batch size."""
-    lines = [f"{'model':7s} {'batch':>5s} {'scan ex/s':>10s} {'trainer':>10s} {'step':>10s} "
-             f"{'torch':>10s} {'scan/torch':>13s} {'trainer/torch':>13s} {'scan 1st s':>10s}"]
+    lines = [
+        f"{'model':7s} {'batch':>5s} {'scan ex/s':>10s} {'trainer':>10s} {'step':>10s} "
+        f"{'torch':>10s} {'scan/torch':>13s} {'trainer/torch':>13s} {'scan 1st s':>10s}"
+    ]
     for key, row in results["rows"].items():
         model, batch = key.split("/batch_")
         if "torch" in row:
             ratios = f"{row['torch']['examples_per_second']:10.3g} " + " ".join(
-                f"{row[f'{way}_to_torch']:5.2f} ({row[f'{way}_to_torch_paired']:4.2f})" for way in ("scan", "trainer"))
+                f"{row[f'{way}_to_torch']:5.2f} ({row[f'{way}_to_torch_paired']:4.2f})"
+                for way in ("scan", "trainer")
+            )
         else:
             ratios = f"{'-':>10s} {'-':>13s} {'-':>13s}"
-        lines.append(f"{model:7s} {batch:>5s} "
-                     + " ".join(f"{row[way]['examples_per_second']:10.3g}" for way in JAX_WAYS)
-                     + f" {ratios} {row['scan']['first_call_seconds']:10.2f}")
+        lines.append(
+            f"{model:7s} {batch:>5s} "
+            + " ".join(f"{row[way]['examples_per_second']:10.3g}" for way in JAX_WAYS)
+            + f" {ratios} {row['scan']['first_call_seconds']:10.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -243,8 +269,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke version (seconds)")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-    parser.add_argument("--models", type=lambda s: tuple(s.split(",")), default=None,
-                        help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument(
+        "--models",
+        type=lambda s: tuple(s.split(",")),
+        default=None,
+        help=f"comma-separated subset of {','.join(MODELS)}",
+    )
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -261,16 +291,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.torch_threads)
     arrays = digits_train()
     results: dict[str, Any] = dict(
-        config=dict(cfg, learning_rate=LEARNING_RATE, num_examples=len(arrays["label"]),
-                    torch_threads=args.torch_threads),
+        config=dict(
+            cfg,
+            learning_rate=LEARNING_RATE,
+            num_examples=len(arrays["label"]),
+            torch_threads=args.torch_threads,
+        ),
         machine=machine_info("torch", "flax", "optax"),
-        peer=f"torch {peer_version}" if peer_version else "not installed", rows={},
+        peer=f"torch {peer_version}" if peer_version else "not installed",
+        rows={},
     )
     for name in cfg["models"]:
         for batch_size in cfg["batch_sizes"]:
             print(f"{name}, batch {batch_size} ...", file=sys.stderr)
             results["rows"][f"{name}/batch_{batch_size}"] = bench_row(
-                name, batch_size, cfg, arrays, peer_version is not None)
+                name, batch_size, cfg, arrays, peer_version is not None
+            )
     results["total_seconds"] = time.perf_counter() - wall
     return write_results(args.out, results, table(results))
 

@@ -16,7 +16,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.noise = 0.1  # target noise
     config.data_seed = 0  # the problem instance (one per spread)
     config.spreads = (1.0, 10.0, 100.0, 1e3, 1e4)  # L_max / L_min
-    config.profile = "geometric"  # log-spaced L_i; "outlier": one worker at the spread, the rest at 1
+    config.profile = (
+        "geometric"  # log-spaced L_i; "outlier": one worker at the spread, the rest at 1
+    )
     config.compressors = ("top_k", "rand_k", "natural")  # rand_k: unscaled, alpha = k / d
     config.top_k_fraction = 0.1  # k = ceil(fraction * d)
     config.rand_k_fraction = 0.1

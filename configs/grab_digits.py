@@ -10,7 +10,12 @@ from ml_collections import ConfigDict, config_dict
 def get_config(variant: str = "full") -> ConfigDict:
     config = ConfigDict()
     # Tuples, so that --config.schemes='("random_reshuffle","grab_pair_balance")' overrides them.
-    config.schemes = ("random_reshuffle", "single_shuffle", "grab_mean_balance", "grab_pair_balance")
+    config.schemes = (
+        "random_reshuffle",
+        "single_shuffle",
+        "grab_mean_balance",
+        "grab_pair_balance",
+    )
     config.hidden = (64, 64)  # MLP widths
     config.batch_norm = False
     config.learning_rate = 0.05  # plain SGD
@@ -18,7 +23,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_epochs = 30
     config.num_seeds = 8  # vmapped in one call per scheme
     config.seed = 0  # network initialisation and shuffling randomness
-    config.data_dir = config_dict.placeholder(str)  # TFDS data_dir for the digits build; None: TFDS default
+    config.data_dir = config_dict.placeholder(
+        str
+    )  # TFDS data_dir for the digits build; None: TFDS default
     config.results_dir = "results"
     if variant == "quick":
         config.schemes = ("random_reshuffle", "single_shuffle", "grab_mean_balance")

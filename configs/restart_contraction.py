@@ -12,7 +12,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.weights = (0.6, 0.3, 0.1)  # the data's mode weights; the wrong score uses equal weights
     config.radius = 3.0  # modes on a circle of this radius, 120 degrees apart
     config.mode_variance = 0.1  # isotropic component variance
-    config.error_above = 0.6  # the score is the equal-weight mixture's for t > error_above (VP time)
+    config.error_above = (
+        0.6  # the score is the equal-weight mixture's for t > error_above (VP time)
+    )
     config.nfe_budgets = (30, 60, 120)
     config.restart_t_min = 0.1
     config.restart_t_max = 0.5

@@ -25,12 +25,22 @@ def get_config(variant: str = "full") -> ConfigDict:
         "edm_heun",
         "restart",
     )
-    config.nfe_budgets = (5, 10, 20, 40, 80, 160, 320)  # each sampler takes the most steps within each
+    config.nfe_budgets = (
+        5,
+        10,
+        20,
+        40,
+        80,
+        160,
+        320,
+    )  # each sampler takes the most steps within each
     config.gaussian_dim = 8
     config.gaussian_var_min = 0.01  # covariance eigenvalues, log-spaced, in a random rotation
     config.gaussian_var_max = 4.0
     config.gaussian_mean_norm = 3.0  # |mean|, in a random direction
-    config.floor_factor = 10.0  # order fits use only points with KL >= floor_factor * KL(prior || p_T)
+    config.floor_factor = (
+        10.0  # order fits use only points with KL >= floor_factor * KL(prior || p_T)
+    )
     config.fit_points = 4  # ... and of those the (at most) fit_points largest budgets
     # Part B: Monte Carlo on mixtures, all seeds in one vmapped call
     config.mixtures = ("mixture_2d", "mixture_high_dim")

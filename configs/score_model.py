@@ -7,9 +7,9 @@ the test runs it).
 
 from ml_collections import ConfigDict, config_dict
 
-from shufflesgd import solvers
+from shufflesgd import diffusion
 
-ALL_SAMPLERS = tuple(solvers.SAMPLERS)  # every sampler of the library
+ALL_SAMPLERS = tuple(diffusion.SAMPLERS)  # every sampler of the library
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -18,8 +18,8 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.parts = ("mixture_2d", "digits")
     config.sde = "vp"  # forward process of both parts
     config.grid = "uniform_log_snr"  # time grid of every fixed-grid sampler
-    # sampling: each fixed-grid sampler takes the most steps whose NFE (with the final denoise) fits a budget;
-    # pf_ode_adaptive runs once per tolerance instead (rtol = atol)
+    # sampling: each fixed-grid sampler takes the most steps whose NFE (with the final denoise) fits
+    # a budget; pf_ode_adaptive runs once per tolerance instead (rtol = atol)
     config.samplers = ALL_SAMPLERS  # for the 2-D mixture
     config.nfe_budgets = (10, 20, 50, 100)
     config.adaptive_tolerances = (1e-2, 1e-3)
@@ -41,7 +41,8 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.mixture_learning_rate = 2e-3  # Adam, cosine decay to 0 over the run
     # part 2: 8x8 digits (17 levels, uniformly dequantised to [-1, 1])
     config.digits_model = "mlp"  # "mlp" (flattened 64-D ScoreMLP) or "unet"
-    # "edm": Karras et al. (2022) input/output scalings around the network (models.EDMPreconditioned); "none"
+    # "edm": Karras et al. (2022) input/output scalings around the network
+    # (models.EDMPreconditioned); "none"
     config.digits_preconditioning = "edm"
     config.digits_sigma_data = 0.5  # EDM's sigma_data for data in [-1, 1]
     config.digits_hidden = 256
@@ -60,7 +61,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.likelihood_divergence = "exact"  # 64 JVPs an evaluation; "hutchinson" for one
     config.likelihood_max_steps = 4096
     config.seed = 0
-    config.data_dir = config_dict.placeholder(str)  # TFDS data; None: <results_dir>/score_model/tfds
+    config.data_dir = config_dict.placeholder(
+        str
+    )  # TFDS data; None: <results_dir>/score_model/tfds
     # checkpoints and metrics.jsonl; None: <results folder>/training.  Set it to resume a killed run
     config.checkpoint_dir = config_dict.placeholder(str)
     config.results_dir = "results"

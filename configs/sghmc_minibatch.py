@@ -1,7 +1,8 @@
 """Config for experiments/sghmc_minibatch.py.
 
 Variants: ``configs/sghmc_minibatch.py`` (the full sweep: 3 kernels x 4 schemes x 5 step sizes)
-and ``configs/sghmc_minibatch.py:quick`` (two kernels, two schemes, three step sizes, fewer chains; the test runs it).
+and ``configs/sghmc_minibatch.py:quick`` (two kernels, two schemes, three step sizes, fewer chains;
+the test runs it).
 """
 
 from ml_collections import ConfigDict
@@ -12,7 +13,8 @@ def get_config(variant: str = "full") -> ConfigDict:
     # Tuples, so that --config.step_fractions='(0.2,0.1)' overrides them from the command line.
     config.kernels = ("sgld", "sghmc_euler", "sghmc_baoab")
     config.schemes = ("with_replacement", "random_reshuffle", "single_shuffle", "flipflop")
-    # step = c * 2/L (SGLD) or c * 2/sqrt(L) (SGHMC): c is the fraction of the full-gradient stability limit
+    # step = c * 2/L (SGLD) or c * 2/sqrt(L) (SGHMC): c is the fraction of the full-gradient
+    # stability limit
     config.step_fractions = (0.2, 0.1, 0.05, 0.025, 0.0125)
     config.batch_size = 34  # divides n = 442: 13 minibatches an epoch
     config.relative_friction = 1.0  # SGHMC friction gamma = relative_friction * sqrt(L)
@@ -21,7 +23,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_chains = 512  # per (kernel, scheme, step size), all in one vmapped call
     config.burn_in_epochs = 20  # chains start at exact posterior draws
     config.sample_epochs = 120  # positions kept at epoch ends
-    config.chain_batch = 64  # chains vmapped at a time inside lax.map (memory; small is faster on CPU)
+    config.chain_batch = (
+        64  # chains vmapped at a time inside lax.map (memory; small is faster on CPU)
+    )
     config.fit_min_snr = 4.0  # orders fitted only over step sizes with bias >= fit_min_snr * SE
     config.fit_points_small = 3  # ... and again over the smallest fit_points_small of those
     config.seed = 0  # starts, minibatch orders and injected noise

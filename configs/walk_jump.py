@@ -11,9 +11,18 @@ def get_config(variant: str = "full") -> ConfigDict:
     config = ConfigDict()
     # Tuples, so that --config.samplers='("ula","walk_jump")' overrides them from the command line.
     config.problems = ("mixture_2d", "mixture_high_dim")
-    config.samplers = ("exact", "exact_jump", "ula", "mala", "walk_jump", "walk_jump_mc", "chain_of_chains",
-                       "follmer")
-    # the mixtures: isotropic components N(mu_k, component_std^2 I), neighbouring means `separation` apart
+    config.samplers = (
+        "exact",
+        "exact_jump",
+        "ula",
+        "mala",
+        "walk_jump",
+        "walk_jump_mc",
+        "chain_of_chains",
+        "follmer",
+    )
+    # the mixtures: isotropic components N(mu_k, component_std^2 I), neighbouring means `separation`
+    # apart
     config.weights = (0.4, 0.3, 0.2, 0.1)
     config.component_std = 0.5
     config.separation = 8.0  # 16 component standard deviations: no Langevin chain crosses
@@ -29,13 +38,19 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.ula_step_size = 0.05  # against component variance 0.25: stable, small bias
     config.mala_step_size = 0.05
     config.sigma = 2.0  # walk-jump smoothing; p_sigma's modes are bridged at this scale
-    config.walk_step_fraction = 0.5  # walk step h = walk_step_fraction * sigma^2 (p_sigma is 1/sigma^2-smooth)
+    config.walk_step_fraction = (
+        0.5  # walk step h = walk_step_fraction * sigma^2 (p_sigma is 1/sigma^2-smooth)
+    )
     config.mc_samples = 16  # log-density evaluations per Monte-Carlo score (walk_jump_mc, follmer)
     config.num_measurements = 16  # chain of log-concave chains: m (jump noise sigma/sqrt(m))
     config.steps_per_measurement = 8
     config.follmer_steps = 16  # Euler steps of the Föllmer sampler
-    config.follmer_scale = 4.0  # reference N(0, follmer_scale^2 I): the sampler runs on u = x / scale
-    config.visit_radius = 2.0  # a mode is visited by a sample within 2 RMS radii of its mean (and assigned to it)
+    config.follmer_scale = (
+        4.0  # reference N(0, follmer_scale^2 I): the sampler runs on u = x / scale
+    )
+    config.visit_radius = (
+        2.0  # a mode is visited by a sample within 2 RMS radii of its mean (and assigned to it)
+    )
     config.seed = 0
     config.x64 = True
     config.results_dir = "results"

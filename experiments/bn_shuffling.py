@@ -48,10 +48,10 @@ e-fold of epochs over the second half of training (least-squares slope against l
 
 Training uses :func:`shufflesgd.network_training.make_trainer` with the schemes of
 :func:`shufflesgd.shuffling.make_scheme`; each epoch is its ``scan_epoch``, a ``lax.scan`` over
-the epoch's minibatches in ``scheme.next_epoch``'s order (the same steps, keys and batches as
+the epoch's minibatches in the order ``scheme.step`` draws (the same steps, keys and batches as
 ``Trainer.run_epoch``), vmapped over seeds and learning rates (a traced
 ``optax.inject_hyperparams`` learning rate), in compiled chunks of epochs with a tqdm bar.
-(:func:`experiments.network_runs.train_resumable` drives one run with one Python dispatch per
+(:func:`experiments.common.train_resumable` drives one run with one Python dispatch per
 step; here there are tens of thousands of microsecond steps per run, so the runs are vmapped
 instead, and each takes seconds, which needs no checkpoint.)
 
@@ -79,7 +79,8 @@ from scipy.optimize import linprog
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import models, network_training
+from shufflesgd import drivers
+from shufflesgd.nn import models, training
 from shufflesgd.shuffling import ShufflingScheme, make_scheme
 
 matplotlib.use("Agg")
@@ -99,19 +100,29 @@ def _check_task(prefix: str, task: ConfigDict) -> None:
     for field in ("num_examples", "dim", "batch_size", "num_epochs", "epochs_per_chunk"):
         common.check_positive_ints(f"{prefix}.{field}", task[field])
     common.check_positive_ints(f"{prefix}.hidden", task.hidden)
-    if task.batch_size < 2 or task.batch_size >= task.num_examples or task.num_examples % task.batch_size:
-        raise ValueError(f"config.{prefix}.batch_size must be at least 2, below num_examples and divide it, "
-                         f"got batch_size={task.batch_size}, num_examples={task.num_examples}")
+    if (
+        task.batch_size < 2
+        or task.batch_size >= task.num_examples
+        or task.num_examples % task.batch_size
+    ):
+        raise ValueError(
+            f"config.{prefix}.batch_size must be at least 2, below num_examples and divide it, "
+            f"got batch_size={task.batch_size}, num_examples={task.num_examples}"
+        )
     if task.num_epochs % task.epochs_per_chunk:
-        raise ValueError(f"config.{prefix}.epochs_per_chunk must divide num_epochs, got "
-                         f"{task.epochs_per_chunk} and {task.num_epochs}")
+        raise ValueError(
+            f"config.{prefix}.epochs_per_chunk must divide num_epochs, got "
+            f"{task.epochs_per_chunk} and {task.num_epochs}"
+        )
 
 
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled (``ValueError`` naming it)."""
     common.check_positive_ints("num_seeds", config.num_seeds)
     if config.num_seeds < 2:
-        raise ValueError(f"config.num_seeds must be at least 2 (a spread needs two), got {config.num_seeds}")
+        raise ValueError(
+            f"config.num_seeds must be at least 2 (a spread needs two), got {config.num_seeds}"
+        )
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise ValueError(f"config.seed must be a non-negative int, got {config.seed!r}")
     reg, cls = config.regression, config.classification
@@ -124,15 +135,26 @@ def validate(config: ConfigDict) -> None:
         common.check_positive_number("regression.learning_rates", rate)
     for field in ("feature_log_std", "noise"):
         common.check_positive_number(f"regression.{field}", reg[field])
-    common.check_positive_ints("regression.rr_reference_permutations", reg.rr_reference_permutations)
+    common.check_positive_ints(
+        "regression.rr_reference_permutations", reg.rr_reference_permutations
+    )
     if reg.rr_reference_permutations < 10:
-        raise ValueError("config.regression.rr_reference_permutations must be at least 10 (its standard "
-                         f"error uses 10 chunks), got {reg.rr_reference_permutations}")
+        raise ValueError(
+            "config.regression.rr_reference_permutations must be at least 10 (its standard "
+            f"error uses 10 chunks), got {reg.rr_reference_permutations}"
+        )
     for field in ("learning_rate", "divergence_loss"):
         common.check_positive_number(f"classification.{field}", cls[field])
     shift = cls.class_shift
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift < 0:
-        raise ValueError(f"config.classification.class_shift must be a non-negative finite number, got {shift!r}")
+    if (
+        isinstance(shift, bool)
+        or not isinstance(shift, (int, float))
+        or not math.isfinite(shift)
+        or shift < 0
+    ):
+        raise ValueError(
+            f"config.classification.class_shift must be a non-negative finite number, got {shift!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,7 +162,8 @@ def validate(config: ConfigDict) -> None:
 
 def regression_data(task: ConfigDict, rng: np.random.Generator) -> Arrays:
     r""":math:`x_{ij} = e^{s g_{ij}}` (log-normal, skewed: minibatch moments vary a lot),
-    :math:`y = \langle w^*, x\rangle + \sigma\varepsilon` with :math:`w^*, g, \varepsilon \sim N(0, 1)`."""
+    :math:`y = \langle w^*, x\rangle + \sigma\varepsilon` with
+    :math:`w^*, g, \varepsilon \sim N(0, 1)`."""
     x = np.exp(task.feature_log_std * rng.standard_normal((task.num_examples, task.dim)))
     w = rng.standard_normal(task.dim)
     y = x @ w + task.noise * rng.standard_normal(task.num_examples)
@@ -158,7 +181,9 @@ def classification_data(task: ConfigDict, rng: np.random.Generator) -> Arrays:
 
 def batch_normalise(x: np.ndarray) -> np.ndarray:
     """Per-feature standardisation with the batch's biased variance and BatchNorm's epsilon."""
-    return (x - x.mean(axis=-2, keepdims=True)) / np.sqrt(x.var(axis=-2, keepdims=True) + BN_EPSILON)
+    return (x - x.mean(axis=-2, keepdims=True)) / np.sqrt(
+        x.var(axis=-2, keepdims=True) + BN_EPSILON
+    )
 
 
 def distorted_inputs(x: np.ndarray, order: np.ndarray, batch_size: int) -> np.ndarray:
@@ -173,15 +198,20 @@ def distorted_inputs(x: np.ndarray, order: np.ndarray, batch_size: int) -> np.nd
 # ----------------------------------------------------------------------------- model pieces
 
 
-def squared_loss(model: nn.Module, *, input_key: str = "x", target_key: str = "y") -> network_training.LossFn:
+def squared_loss(
+    model: nn.Module, *, input_key: str = "x", target_key: str = "y"
+) -> training.LossFn:
     r"""Per-example squared loss :math:`\ell_i = \frac12(f_\theta(x_i) - y_i)^2` of a one-output
     model (the regression loss of Wu et al. 2023, Sec. 3), with the signature of
     :func:`shufflesgd.network_training.cross_entropy_loss`; the key is unused."""
 
-    def loss_fn(params: PyTree, batch_stats: PyTree, batch: network_training.Batch, key: jax.Array,
-                train: bool) -> tuple[jax.Array, tuple[PyTree, network_training.Metrics]]:
+    def loss_fn(
+        params: PyTree, batch_stats: PyTree, batch: training.Batch, key: jax.Array, train: bool
+    ) -> tuple[jax.Array, tuple[PyTree, training.Metrics]]:
         del key
-        output, new_stats = models.apply_model(model, params, batch_stats, batch[input_key], train=train)
+        output, new_stats = models.apply_model(
+            model, params, batch_stats, batch[input_key], train=train
+        )
         return 0.5 * (output[:, 0] - batch[target_key]) ** 2, (new_stats, {})
 
     return loss_fn
@@ -189,8 +219,8 @@ def squared_loss(model: nn.Module, *, input_key: str = "x", target_key: str = "y
 
 def end_to_end(params: PyTree, depth: int) -> tuple[jax.Array, jax.Array]:
     r"""``(M [d, k], c [k])`` with :math:`f(x) = M^\top z + c` on normalised inputs :math:`z`:
-    :math:`M = \mathrm{diag}(\gamma)\,K_1\cdots K_{depth}`, :math:`c = \beta^\top K_1\cdots K_{depth}`
-    (flax kernels :math:`K_l` are ``[in, out]``)."""
+    :math:`M = \mathrm{diag}(\gamma)\,K_1\cdots K_{depth}`,
+    :math:`c = \beta^\top K_1\cdots K_{depth}` (flax kernels :math:`K_l` are ``[in, out]``)."""
     product = params["Dense_0"]["kernel"]
     for layer in range(1, depth):
         product = product @ params[f"Dense_{layer}"]["kernel"]
@@ -211,13 +241,23 @@ def weakly_separable(z: np.ndarray, signs: np.ndarray, tol: float = 1e-3) -> boo
     span from counting).  Exactly then the logistic risk on :math:`\{(z_i, s_i)\}` has no
     minimiser and gradient methods diverge in norm along such a direction."""
     rows = signs[:, None] * np.concatenate([z, np.ones((len(z), 1))], axis=1)
-    result = linprog(-rows.sum(0), A_ub=-rows, b_ub=np.zeros(len(rows)), bounds=[(-1.0, 1.0)] * rows.shape[1],
-                     method="highs")
+    result = linprog(
+        -rows.sum(0),
+        A_ub=-rows,
+        b_ub=np.zeros(len(rows)),
+        bounds=[(-1.0, 1.0)] * rows.shape[1],
+        method="highs",
+    )
     return bool(result.status == 0 and -result.fun > tol)
 
 
-def distorted_optima(data: Arrays, orders: np.ndarray, batch_size: int, num_permutations: int,
-                     rng: np.random.Generator) -> dict[str, Any]:
+def distorted_optima(
+    data: Arrays,
+    orders: np.ndarray,
+    batch_size: int,
+    num_permutations: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
     r"""Closed-form minimisers in :math:`\theta = (M, c)` of the squared-loss risks.
 
     GD: least squares on :math:`[z^{full}, 1]`; SS (one per row of ``orders``, the seed's
@@ -248,53 +288,77 @@ def distorted_optima(data: Arrays, orders: np.ndarray, batch_size: int, num_perm
 # ----------------------------------------------------------------------------- training
 
 
-def make_run(loss_fn: network_training.LossFn, scheme: ShufflingScheme, batch_size: int, data: Arrays,
-             epochs_per_record: int, record_fn: Callable[[PyTree], jax.Array]) -> Callable:
+def make_run(
+    loss_fn: training.LossFn,
+    scheme: ShufflingScheme,
+    batch_size: int,
+    data: Arrays,
+    epochs_per_record: int,
+    record_fn: Callable[[PyTree], jax.Array],
+) -> Callable:
     r"""A jitted ``chunk(states, num_records) -> (states, (risk [runs, R], record [runs, R, ...]))``
     over a batch of :class:`~shufflesgd.network_training.TrainState` (leading axis: runs).
 
-    One epoch is ``Trainer.scan_epoch``: ``scheme.next_epoch``'s order, the trainer's step over
+    One epoch is ``Trainer.scan_epoch``: the scheme's order for the epoch, the trainer's step over
     its consecutive minibatches (what ``Trainer.run_epoch`` does, in one program); after every
     ``epochs_per_record`` epochs it records the full-batch (undistorted) risk, BatchNorm using the
     whole set's moments, and ``record_fn(params)``.
     """
-    optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)  # each state carries its rate
-    trainer = network_training.make_trainer(loss_fn, optimizer, scheme, batch_size=batch_size)
+    optimizer = optax.inject_hyperparams(optax.sgd)(
+        learning_rate=0.0
+    )  # each state carries its rate
+    trainer = training.make_trainer(loss_fn, optimizer, scheme, batch_size=batch_size)
     arrays = {name: jnp.asarray(value) for name, value in data.items()}
     full_key = jax.random.key(0)  # the losses here ignore their key
 
-    def epoch(state: network_training.TrainState, _: None) -> tuple[network_training.TrainState, None]:
+    def epoch(state: training.TrainState, _: None) -> tuple[training.TrainState, None]:
         return trainer.scan_epoch(state, arrays)[0], None
 
-    def record(state: network_training.TrainState, _: None) -> tuple[network_training.TrainState, tuple]:
+    def record(state: training.TrainState, _: None) -> tuple[training.TrainState, tuple]:
         state, _ = jax.lax.scan(epoch, state, None, length=epochs_per_record)
         losses, _ = loss_fn(state.params, state.batch_stats, arrays, full_key, True)
         return state, (jnp.mean(losses), record_fn(state.params))
 
     @functools.partial(jax.jit, static_argnums=1)
-    def chunk(states: network_training.TrainState, num_records: int):
+    def chunk(states: training.TrainState, num_records: int):
         return jax.vmap(lambda s: jax.lax.scan(record, s, None, length=num_records))(states)
 
     return chunk
 
 
-def initial_states(model: nn.Module, trainer_scheme: ShufflingScheme, example: jax.Array,
-                   init_keys: jax.Array, train_keys: jax.Array, rates: Sequence[float]) -> network_training.TrainState:
+def initial_states(
+    model: nn.Module,
+    trainer_scheme: ShufflingScheme,
+    example: jax.Array,
+    init_keys: jax.Array,
+    train_keys: jax.Array,
+    rates: Sequence[float],
+) -> training.TrainState:
     """States for every (learning rate, seed), rate-major: seed ``s`` has the same initial
     parameters and the same scheme key under every rate (paired comparisons)."""
     optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)
     params, stats = jax.vmap(lambda k: models.init_model(model, k, example))(init_keys)
-    seeds = jax.vmap(lambda k, p, b: network_training.init_train_state(k, p, b, optimizer, trainer_scheme))(
-        train_keys, params, stats)
+    seeds = jax.vmap(lambda k, p, b: training.init_train_state(k, p, b, optimizer, trainer_scheme))(
+        train_keys, params, stats
+    )
     tiled = jax.tree.map(lambda leaf: jnp.concatenate([leaf] * len(rates)), seeds)
     rate_per_run = jnp.repeat(jnp.asarray(rates, jnp.float32), len(init_keys))
-    opt_state = tiled.opt_state._replace(hyperparams={**tiled.opt_state.hyperparams, "learning_rate": rate_per_run})
+    opt_state = tiled.opt_state._replace(
+        hyperparams={**tiled.opt_state.hyperparams, "learning_rate": rate_per_run}
+    )
     return tiled._replace(opt_state=opt_state)
 
 
-def train_all(model: nn.Module, loss_fn: network_training.LossFn, task: ConfigDict, data: Arrays,
-              rates: Sequence[float], seed_keys: jax.Array, record_fn: Callable[[PyTree], jax.Array],
-              label: str) -> dict[str, dict[str, np.ndarray]]:
+def train_all(
+    model: nn.Module,
+    loss_fn: training.LossFn,
+    task: ConfigDict,
+    data: Arrays,
+    rates: Sequence[float],
+    seed_keys: jax.Array,
+    record_fn: Callable[[PyTree], jax.Array],
+    label: str,
+) -> dict[str, dict[str, np.ndarray]]:
     """Train GD, SS and RR for every (rate, seed) for the same number of steps.
 
     Returns per scheme ``risk [runs, epochs]``, ``record [runs, epochs, ...]`` (runs rate-major),
@@ -308,22 +372,34 @@ def train_all(model: nn.Module, loss_fn: network_training.LossFn, task: ConfigDi
     example = jnp.asarray(data["x"][:batch])
     results = {}
     for index, name in enumerate(SCHEMES):
-        scheme_name, batch_size, per_record = (("incremental", n, steps_per_epoch) if name == "gd"
-                                               else (name, batch, 1))
+        scheme_name, batch_size, per_record = (
+            ("incremental", n, steps_per_epoch) if name == "gd" else (name, batch, 1)
+        )
         scheme = make_scheme(scheme_name, n)
         chunk = make_run(loss_fn, scheme, batch_size, data, per_record, record_fn)
         train_keys = jax.vmap(functools.partial(jax.random.fold_in, data=1 + index))(seed_keys)
         states = initial_states(model, scheme, example, init_keys, train_keys, rates)
-        first_states = jax.tree.map(lambda leaf: leaf[: len(seed_keys)], states.scheme_state)
-        first_orders = np.asarray(jax.vmap(scheme.next_epoch)(first_states)[1])
+        first_keys, first_states = jax.tree.map(
+            lambda leaf: leaf[: len(seed_keys)], (states.scheme_key, states.scheme_state)
+        )
+        first_order = functools.partial(drivers.epoch_order, scheme)
+        first_orders = np.asarray(
+            jax.vmap(first_order, in_axes=(0, 0, None))(first_keys, first_states, 0)[1]
+        )
         start = time.perf_counter()
         risks, records = [], []
-        for _ in tqdm(range(task.num_epochs // task.epochs_per_chunk), desc=f"{label} {name}", leave=False):
+        for _ in tqdm(
+            range(task.num_epochs // task.epochs_per_chunk), desc=f"{label} {name}", leave=False
+        ):
             states, (risk, record) = chunk(states, task.epochs_per_chunk)
             risks.append(np.asarray(risk))
             records.append(np.asarray(record))
-        results[name] = {"risk": np.concatenate(risks, axis=1), "record": np.concatenate(records, axis=1),
-                         "order": first_orders, "seconds": time.perf_counter() - start}
+        results[name] = {
+            "risk": np.concatenate(risks, axis=1),
+            "record": np.concatenate(records, axis=1),
+            "order": first_orders,
+            "seconds": time.perf_counter() - start,
+        }
     return results
 
 
@@ -334,7 +410,9 @@ def _relative(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
     return np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64), axis=-1) / scale
 
 
-def regression_study(config: ConfigDict, seed_keys: jax.Array) -> tuple[dict[str, Any], dict[str, Any]]:
+def regression_study(
+    config: ConfigDict, seed_keys: jax.Array
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train GD/SS/RR on the regression data; distances of the end points and to the optima.
     NumPy streams: ``[seed, 0]`` draws the data, ``[seed, 1]`` RR's Monte Carlo partitions."""
     task = config.regression
@@ -342,10 +420,23 @@ def regression_study(config: ConfigDict, seed_keys: jax.Array) -> tuple[dict[str
     depth = len(task.hidden) + 1
     model = models.LinearBatchNorm(hidden=tuple(task.hidden), num_outputs=1)
     rates = list(task.learning_rates)
-    runs = train_all(model, squared_loss(model), task, data, rates, seed_keys,
-                     lambda p: regression_theta(p, depth), "regression")
-    optima = distorted_optima(data, runs["single_shuffle"]["order"], task.batch_size,
-                              task.rr_reference_permutations, np.random.default_rng([config.seed, 1]))
+    runs = train_all(
+        model,
+        squared_loss(model),
+        task,
+        data,
+        rates,
+        seed_keys,
+        lambda p: regression_theta(p, depth),
+        "regression",
+    )
+    optima = distorted_optima(
+        data,
+        runs["single_shuffle"]["order"],
+        task.batch_size,
+        task.rr_reference_permutations,
+        np.random.default_rng([config.seed, 1]),
+    )
     scale = float(np.linalg.norm(optima["gd"]))
     seeds = config.num_seeds
     final = {name: runs[name]["record"][:, -1].reshape(len(rates), seeds, -1) for name in SCHEMES}
@@ -359,35 +450,56 @@ def regression_study(config: ConfigDict, seed_keys: jax.Array) -> tuple[dict[str
     for r, rate in enumerate(rates):
         gd, ss, rr = final["gd"][r], final["single_shuffle"][r], final["random_reshuffle"][r]
         distances = {
-            "ss_gd": _relative(ss, gd, scale), "rr_gd": _relative(rr, gd, scale), "ss_rr": _relative(ss, rr, scale),
+            "ss_gd": _relative(ss, gd, scale),
+            "rr_gd": _relative(rr, gd, scale),
+            "ss_rr": _relative(ss, rr, scale),
             "gd_to_optimum": _relative(gd, optima["gd"], scale),
             "ss_to_optimum": _relative(ss, optima["single_shuffle"], scale),
             "rr_to_optimum": _relative(rr, optima["random_reshuffle"], scale),
             "gd_seed_spread": _relative(gd, gd.mean(axis=0), scale),
             "rr_seed_spread": _relative(rr, rr.mean(axis=0), scale),
         }
-        risks = {name: runs[name]["risk"].reshape(len(rates), seeds, -1)[r, :, -1] for name in SCHEMES}
-        per_rate.append({
-            "learning_rate": rate,
-            "distances": {k: v.tolist() for k, v in distances.items()},
-            "mean": {k: float(np.mean(v)) for k, v in distances.items()},
-            "std": {k: float(np.std(v, ddof=1)) for k, v in distances.items()},
-            "final_risk_mean": {k: float(np.mean(v)) for k, v in risks.items()},
-        })
+        risks = {
+            name: runs[name]["risk"].reshape(len(rates), seeds, -1)[r, :, -1] for name in SCHEMES
+        }
+        per_rate.append(
+            {
+                "learning_rate": rate,
+                "distances": {k: v.tolist() for k, v in distances.items()},
+                "mean": {k: float(np.mean(v)) for k, v in distances.items()},
+                "std": {k: float(np.std(v, ddof=1)) for k, v in distances.items()},
+                "final_risk_mean": {k: float(np.mean(v)) for k, v in risks.items()},
+            }
+        )
     metrics = {
-        "num_examples": task.num_examples, "dim": task.dim, "batch_size": task.batch_size,
+        "num_examples": task.num_examples,
+        "dim": task.dim,
+        "batch_size": task.batch_size,
         "steps": task.num_epochs * (task.num_examples // task.batch_size),
         "theta_norm_gd_optimum": scale,
-        "optimal_risk": {"gd": _squared_risk(optima["gd"], batch_normalise(data["x"].astype(np.float64)), data["y"])},
-        "optima": {"gd": optima["gd"], "random_reshuffle": optima["random_reshuffle"],
-                   "single_shuffle": optima["single_shuffle"]},
-        "predicted": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in predicted.items()},
+        "optimal_risk": {
+            "gd": _squared_risk(
+                optima["gd"], batch_normalise(data["x"].astype(np.float64)), data["y"]
+            )
+        },
+        "optima": {
+            "gd": optima["gd"],
+            "random_reshuffle": optima["random_reshuffle"],
+            "single_shuffle": optima["single_shuffle"],
+        },
+        "predicted": {
+            k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in predicted.items()
+        },
         "per_rate": per_rate,
         "seconds": {name: runs[name]["seconds"] for name in SCHEMES},
     }
-    curves = {"risk": {name: runs[name]["risk"] for name in SCHEMES},
-              "to_gd_optimum": {name: _relative(runs[name]["record"], optima["gd"], scale) for name in SCHEMES},
-              "rates": rates}
+    curves = {
+        "risk": {name: runs[name]["risk"] for name in SCHEMES},
+        "to_gd_optimum": {
+            name: _relative(runs[name]["record"], optima["gd"], scale) for name in SCHEMES
+        },
+        "rates": rates,
+    }
     return metrics, curves
 
 
@@ -398,42 +510,54 @@ def _squared_risk(theta: np.ndarray, z: np.ndarray, y: np.ndarray) -> float:
 def _log_epoch_slope(risk: np.ndarray) -> float:
     """Least-squares slope of ``risk`` against ``log(epoch)`` over the second half of the epochs
     (NaN if any value there is not finite)."""
-    epochs = np.arange(1, len(risk) + 1)[len(risk) // 2:]
-    tail = risk[len(risk) // 2:]
+    epochs = np.arange(1, len(risk) + 1)[len(risk) // 2 :]
+    tail = risk[len(risk) // 2 :]
     if not np.all(np.isfinite(tail)):
         return float("nan")
     return float(np.polyfit(np.log(epochs), tail, 1)[0])
 
 
-def _all_batches(n: int, batch_size: int, rng: np.random.Generator, limit: int = 20_000) -> np.ndarray:
-    """Every ``batch_size``-subset of ``range(n)``, or ``limit`` uniformly random ones if there are more."""
+def _all_batches(
+    n: int, batch_size: int, rng: np.random.Generator, limit: int = 20_000
+) -> np.ndarray:
+    """Every ``batch_size``-subset of ``range(n)``, or ``limit`` uniformly random ones if there are
+    more."""
     if math.comb(n, batch_size) <= limit:
         return np.array(list(itertools.combinations(range(n), batch_size)))
     return np.argsort(rng.random((limit, n)), axis=1)[:, :batch_size]
 
 
-def classification_study(config: ConfigDict, seed_keys: jax.Array) -> tuple[dict[str, Any], dict[str, Any]]:
+def classification_study(
+    config: ConfigDict, seed_keys: jax.Array
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train GD/SS/RR on the classification data; divergence epochs and separability checks.
     NumPy streams: ``[seed, 2]`` draws the data, ``[seed, 3]`` the batches of RR's union."""
     task = config.classification
     data = classification_data(task, np.random.default_rng([config.seed, 2]))
     depth = len(task.hidden) + 1
     model = models.LinearBatchNorm(hidden=tuple(task.hidden), num_outputs=2)
-    loss_fn = network_training.cross_entropy_loss(model, input_key="x", label_key="y")
+    loss_fn = training.cross_entropy_loss(model, input_key="x", label_key="y")
 
     def norm_record(params: PyTree) -> jax.Array:
         matrix, offset = end_to_end(params, depth)
         return jnp.sqrt(jnp.sum(matrix**2) + jnp.sum(offset**2))
 
-    runs = train_all(model, loss_fn, task, data, [task.learning_rate], seed_keys, norm_record, "classification")
+    runs = train_all(
+        model, loss_fn, task, data, [task.learning_rate], seed_keys, norm_record, "classification"
+    )
     x, signs = data["x"].astype(np.float64), 2.0 * data["y"] - 1.0
-    batches = _all_batches(task.num_examples, task.batch_size, np.random.default_rng([config.seed, 3]))
+    batches = _all_batches(
+        task.num_examples, task.batch_size, np.random.default_rng([config.seed, 3])
+    )
     separable = {
         "original": weakly_separable(batch_normalise(x), signs),
-        "single_shuffle": [weakly_separable(distorted_inputs(x, order, task.batch_size), signs)
-                           for order in runs["single_shuffle"]["order"]],
-        "random_reshuffle_union": weakly_separable(batch_normalise(x[batches]).reshape(-1, x.shape[1]),
-                                                   signs[batches].ravel()),
+        "single_shuffle": [
+            weakly_separable(distorted_inputs(x, order, task.batch_size), signs)
+            for order in runs["single_shuffle"]["order"]
+        ],
+        "random_reshuffle_union": weakly_separable(
+            batch_normalise(x[batches]).reshape(-1, x.shape[1]), signs[batches].ravel()
+        ),
         "union_batches": len(batches),
     }
     per_scheme = {}
@@ -449,12 +573,21 @@ def classification_study(config: ConfigDict, seed_keys: jax.Array) -> tuple[dict
             "final_end_to_end_norm": runs[name]["record"][:, -1].tolist(),
             "risk_growth_per_efold": [_log_epoch_slope(row) for row in risk],
         }
-    metrics = {"num_examples": task.num_examples, "dim": task.dim, "class_shift": task.class_shift,
-               "batch_size": task.batch_size, "learning_rate": task.learning_rate,
-               "divergence_loss": task.divergence_loss, "separable": separable, "schemes": per_scheme,
-               "seconds": {name: runs[name]["seconds"] for name in SCHEMES}}
-    curves = {"risk": {name: runs[name]["risk"] for name in SCHEMES},
-              "norm": {name: runs[name]["record"] for name in SCHEMES}}
+    metrics = {
+        "num_examples": task.num_examples,
+        "dim": task.dim,
+        "class_shift": task.class_shift,
+        "batch_size": task.batch_size,
+        "learning_rate": task.learning_rate,
+        "divergence_loss": task.divergence_loss,
+        "separable": separable,
+        "schemes": per_scheme,
+        "seconds": {name: runs[name]["seconds"] for name in SCHEMES},
+    }
+    curves = {
+        "risk": {name: runs[name]["risk"] for name in SCHEMES},
+        "norm": {name: runs[name]["record"] for name in SCHEMES},
+    }
     return metrics, curves
 
 
@@ -463,40 +596,85 @@ def classification_study(config: ConfigDict, seed_keys: jax.Array) -> tuple[dict
 
 def format_table(metrics: dict[str, Any]) -> str:
     reg, cls = metrics["regression"], metrics["classification"]
-    pm = lambda per, key: (f"{per['mean'][key]:.1e}±{per['std'][key]:.0e}" if key == "gd_to_optimum"
-                           else f"{per['mean'][key]:.4f}±{per['std'][key]:.4f}")
-    lines = [(f"Regression: n={reg['num_examples']}, d={reg['dim']}, B={reg['batch_size']}, {reg['steps']} steps; "
-              "distances between end-to-end maps (M, c), relative to |theta*_GD|, mean±sd over seeds"),
-             "{:>8s} {:>15s} {:>15s} {:>15s} {:>15s} {:>15s} {:>15s}".format(
-                 "lr", "SS-GD", "RR-GD", "SS-RR", "GD-GD*", "SS-SS*", "RR-RR*")]
+    pm = lambda per, key: (
+        f"{per['mean'][key]:.1e}±{per['std'][key]:.0e}"
+        if key == "gd_to_optimum"
+        else f"{per['mean'][key]:.4f}±{per['std'][key]:.4f}"
+    )
+    lines = [
+        (
+            f"Regression: n={reg['num_examples']}, d={reg['dim']}, B={reg['batch_size']}, "
+            f"{reg['steps']} steps; "
+            "distances between end-to-end maps (M, c), relative to |theta*_GD|, mean±sd over seeds"
+        ),
+        "{:>8s} {:>15s} {:>15s} {:>15s} {:>15s} {:>15s} {:>15s}".format(
+            "lr", "SS-GD", "RR-GD", "SS-RR", "GD-GD*", "SS-SS*", "RR-RR*"
+        ),
+    ]
     for per in reg["per_rate"]:
-        lines.append(f"{per['learning_rate']:8.4g} " + " ".join(
-            f"{pm(per, k):>15s}" for k in ("ss_gd", "rr_gd", "ss_rr", "gd_to_optimum", "ss_to_optimum",
-                                           "rr_to_optimum")))
+        lines.append(
+            f"{per['learning_rate']:8.4g} "
+            + " ".join(
+                f"{pm(per, k):>15s}"
+                for k in (
+                    "ss_gd",
+                    "rr_gd",
+                    "ss_rr",
+                    "gd_to_optimum",
+                    "ss_to_optimum",
+                    "rr_to_optimum",
+                )
+            )
+        )
     pred = reg["predicted"]
     ss_gd, ss_rr = np.asarray(pred["ss_gd"]), np.asarray(pred["ss_rr"])
-    lines.append(f"{'optima':>8s} {ss_gd.mean():.4f}±{ss_gd.std(ddof=1):.4f} {pred['rr_gd']:>15.4f} "
-                 f"{ss_rr.mean():.4f}±{ss_rr.std(ddof=1):.4f}   (closed form: SS*, RR*, GD*; "
-                 f"RR* Monte Carlo SE {pred['rr_monte_carlo_se']:.1e})")
-    lines.append("final full-batch risk (mean over seeds): " + "; ".join(
-        f"lr {per['learning_rate']:g}: GD {per['final_risk_mean']['gd']:.4f} SS "
-        f"{per['final_risk_mean']['single_shuffle']:.4f} RR {per['final_risk_mean']['random_reshuffle']:.4f}"
-        for per in reg["per_rate"]) + f"; optimum {reg['optimal_risk']['gd']:.4f}")
+    lines.append(
+        f"{'optima':>8s} {ss_gd.mean():.4f}±{ss_gd.std(ddof=1):.4f} {pred['rr_gd']:>15.4f} "
+        f"{ss_rr.mean():.4f}±{ss_rr.std(ddof=1):.4f}   (closed form: SS*, RR*, GD*; "
+        f"RR* Monte Carlo SE {pred['rr_monte_carlo_se']:.1e})"
+    )
+    lines.append(
+        "final full-batch risk (mean over seeds): "
+        + "; ".join(
+            f"lr {per['learning_rate']:g}: GD {per['final_risk_mean']['gd']:.4f} SS "
+            f"{per['final_risk_mean']['single_shuffle']:.4f} RR "
+            f"{per['final_risk_mean']['random_reshuffle']:.4f}"
+            for per in reg["per_rate"]
+        )
+        + f"; optimum {reg['optimal_risk']['gd']:.4f}"
+    )
     sep = cls["separable"]
-    lines.append(f"Classification: n={cls['num_examples']}, d={cls['dim']}, class shift {cls['class_shift']:g}, "
-                 f"B={cls['batch_size']}, lr={cls['learning_rate']:g}; diverged = full-batch risk > "
-                 f"{cls['divergence_loss']:g} or non-finite")
-    lines.append("{:>18s} {:>9s} {:>22s} {:>20s} {:>9s} {:>16s} {:>11s}".format(
-        "scheme", "diverged", "divergence epochs", "final risk (range)", "max risk", "growth/e-fold", "final |M,c|"))
+    lines.append(
+        f"Classification: n={cls['num_examples']}, d={cls['dim']}, class shift "
+        f"{cls['class_shift']:g}, "
+        f"B={cls['batch_size']}, lr={cls['learning_rate']:g}; diverged = full-batch risk > "
+        f"{cls['divergence_loss']:g} or non-finite"
+    )
+    lines.append(
+        "{:>18s} {:>9s} {:>22s} {:>20s} {:>9s} {:>16s} {:>11s}".format(
+            "scheme",
+            "diverged",
+            "divergence epochs",
+            "final risk (range)",
+            "max risk",
+            "growth/e-fold",
+            "final |M,c|",
+        )
+    )
     for name, r in cls["schemes"].items():
         epochs = ",".join("-" if e is None else str(e) for e in r["divergence_epoch"])
-        lines.append(f"{name:>18s} {sum(r['diverged']):>4d}/{len(r['diverged']):<4d} {epochs:>22s} "
-                     f"{np.min(r['final_risk']):9.3f}..{np.max(r['final_risk']):<9.3f} "
-                     f"{np.max(r['max_risk']):9.3f} {np.min(r['risk_growth_per_efold']):+7.3f}..{np.max(r['risk_growth_per_efold']):+7.3f} "
-                     f"{np.max(r['final_end_to_end_norm']):11.2f}")
-    lines.append(f"weakly separable: original {sep['original']}; SS partitions "
-                 f"{sum(sep['single_shuffle'])}/{len(sep['single_shuffle'])}; union of all "
-                 f"{sep['union_batches']} batches (RR) {sep['random_reshuffle_union']}")
+        lines.append(
+            f"{name:>18s} {sum(r['diverged']):>4d}/{len(r['diverged']):<4d} {epochs:>22s} "
+            f"{np.min(r['final_risk']):9.3f}..{np.max(r['final_risk']):<9.3f} "
+            f"{np.max(r['max_risk']):9.3f} {np.min(r['risk_growth_per_efold']):+7.3f}.."
+            f"{np.max(r['risk_growth_per_efold']):+7.3f} "
+            f"{np.max(r['final_end_to_end_norm']):11.2f}"
+        )
+    lines.append(
+        f"weakly separable: original {sep['original']}; SS partitions "
+        f"{sum(sep['single_shuffle'])}/{len(sep['single_shuffle'])}; union of all "
+        f"{sep['union_batches']} batches (RR) {sep['random_reshuffle_union']}"
+    )
     return "\n".join(lines)
 
 
@@ -511,27 +689,67 @@ def draw(curves: dict[str, Any], metrics: dict[str, Any], config: ConfigDict, pa
             label = name if s == 0 else None
             epochs = np.arange(1, reg["risk"][name].shape[1] + 1)
             axes[0].plot(epochs, reg["risk"][name][row], color=colors[name], lw=0.8, label=label)
-            axes[1].plot(epochs, reg["to_gd_optimum"][name][row], color=colors[name], lw=0.8, label=label)
-    axes[0].axhline(metrics["regression"]["optimal_risk"]["gd"], color="0.5", ls=":", label="GD optimum")
-    axes[0].set(xscale="log", yscale="log", xlabel="epoch (GD: as many steps)", ylabel="full-batch risk",
-                title=f"regression, lr {reg['rates'][last]:g}")
-    axes[1].set(xscale="log", yscale="log", xlabel="epoch", ylabel="|theta - theta*_GD| / |theta*_GD|",
-                title="distance to GD's optimum")
+            axes[1].plot(
+                epochs, reg["to_gd_optimum"][name][row], color=colors[name], lw=0.8, label=label
+            )
+    axes[0].axhline(
+        metrics["regression"]["optimal_risk"]["gd"], color="0.5", ls=":", label="GD optimum"
+    )
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="epoch (GD: as many steps)",
+        ylabel="full-batch risk",
+        title=f"regression, lr {reg['rates'][last]:g}",
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="epoch",
+        ylabel="|theta - theta*_GD| / |theta*_GD|",
+        title="distance to GD's optimum",
+    )
     per_rate = metrics["regression"]["per_rate"]
     rates = [p["learning_rate"] for p in per_rate]
-    for key, color, label in (("ss_gd", "tab:red", "SS-GD"), ("rr_gd", "tab:blue", "RR-GD"),
-                              ("ss_rr", "tab:purple", "SS-RR"), ("ss_to_optimum", "tab:orange", "SS-SS*"),
-                              ("rr_to_optimum", "tab:cyan", "RR-RR*")):
-        axes[2].errorbar(rates, [p["mean"][key] for p in per_rate], [p["std"][key] for p in per_rate],
-                         color=color, marker="o", capsize=3, label=label)
-    axes[2].set(xscale="log", yscale="log", xlabel="learning rate", ylabel="relative distance",
-                title="distortion vs learning rate (mean±sd)")
+    for key, color, label in (
+        ("ss_gd", "tab:red", "SS-GD"),
+        ("rr_gd", "tab:blue", "RR-GD"),
+        ("ss_rr", "tab:purple", "SS-RR"),
+        ("ss_to_optimum", "tab:orange", "SS-SS*"),
+        ("rr_to_optimum", "tab:cyan", "RR-RR*"),
+    ):
+        axes[2].errorbar(
+            rates,
+            [p["mean"][key] for p in per_rate],
+            [p["std"][key] for p in per_rate],
+            color=color,
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    axes[2].set(
+        xscale="log",
+        yscale="log",
+        xlabel="learning rate",
+        ylabel="relative distance",
+        title="distortion vs learning rate (mean±sd)",
+    )
     cls = curves["classification"]
     for name in SCHEMES:
         for s, row in enumerate(cls["risk"][name]):
-            axes[3].plot(np.arange(1, len(row) + 1), row, color=colors[name], lw=0.8, label=name if s == 0 else None)
-    axes[3].axhline(config.classification.divergence_loss, color="0.5", ls=":", label="divergence threshold")
-    axes[3].set(yscale="log", xlabel="epoch", ylabel="full-batch risk", title="classification: SS diverges")
+            axes[3].plot(
+                np.arange(1, len(row) + 1),
+                row,
+                color=colors[name],
+                lw=0.8,
+                label=name if s == 0 else None,
+            )
+    axes[3].axhline(
+        config.classification.divergence_loss, color="0.5", ls=":", label="divergence threshold"
+    )
+    axes[3].set(
+        yscale="log", xlabel="epoch", ylabel="full-batch risk", title="classification: SS diverges"
+    )
     for axis in axes:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
@@ -539,35 +757,74 @@ def draw(curves: dict[str, Any], metrics: dict[str, Any], config: ConfigDict, pa
 
 
 def run(config: ConfigDict) -> dict[str, Any]:
-    """Run both studies; write metrics.json, the CSVs, table.txt and figure.png; return the metrics."""
+    """Run both studies; write metrics.json, the CSVs, table.txt and figure.png; return the
+    metrics."""
     validate(config)
     folder = common.results_folder(config, NAME)
     base = jax.random.key(config.seed)
-    task_keys = [jax.vmap(lambda s, t=t: jax.random.fold_in(jax.random.fold_in(base, t), s))(
-        jnp.arange(config.num_seeds)) for t in range(2)]
+    task_keys = [
+        jax.vmap(lambda s, t=t: jax.random.fold_in(jax.random.fold_in(base, t), s))(
+            jnp.arange(config.num_seeds)
+        )
+        for t in range(2)
+    ]
     reg_metrics, reg_curves = regression_study(config, task_keys[0])
     cls_metrics, cls_curves = classification_study(config, task_keys[1])
     metrics = {"regression": reg_metrics, "classification": cls_metrics}
     table = format_table(metrics)
     rates, seeds = reg_curves["rates"], config.num_seeds
-    common.write_csv(folder / "regression.csv",
-                     ["learning_rate", "seed", "ss_gd", "rr_gd", "ss_rr", "gd_to_optimum", "ss_to_optimum",
-                      "rr_to_optimum"],
-                     [[p["learning_rate"], s] + [p["distances"][k][s] for k in
-                                                 ("ss_gd", "rr_gd", "ss_rr", "gd_to_optimum", "ss_to_optimum",
-                                                  "rr_to_optimum")]
-                      for p in reg_metrics["per_rate"] for s in range(seeds)])
+    common.write_csv(
+        folder / "regression.csv",
+        [
+            "learning_rate",
+            "seed",
+            "ss_gd",
+            "rr_gd",
+            "ss_rr",
+            "gd_to_optimum",
+            "ss_to_optimum",
+            "rr_to_optimum",
+        ],
+        [
+            [p["learning_rate"], s]
+            + [
+                p["distances"][k][s]
+                for k in (
+                    "ss_gd",
+                    "rr_gd",
+                    "ss_rr",
+                    "gd_to_optimum",
+                    "ss_to_optimum",
+                    "rr_to_optimum",
+                )
+            ]
+            for p in reg_metrics["per_rate"]
+            for s in range(seeds)
+        ],
+    )
     rows = []
     for name in SCHEMES:
         for run_index, row in enumerate(reg_curves["risk"][name]):
             rate = rates[run_index // seeds]
-            rows += [["regression", name, rate, run_index % seeds, e + 1, v] for e, v in enumerate(row)]
+            rows += [
+                ["regression", name, rate, run_index % seeds, e + 1, v] for e, v in enumerate(row)
+            ]
         for s, row in enumerate(cls_curves["risk"][name]):
-            rows += [["classification", name, config.classification.learning_rate, s, e + 1, v]
-                     for e, v in enumerate(row)]
-    common.write_csv(folder / "curves.csv", ["task", "scheme", "learning_rate", "seed", "epoch", "full_batch_risk"],
-                     rows)
-    draw({"regression": reg_curves, "classification": cls_curves}, metrics, config, folder / "figure.png")
+            rows += [
+                ["classification", name, config.classification.learning_rate, s, e + 1, v]
+                for e, v in enumerate(row)
+            ]
+    common.write_csv(
+        folder / "curves.csv",
+        ["task", "scheme", "learning_rate", "seed", "epoch", "full_batch_risk"],
+        rows,
+    )
+    draw(
+        {"regression": reg_curves, "classification": cls_curves},
+        metrics,
+        config,
+        folder / "figure.png",
+    )
     return common.finish(folder, table, metrics)
 
 

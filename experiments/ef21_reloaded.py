@@ -11,7 +11,7 @@ number of bits EF21 needs.
 
 For each spread :math:`L_{\max}/L_{\min}` (``problems.heterogeneous_regression``, whose
 :math:`L_i` are log-spaced, so :math:`L_{QM}/L_{AM}` grows only like
-:math:`\sqrt{\ln(\text{spread})}`: about 2.2 at spread :math:`10^4`) and each compressor,
+:math:`\sqrt{\ln(\text{spread})}`; the README gives the values) and each compressor,
 three runs from :math:`x_0 = 0` record :math:`\|\nabla f(x_t)\|^2` against the cumulative
 bits each worker sent:
 
@@ -27,8 +27,7 @@ EF21(:math:`L_{QM}`) / EF21-W.
 compressor whose randomness does not depend on the values (:math:`C(\lambda x) =
 \lambda C(x)` for :math:`\lambda > 0`, same key) makes EF21-W's :math:`g_i` equal to
 EF21's :math:`g_i/(n w_i)` at every step, so the weighted average is EF21's and the
-iterates are the same (``tests/test_error_feedback.py::
-test_ef21_w_equals_ef21_for_scale_equivariant_compressors``).  The paper's contribution
+iterates are the same (a test of the library checks it).  The paper's contribution
 for these compressors is the *proof* that EF21 converges with the larger step size.  Natural
 compression (Horváth et al. 2019) rounds to powers of two and is not homogeneous, so there
 EF21-W and EF21(:math:`L_{AM}`) differ; the table prints the measured largest relative
@@ -36,11 +35,12 @@ difference between their curves.  Natural compression is unbiased with
 :math:`\omega = 1/8`, hence contractive with :math:`\alpha = 1 - \omega = 7/8`
 (:math:`E\|C(x)-x\|^2 = E\|C(x)\|^2 - \|x\|^2 \le \omega\|x\|^2`).
 
-Each (compressor, spread) is two calls: EF21 vmapped over seeds and its two step sizes
-(one compiled program per compressor, shared by all spreads since the problem is a traced
-argument), and EF21-W vmapped over seeds, compiled per spread (its weights are static:
-``error_feedback.ef21_w`` checks them on the host, so they cannot be traced).  Top-k is deterministic, so its seeds
-agree exactly; the seeds matter for Rand-k and natural compression.
+Each (compressor, spread) is two calls: EF21 vmapped over seeds and its two step sizes,
+and EF21-W vmapped over seeds.  Each is one compiled program per compressor, shared by all
+spreads, since the problem, the step size and EF21-W's weights are traced arguments
+(the weights are checked on the host first, ``compression.check_weights``).  Top-k is
+deterministic, so its seeds agree exactly; the seeds matter for Rand-k and natural
+compression.
 
 Run: ``python -m experiments.ef21_reloaded --config configs/ef21_reloaded.py``
 (``:quick`` for the demo; override any field with ``--config.<field>=<value>``).
@@ -60,7 +60,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import compression, error_feedback, problems, training
+from shufflesgd import compression, drivers, problems
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -100,8 +100,13 @@ def contraction(compressor: compression.Compressor, x: Any) -> float:
 def build_problem(config: ConfigDict, spread: float) -> problems.DistributedSum:
     """Least squares split over ``config.num_workers`` workers whose L_i span ``spread``."""
     a, b = problems.heterogeneous_regression(
-        config.data_seed, config.num_workers, config.examples_per_worker, config.dim,
-        spread=float(spread), noise=config.noise, profile=config.profile,
+        config.data_seed,
+        config.num_workers,
+        config.examples_per_worker,
+        config.dim,
+        spread=float(spread),
+        noise=config.noise,
+        profile=config.profile,
     )
     return problems.distributed_least_squares(a, b, config.num_workers, l2=config.l2)
 
@@ -115,8 +120,8 @@ def smoothness_means(problem: problems.DistributedSum) -> tuple[float, float]:
 def step_sizes(problem: problems.DistributedSum, alpha: float) -> dict[str, float]:
     """The theory step size of each method (EF21-W uses the arithmetic mean, like ef21_am)."""
     smoothness, worker = float(problem.smoothness), np.asarray(problem.worker_smoothness)
-    quadratic = error_feedback.ef21_step_size(smoothness, worker, alpha, mean="quadratic")
-    arithmetic = error_feedback.ef21_step_size(smoothness, worker, alpha, mean="arithmetic")
+    quadratic = compression.ef21_step_size(smoothness, worker, alpha, mean="quadratic")
+    arithmetic = compression.ef21_step_size(smoothness, worker, alpha, mean="arithmetic")
     return {"ef21_qm": quadratic, "ef21_am": arithmetic, "ef21_w": arithmetic}
 
 
@@ -151,13 +156,28 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
 
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
-    for field in ("num_workers", "examples_per_worker", "dim", "num_steps", "num_seeds", "curve_points"):
+    for field in (
+        "num_workers",
+        "examples_per_worker",
+        "dim",
+        "num_steps",
+        "num_seeds",
+        "curve_points",
+    ):
         common.check_positive_ints(field, config[field])
     for field in ("data_seed", "seed"):
-        if isinstance(config[field], bool) or not isinstance(config[field], int) or config[field] < 0:
-            raise ValueError(f"config.{field} must be a non-negative integer, got {config[field]!r}")
+        if (
+            isinstance(config[field], bool)
+            or not isinstance(config[field], int)
+            or config[field] < 0
+        ):
+            raise ValueError(
+                f"config.{field} must be a non-negative integer, got {config[field]!r}"
+            )
     spreads = list(config.spreads)
-    if not spreads or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 1 for s in spreads):
+    if not spreads or any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 1 for s in spreads
+    ):
         raise ValueError(f"config.spreads must be numbers >= 1, got {spreads!r}")
     if len(spreads) != len(set(spreads)):
         raise ValueError(f"config.spreads must not repeat a value, got {spreads!r}")
@@ -165,7 +185,10 @@ def validate(config: ConfigDict) -> None:
     for field in ("top_k_fraction", "rand_k_fraction"):
         common.check_fraction(field, config[field])
     if not (isinstance(config.epsilon, float) and 0.0 < config.epsilon < 1.0):
-        raise ValueError(f"config.epsilon must lie in (0, 1) (relative to ||grad f(x0)||^2), got {config.epsilon!r}")
+        raise ValueError(
+            "config.epsilon must lie in (0, 1) (relative to ||grad f(x0)||^2), "
+            f"got {config.epsilon!r}"
+        )
     if not (isinstance(config.l2, (int, float)) and config.l2 >= 0):
         raise ValueError(f"config.l2 must be non-negative, got {config.l2!r}")
     common.check_choice("profile", config.profile, ("geometric", "outlier"))
@@ -186,23 +209,43 @@ def make_ef21_sweep(compressor: compression.Compressor, num_steps: int):
     the problem a traced argument, so one compiled program serves every spread."""
 
     def one(problem: problems.DistributedSum, key: jax.Array, step_size: jax.Array):
-        run = training.make_distributed_run(problem, error_feedback.ef21(compressor), num_steps=num_steps)
+        run = compression.make_distributed_run(
+            problem, compression.ef21(compressor), num_steps=num_steps
+        )
         return run(key, jnp.zeros_like(problem.x_star), step_size)
 
     return jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, None, 0)), in_axes=(None, 0, None)))
 
 
+def make_ef21_w_sweep(compressor: compression.Compressor, num_steps: int):
+    """``sweep(problem, keys, step_size, weights)``: EF21-W vmapped over seeds, with the
+    problem and the weights traced arguments, so one compiled program serves every spread."""
+
+    def one(
+        problem: problems.DistributedSum, key: jax.Array, step_size: jax.Array, weights: jax.Array
+    ):
+        run = compression.make_distributed_run(
+            problem, compression.ef21_w(compressor), num_steps=num_steps
+        )
+        return run(key, jnp.zeros_like(problem.x_star), step_size, weights)
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, None, None)))
+
+
 def run_spread(
-    problem: problems.DistributedSum, compressor: compression.Compressor, gammas: dict[str, float],
-    config: ConfigDict, ef21_sweep=None,
-) -> dict[str, training.DistributedResult]:
+    problem: problems.DistributedSum,
+    compressor: compression.Compressor,
+    gammas: dict[str, float],
+    config: ConfigDict,
+    ef21_sweep=None,
+    ef21_w_sweep=None,
+) -> dict[str, compression.DistributedResult]:
     """Each method's result with leading axis ``num_seeds``; two calls.
 
-    EF21 is vmapped over seeds and over its two step sizes (L_QM, L_AM) in one call (pass
-    ``ef21_sweep`` from :func:`make_ef21_sweep` to reuse its compiled program across
-    spreads); EF21-W is vmapped over seeds in a second call, compiled for this problem
-    because its weights are static.  Every call draws the same keys (common random
-    numbers across methods).
+    EF21 is vmapped over seeds and over its two step sizes (L_QM, L_AM) in one call, EF21-W
+    over seeds in a second (pass ``ef21_sweep`` from :func:`make_ef21_sweep` and
+    ``ef21_w_sweep`` from :func:`make_ef21_w_sweep` to reuse their compiled programs across
+    spreads).  Every call draws the same keys (common random numbers across methods).
     """
 
     def keys() -> jax.Array:
@@ -210,20 +253,20 @@ def run_spread(
 
     if ef21_sweep is None:
         ef21_sweep = make_ef21_sweep(compressor, config.num_steps)
+    if ef21_w_sweep is None:
+        ef21_w_sweep = make_ef21_w_sweep(compressor, config.num_steps)
     learning_rates = jnp.asarray([gammas["ef21_qm"], gammas["ef21_am"]])
-    training.check_learning_rate(learning_rates)
+    drivers.check_learning_rate(learning_rates)
     both = jax.device_get(ef21_sweep(problem, keys(), learning_rates))
     results = {
         "ef21_qm": jax.tree.map(lambda leaf: leaf[:, 0], both),
         "ef21_am": jax.tree.map(lambda leaf: leaf[:, 1], both),
     }
-    weights = error_feedback.smoothness_weights(problem.worker_smoothness)
-    ef21_w = training.make_distributed_run(
-        problem, error_feedback.ef21_w(compressor, weights), num_steps=config.num_steps
+    weights = compression.smoothness_weights(problem.worker_smoothness)
+    compression.check_weights(weights, problem.num_workers)
+    results["ef21_w"] = jax.device_get(
+        ef21_w_sweep(problem, keys(), jnp.asarray(gammas["ef21_w"]), jnp.asarray(weights))
     )
-    weighted = jax.jit(jax.vmap(ef21_w, in_axes=(0, None, None)))
-    x0 = jnp.zeros_like(problem.x_star)
-    results["ef21_w"] = jax.device_get(weighted(keys(), x0, jnp.asarray(gammas["ef21_w"])))
     return results
 
 
@@ -239,19 +282,28 @@ def curve_indices(num_steps: int, points: int) -> np.ndarray:
 
 
 def summarise_spread(
-    problem: problems.DistributedSum, results: dict[str, training.DistributedResult],
-    gammas: dict[str, float], config: ConfigDict,
+    problem: problems.DistributedSum,
+    results: dict[str, compression.DistributedResult],
+    gammas: dict[str, float],
+    config: ConfigDict,
 ) -> dict[str, Any]:
     """Bits to epsilon per method (mean, standard error, per seed), step sizes and curves."""
     initial = float(initial_grad_norm_sq(problem))
     l_qm, l_am = smoothness_means(problem)
     keep = curve_indices(config.num_steps, config.curve_points)
     summary: dict[str, Any] = {
-        "L": float(problem.smoothness), "mu": float(problem.mu), "L_QM": l_qm, "L_AM": l_am,
-        "L_max_over_L_min": float(np.max(problem.worker_smoothness) / np.min(problem.worker_smoothness)),
-        "qm_over_am": l_qm / l_am, "step_sizes": gammas,
+        "L": float(problem.smoothness),
+        "mu": float(problem.mu),
+        "L_QM": l_qm,
+        "L_AM": l_am,
+        "L_max_over_L_min": float(
+            np.max(problem.worker_smoothness) / np.min(problem.worker_smoothness)
+        ),
+        "qm_over_am": l_qm / l_am,
+        "step_sizes": gammas,
         "step_ratio_am_over_qm": gammas["ef21_am"] / gammas["ef21_qm"],
-        "initial_grad_norm_sq": initial, "methods": {},
+        "initial_grad_norm_sq": initial,
+        "methods": {},
     }
     relative = {}
     for method in METHODS:
@@ -265,13 +317,20 @@ def summarise_spread(
             curve = np.exp(np.mean(np.log(relative[method]), axis=0))  # geometric mean over seeds
             final = np.exp(np.mean(np.log(relative[method][:, -1])))
         summary["methods"][method] = {
-            "bits_to_epsilon": {"mean": mean, "stderr": stderr, "reached": reached,
-                                "per_seed": finite_or_none(per_seed)},
+            "bits_to_epsilon": {
+                "mean": mean,
+                "stderr": stderr,
+                "reached": reached,
+                "per_seed": finite_or_none(per_seed),
+            },
             "final_relative_grad_norm_sq": finite_or_none(np.array([final]))[0],
             "diverged_seeds": int(np.sum(np.asarray(result.diverged_step) >= 0)),
             "bits_per_step": float(bits[0, 0]),
-            "curve": {"step": (keep + 1).tolist(), "bits": bits[0, keep].tolist(),
-                      "relative_grad_norm_sq": finite_or_none(curve[keep])},
+            "curve": {
+                "step": (keep + 1).tolist(),
+                "bits": bits[0, keep].tolist(),
+                "relative_grad_norm_sq": finite_or_none(curve[keep]),
+            },
         }
     qm = summary["methods"]["ef21_qm"]["bits_to_epsilon"]["mean"]
     weighted = summary["methods"]["ef21_w"]["bits_to_epsilon"]["mean"]
@@ -308,44 +367,65 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
     ]
     for name, entry in metrics["compressors"].items():
         lines.append("")
-        lines.append(f"{name}: alpha = {entry['alpha']:.4g}, {entry['bits_per_message']} bits per message"
-                     + ("; homogeneous with value-independent randomness, so EF21-W == EF21 (L_AM)"
-                        if entry["homogeneous"] else "; not homogeneous, so EF21-W != EF21 (L_AM)"))
-        header = (f"{'spread':>7s} {'L_QM/L_AM':>9s} {'g_AM/g_QM':>9s} {LABELS['ef21_qm']:>24s} "
-                  f"{LABELS['ef21_am']:>24s} {LABELS['ef21_w']:>24s} {'QM / W':>7s} {'max|AM-W|':>9s}")
+        lines.append(
+            f"{name}: alpha = {entry['alpha']:.4g}, {entry['bits_per_message']} bits per message"
+            + (
+                "; homogeneous with value-independent randomness, so EF21-W == EF21 (L_AM)"
+                if entry["homogeneous"]
+                else "; not homogeneous, so EF21-W != EF21 (L_AM)"
+            )
+        )
+        header = (
+            f"{'spread':>7s} {'L_QM/L_AM':>9s} {'g_AM/g_QM':>9s} {LABELS['ef21_qm']:>24s} "
+            f"{LABELS['ef21_am']:>24s} {LABELS['ef21_w']:>24s} {'QM / W':>7s} {'max|AM-W|':>9s}"
+        )
         lines.append(header)
         for spread, row in entry["spreads"].items():
             ratio = row["ratio_ef21_qm_over_ef21_w"]
-            cells = [format_bits(row["methods"][m]["bits_to_epsilon"], config.num_seeds) for m in METHODS]
+            cells = [
+                format_bits(row["methods"][m]["bits_to_epsilon"], config.num_seeds) for m in METHODS
+            ]
             lines.append(
                 f"{spread:>7s} {row['qm_over_am']:9.3f} {row['step_ratio_am_over_qm']:9.3f} "
                 f"{cells[0]:>24s} {cells[1]:>24s} {cells[2]:>24s} "
-                f"{'   —' if ratio is None else f'{ratio:7.2f}':>7s} {row['max_rel_diff_ef21_am_vs_ef21_w']:9.1e}"
+                f"{'   —' if ratio is None else f'{ratio:7.2f}':>7s} "
+                f"{row['max_rel_diff_ef21_am_vs_ef21_w']:9.1e}"
             )
     lines.append("")
-    lines.append("QM / W: bits of EF21 (L_QM) over bits of EF21-W; max|AM-W|: largest relative difference "
-                 "of the ||grad f||^2 curves of EF21 (L_AM) and EF21-W while above epsilon.")
+    lines.append(
+        "QM / W: bits of EF21 (L_QM) over bits of EF21-W; max|AM-W|: largest relative difference "
+        "of the ||grad f||^2 curves of EF21 (L_AM) and EF21-W while above epsilon."
+    )
     return "\n".join(lines)
 
 
 def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
     names = list(metrics["compressors"])
     spreads = [spread_key(s) for s in config.spreads]
-    fig, axes = plt.subplots(len(names), len(spreads), figsize=(3.3 * len(spreads), 3.0 * len(names)),
-                             squeeze=False)
-    styles = {"ef21_qm": dict(color="C3", ls="-"), "ef21_am": dict(color="C0", ls="-", lw=2.5, alpha=0.6),
-              "ef21_w": dict(color="C2", ls="--")}
+    fig, axes = plt.subplots(
+        len(names), len(spreads), figsize=(3.3 * len(spreads), 3.0 * len(names)), squeeze=False
+    )
+    styles = {
+        "ef21_qm": dict(color="C3", ls="-"),
+        "ef21_am": dict(color="C0", ls="-", lw=2.5, alpha=0.6),
+        "ef21_w": dict(color="C2", ls="--"),
+    }
     for row, name in enumerate(names):
         for col, spread in enumerate(spreads):
             axis = axes[row, col]
             entry = metrics["compressors"][name]["spreads"][spread]
             for method in METHODS:
                 curve = entry["methods"][method]["curve"]
-                values = np.array([np.nan if v is None else v for v in curve["relative_grad_norm_sq"]])
+                values = np.array(
+                    [np.nan if v is None else v for v in curve["relative_grad_norm_sq"]]
+                )
                 axis.plot(curve["bits"], values, label=LABELS[method], **styles[method])
             axis.axhline(config.epsilon, color="gray", lw=0.8, ls=":")
-            axis.set(yscale="log", title=f"{name}, spread {spread} (QM/AM {entry['qm_over_am']:.2f})",
-                     ylim=(config.epsilon * 1e-4, 10.0))
+            axis.set(
+                yscale="log",
+                title=f"{name}, spread {spread} (QM/AM {entry['qm_over_am']:.2f})",
+                ylim=(config.epsilon * 1e-4, 10.0),
+            )
             reached = [entry["methods"][m]["bits_to_epsilon"]["mean"] for m in METHODS]
             if None not in reached:  # zoom on the part that decides the table
                 axis.set_xlim(0.0, 1.5 * max(reached))
@@ -356,8 +436,10 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
             if col == 0:
                 axis.set_ylabel("||∇f(x_t)||² / ||∇f(x_0)||²")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("EF21 step size with L_QM vs L_AM (Richtárik, Gasanov, Burlachenko 2024); "
-                 "dotted: ε", fontsize=10)
+    fig.suptitle(
+        "EF21 step size with L_QM vs L_AM (Richtárik, Gasanov, Burlachenko 2024); dotted: ε",
+        fontsize=10,
+    )
     common.save_figure(fig, path)
 
 
@@ -368,19 +450,57 @@ def write_csvs(metrics: dict[str, Any], folder) -> None:
             for method in METHODS:
                 result = row["methods"][method]
                 bits = result["bits_to_epsilon"]
-                rows.append([name, spread, method, row["L_QM"], row["L_AM"], row["qm_over_am"],
-                             row["step_sizes"][method], bits["mean"], bits["stderr"], bits["reached"],
-                             result["final_relative_grad_norm_sq"], row["ratio_ef21_qm_over_ef21_w"]])
+                rows.append(
+                    [
+                        name,
+                        spread,
+                        method,
+                        row["L_QM"],
+                        row["L_AM"],
+                        row["qm_over_am"],
+                        row["step_sizes"][method],
+                        bits["mean"],
+                        bits["stderr"],
+                        bits["reached"],
+                        result["final_relative_grad_norm_sq"],
+                        row["ratio_ef21_qm_over_ef21_w"],
+                    ]
+                )
                 curve = result["curve"]
-                curve_rows.extend([name, spread, method, s, b, g] for s, b, g in
-                                  zip(curve["step"], curve["bits"], curve["relative_grad_norm_sq"]))
-    common.write_csv(folder / "bits_to_epsilon.csv",
-                     ["compressor", "spread", "method", "L_QM", "L_AM", "qm_over_am", "step_size",
-                      "bits_to_epsilon_mean", "bits_to_epsilon_stderr", "seeds_reached",
-                      "final_relative_grad_norm_sq", "ratio_ef21_qm_over_ef21_w"], rows)
-    common.write_csv(folder / "curves.csv",
-                     ["compressor", "spread", "method", "step", "bits_per_worker",
-                      "relative_grad_norm_sq_geomean"], curve_rows)
+                curve_rows.extend(
+                    [name, spread, method, s, b, g]
+                    for s, b, g in zip(curve["step"], curve["bits"], curve["relative_grad_norm_sq"])
+                )
+    common.write_csv(
+        folder / "bits_to_epsilon.csv",
+        [
+            "compressor",
+            "spread",
+            "method",
+            "L_QM",
+            "L_AM",
+            "qm_over_am",
+            "step_size",
+            "bits_to_epsilon_mean",
+            "bits_to_epsilon_stderr",
+            "seeds_reached",
+            "final_relative_grad_norm_sq",
+            "ratio_ef21_qm_over_ef21_w",
+        ],
+        rows,
+    )
+    common.write_csv(
+        folder / "curves.csv",
+        [
+            "compressor",
+            "spread",
+            "method",
+            "step",
+            "bits_per_worker",
+            "relative_grad_norm_sq_geomean",
+        ],
+        curve_rows,
+    )
 
 
 def run(config: ConfigDict) -> dict[str, Any]:
@@ -393,17 +513,27 @@ def run(config: ConfigDict) -> dict[str, Any]:
     for compressor in compressors.values():
         compression.check_tree(compressor, x_template)
     folder = common.results_folder(config, NAME)
-    metrics: dict[str, Any] = {"epsilon": config.epsilon, "num_workers": config.num_workers,
-                               "dim": config.dim, "num_steps": config.num_steps, "compressors": {}}
+    metrics: dict[str, Any] = {
+        "epsilon": config.epsilon,
+        "num_workers": config.num_workers,
+        "dim": config.dim,
+        "num_steps": config.num_steps,
+        "compressors": {},
+    }
     with tqdm(total=len(compressors) * len(built), desc=NAME) as bar:
         for name, compressor in compressors.items():
             alpha = contraction(compressor, x_template)
-            entry = {"alpha": alpha, "bits_per_message": compression.tree_bits(compressor, x_template),
-                     "homogeneous": name in HOMOGENEOUS, "spreads": {}}
+            entry = {
+                "alpha": alpha,
+                "bits_per_message": compression.tree_bits(compressor, x_template),
+                "homogeneous": name in HOMOGENEOUS,
+                "spreads": {},
+            }
             ef21_sweep = make_ef21_sweep(compressor, config.num_steps)
+            ef21_w_sweep = make_ef21_w_sweep(compressor, config.num_steps)
             for spread, problem in built.items():
                 gammas = step_sizes(problem, alpha)
-                results = run_spread(problem, compressor, gammas, config, ef21_sweep)
+                results = run_spread(problem, compressor, gammas, config, ef21_sweep, ef21_w_sweep)
                 entry["spreads"][spread] = summarise_spread(problem, results, gammas, config)
                 bar.update()
             metrics["compressors"][name] = entry

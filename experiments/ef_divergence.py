@@ -22,14 +22,14 @@ counterexample); :math:`c` slightly above 1 (default 1.1) breaks the tie, so the
 does not rely on it.  EF14 (error accumulation) and EF21 (Richtárik, Sokolov, Fatkhullin
 2021) converge on the same instance, here at step sizes from a quarter of EF21's theory
 step size :math:`\gamma_{EF21} = 1/(L + L_{QM}\sqrt{\beta/\theta})` (Thm. 1, with
-:math:`\alpha = 1/3`) up to 8 times it.  (Beyond the theory they are not safe either:
-from about :math:`14\gamma_{EF21}`, i.e. :math:`\gamma L \approx 1.4 < 2`, EF14 and EF21
-with Top-1 diverge from some starting points, and whether a given run does depends on
-rounding; hence the default sweep stops at 8.)
+:math:`\alpha = 1/3`) up to 8 times it.  (Beyond the theory they are not safe either: at
+larger multiples, still with :math:`\gamma L < 2`, EF14 and EF21 with Top-1 diverge from
+some starting points, and whether a given run does depends on rounding; the README says
+from where, and the default sweep stops below it.)
 
 The problem is :func:`shufflesgd.problems.distributed_least_squares` with rows
 :math:`\sqrt2 a_i`, zero targets and ridge 1 (one example per worker), and every run goes
-through :func:`shufflesgd.training.make_distributed_run`, vmapped over seeds and step sizes:
+through :func:`shufflesgd.compression.make_distributed_run`, vmapped over seeds and step sizes:
 one compiled program per method.
 
 What is measured.  The driver reports :math:`f(x_t) - f_*` and
@@ -43,7 +43,7 @@ satisfies :math:`\sqrt\mu\,\|x\| \le \|x\|_H \le \sqrt L\,\|x\|`.  The table pri
 growth factor, compared with the closed form.  The final iterate is returned, so
 :math:`\|x_T\|/\|x_0\|` is also reported in the Euclidean norm.
 
-EF21 levels off near :math:`10^{-16}\|x_0\|_H` while EF14 keeps going down: EF21's server
+EF21 levels off at the rounding floor while EF14 keeps going down: EF21's server
 estimate :math:`g` is a running sum of the compressed messages and keeps their rounding
 error, of order machine epsilon times :math:`\|\nabla f(x_0)\|`.
 
@@ -70,16 +70,16 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import compression, error_feedback, problems, training
+from shufflesgd import compression, drivers, problems
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 NAME = "ef_divergence"
 METHODS = {
-    "compressed_gd": error_feedback.compressed_gd,
-    "ef14": error_feedback.ef14,
-    "ef21": error_feedback.ef21,
+    "compressed_gd": compression.compressed_gd,
+    "ef14": compression.ef14,
+    "ef21": compression.ef21,
 }
 NUM_WORKERS = 3
 TIE_NOTE = (
@@ -111,11 +111,17 @@ def ray_curvature(c: float) -> float:
     return 2.0 * c**2 / 3.0 + 1.0
 
 
-def predicted_diverged_step(c: float, t0: float, step_size: float, num_steps: int, dtype: Any) -> int:
+def predicted_diverged_step(
+    c: float, t0: float, step_size: float, num_steps: int, dtype: Any
+) -> int:
     """The step at which compressed GD's ``||grad f(x_{s+1})||^2 = 3 (lambda t0 rho^{s+1})^2``
     first exceeds the largest float of ``dtype`` (``-1`` if not within ``num_steps``)."""
     log_rho = math.log(closed_form_growth(c, step_size))
-    budget = math.log(float(np.finfo(dtype).max)) - math.log(3.0) - 2.0 * math.log(ray_curvature(c) * abs(t0))
+    budget = (
+        math.log(float(np.finfo(dtype).max))
+        - math.log(3.0)
+        - 2.0 * math.log(ray_curvature(c) * abs(t0))
+    )
     step = math.ceil(budget / (2.0 * log_rho)) - 1
     return max(step, 0) if step < num_steps else -1
 
@@ -128,10 +134,13 @@ def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
     if not _is_number(config.c) or not math.isfinite(config.c) or not config.c > 1.0:
         raise ValueError(
-            f"config.c must be a finite number > 1 (c = 1 is a three-way tie for Top-1), got {config.c!r}"
+            "config.c must be a finite number > 1 (c = 1 is a three-way tie for Top-1), "
+            f"got {config.c!r}"
         )
     if not _is_number(config.t0) or not math.isfinite(config.t0) or config.t0 == 0:
-        raise ValueError(f"config.t0 must be finite and nonzero (x0 = t0 (1, 1, 1)), got {config.t0!r}")
+        raise ValueError(
+            f"config.t0 must be finite and nonzero (x0 = t0 (1, 1, 1)), got {config.t0!r}"
+        )
     methods = list(config.methods)
     if not methods:
         raise ValueError("config.methods must name at least one method")
@@ -148,7 +157,10 @@ def validate(config: ConfigDict) -> None:
         common.check_positive_ints(field, config[field])
     checkpoints = list(config.checkpoints)
     common.check_positive_ints("checkpoints", checkpoints)
-    if any(b <= a for a, b in zip(checkpoints, checkpoints[1:])) or checkpoints[-1] >= config.num_steps:
+    if (
+        any(b <= a for a, b in zip(checkpoints, checkpoints[1:]))
+        or checkpoints[-1] >= config.num_steps
+    ):
         raise ValueError(
             f"config.checkpoints must increase strictly and stay below config.num_steps="
             f"{config.num_steps}, got {checkpoints!r}"
@@ -187,11 +199,16 @@ def euclidean_norm(x: np.ndarray) -> np.ndarray:
 
 
 def sweep_method(
-    problem: problems.DistributedSum, name: str, step_sizes: jax.Array, x0: jax.Array, config: ConfigDict
-) -> training.DistributedResult:
-    """All seeds and step sizes of one method in one compiled call: arrays ``[seeds, steps, ...]``."""
+    problem: problems.DistributedSum,
+    name: str,
+    step_sizes: jax.Array,
+    x0: jax.Array,
+    config: ConfigDict,
+) -> compression.DistributedResult:
+    """All seeds and step sizes of one method in one compiled call: arrays
+    ``[seeds, steps, ...]``."""
     method = METHODS[name](compression.top_k(1))
-    run = training.make_distributed_run(problem, method, num_steps=config.num_steps)
+    run = compression.make_distributed_run(problem, method, num_steps=config.num_steps)
     sweep = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, None, 0)), in_axes=(0, None, None)))
     keys = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     return jax.tree.map(np.asarray, sweep(keys, x0, step_sizes))
@@ -207,10 +224,16 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def summarise(
-    name: str, result: training.DistributedResult, initial_energy: float, x0_norm: float,
-    step_sizes: np.ndarray, config: ConfigDict, dtype: Any,
+    name: str,
+    result: compression.DistributedResult,
+    initial_energy: float,
+    x0_norm: float,
+    step_sizes: np.ndarray,
+    config: ConfigDict,
+    dtype: Any,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics of one method (lists over step sizes) and its worst-seed ratio curves ``[steps, T+1]``."""
+    """Metrics of one method (lists over step sizes) and its worst-seed ratio curves
+    ``[steps, T+1]``."""
     ratios = energy_ratio(result.suboptimality, initial_energy)  # [S, G, T+1]
     worst = _worst(ratios)
     steps = [*config.checkpoints, config.num_steps]
@@ -221,8 +244,13 @@ def summarise(
         "final_norm_ratio": [_finite_or_none(v) for v in _worst(final_norm)],
         "diverged_step": [int(d[d >= 0].min()) if (d >= 0).any() else -1 for d in diverged.T],
         "diverged_seeds": [int((d >= 0).sum()) for d in diverged.T],
-        "seeds_agree": bool(np.array_equal(result.suboptimality, result.suboptimality[:1].repeat(
-            result.suboptimality.shape[0], axis=0), equal_nan=True)),
+        "seeds_agree": bool(
+            np.array_equal(
+                result.suboptimality,
+                result.suboptimality[:1].repeat(result.suboptimality.shape[0], axis=0),
+                equal_nan=True,
+            )
+        ),
     }
     if name == "compressed_gd":
         closed = [closed_form_growth(config.c, float(g)) for g in step_sizes]
@@ -258,21 +286,31 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
     lines = [
         f"Beznosikov et al. (2020) Example 1: n = d = 3, c = {c:g}, x0 = {config.t0:g} (1, 1, 1), "
         f"{metrics['dtype']}, T = {config.num_steps} steps, {config.num_seeds} seed(s), Top-1",
-        f"tie broken: |1 - 6c^2| = {6 * c**2 - 1:.4g} > 1 + 4c^2 = {4 * c**2 + 1:.4g}, so worker i's Top-1 "
+        f"tie broken: |1 - 6c^2| = {6 * c**2 - 1:.4g} > 1 + 4c^2 = {4 * c**2 + 1:.4g}, "
+        "so worker i's Top-1 "
         "keeps coordinate i whatever the tie-breaking rule (c = 1 would be a three-way tie)",
         f"gamma_EF21 = {metrics['ef21_step_size']:.4e} (L = {metrics['smoothness']:.4g}, "
-        f"L_QM = {metrics['l_qm']:.4g}, alpha = 1/3); GD on f is stable below 2/L = {2 / metrics['smoothness']:.4e}",
-        "r_t = ||x_t||_H / ||x_0||_H (energy norm, x* = 0; equals ||x_t||/||x_0|| on compressed GD's ray); "
-        "||x_T||/||x_0|| Euclidean; diverged_step: first step with ||grad f||^2 non-finite (pred.: closed form)",
+        f"L_QM = {metrics['l_qm']:.4g}, alpha = 1/3); "
+        f"GD on f is stable below 2/L = {2 / metrics['smoothness']:.4e}",
+        "r_t = ||x_t||_H / ||x_0||_H (energy norm, x* = 0; "
+        "equals ||x_t||/||x_0|| on compressed GD's ray); "
+        "||x_T||/||x_0|| Euclidean; diverged_step: first step with ||grad f||^2 non-finite "
+        "(pred.: closed form)",
         "",
     ]
-    header = (f"{'method':14s} {'g/gEF21':>7s} {'gamma':>10s} "
-              + " ".join(f"{'r_' + str(t):>10s}" for t in steps)
-              + f" {'|xT|/|x0|':>10s} {'diverged_step':>14s} {'growth meas.':>15s} {'closed form':>15s} {'rel.err':>8s}")
+    header = (
+        f"{'method':14s} {'g/gEF21':>7s} {'gamma':>10s} "
+        + " ".join(f"{'r_' + str(t):>10s}" for t in steps)
+        + f" {'|xT|/|x0|':>10s} {'diverged_step':>14s} {'growth meas.':>15s}"
+        + f" {'closed form':>15s} {'rel.err':>8s}"
+    )
     lines.append(header)
     lines.append("-" * len(header))
     for name, result in metrics["methods"].items():
-        for j, (multiple, gamma) in enumerate(zip(metrics["step_size_multiples"], metrics["step_sizes"])):
+        for j, (multiple, gamma) in enumerate(
+            zip(metrics["step_size_multiples"], metrics["step_sizes"])
+        ):
+
             def num(v: float | None) -> str:
                 return f"{'inf':>10s}" if v is None else f"{v:10.3e}"
 
@@ -284,19 +322,26 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
             if name == "compressed_gd":
                 predicted = result["predicted_diverged_step"][j]
                 diverged += f" (pred. {'-' if predicted < 0 else predicted})"
-                growth = (f" {result['growth_measured'][j]:15.12f} {result['growth_closed_form'][j]:15.12f}"
-                          f" {result['growth_rel_err'][j]:8.1e}")
+                growth = (
+                    f" {result['growth_measured'][j]:15.12f}"
+                    f" {result['growth_closed_form'][j]:15.12f}"
+                    f" {result['growth_rel_err'][j]:8.1e}"
+                )
             else:
                 growth = f" {'—':>15s} {'—':>15s} {'—':>8s}"
-            lines.append(f"{name:14s} {multiple:7g} {gamma:10.4e} {ratios} "
-                         f"{num(result['final_norm_ratio'][j])} {diverged:>14s}{growth}")
+            lines.append(
+                f"{name:14s} {multiple:7g} {gamma:10.4e} {ratios} "
+                f"{num(result['final_norm_ratio'][j])} {diverged:>14s}{growth}"
+            )
     return "\n".join(lines)
 
 
 def draw(metrics: dict[str, Any], curves: dict[str, np.ndarray], config: ConfigDict, path) -> None:
     """log10 of the ratio against t, one panel per step size (a log axis cannot span 1e±300)."""
     multiples, step_sizes = metrics["step_size_multiples"], metrics["step_sizes"]
-    fig, axes = plt.subplots(1, len(multiples), figsize=(4.2 * len(multiples), 4.0), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(multiples), figsize=(4.2 * len(multiples), 4.0), sharey=True, squeeze=False
+    )
     t = np.arange(config.num_steps + 1)
     largest = math.log10(float(np.finfo(np.dtype(metrics["dtype"])).max))
     styles = {"compressed_gd": "C3", "ef14": "C0", "ef21": "C2"}
@@ -308,20 +353,33 @@ def draw(metrics: dict[str, Any], curves: dict[str, np.ndarray], config: ConfigD
             axis.plot(t, values, color=styles[name], lw=1.4, label=name)
             step = metrics["methods"][name]["diverged_step"][j]
             if step >= 0:
-                axis.plot([step], [values[step]], "x", color=styles[name], ms=9,
-                          label=f"{name} diverged_step = {step}")
+                axis.plot(
+                    [step],
+                    [values[step]],
+                    "x",
+                    color=styles[name],
+                    ms=9,
+                    label=f"{name} diverged_step = {step}",
+                )
         if "compressed_gd" in curves:
             rho = closed_form_growth(config.c, step_sizes[j])
             closed = t * math.log10(rho)
-            axis.plot(t, np.where(closed <= largest, closed, np.nan), "k--", lw=0.8,
-                      label=f"closed form (1+γ(6c²-1)/3)^t, {rho:.4f}^t")
+            axis.plot(
+                t,
+                np.where(closed <= largest, closed, np.nan),
+                "k--",
+                lw=0.8,
+                label=f"closed form (1+γ(6c²-1)/3)^t, {rho:.4f}^t",
+            )
         axis.set(xlabel="step t", title=f"γ = {multiples[j]:g} γ_EF21 = {step_sizes[j]:.3g}")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     axes[0][0].set_ylabel("log10 ‖x_t‖_H / ‖x_0‖_H")
-    fig.suptitle(f"Beznosikov et al. (2020) Ex. 1, Top-1, c = {config.c:g}: compressed GD diverges, "
-                 f"EF14 / EF21 converge\n(x: last finite step before diverged_step; dashed: closed form)",
-                 fontsize=10)
+    fig.suptitle(
+        f"Beznosikov et al. (2020) Ex. 1, Top-1, c = {config.c:g}: compressed GD diverges, "
+        f"EF14 / EF21 converge\n(x: last finite step before diverged_step; dashed: closed form)",
+        fontsize=10,
+    )
     common.save_figure(fig, path)
 
 
@@ -332,9 +390,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
     dtype = np.float64 if config.x64 else np.float32
     problem = build_problem(config.c)
     alpha = compression.tree_contraction(compression.top_k(1), jnp.zeros(3))
-    gamma = error_feedback.ef21_step_size(float(problem.smoothness), problem.worker_smoothness, alpha)
+    gamma = compression.ef21_step_size(float(problem.smoothness), problem.worker_smoothness, alpha)
     step_sizes = np.array([m * gamma for m in config.step_size_multiples])
-    training.check_learning_rate(step_sizes)
+    drivers.check_learning_rate(step_sizes)
     x0 = jnp.full((3,), config.t0, dtype=jnp.result_type(float))
     initial_energy = float(problem.suboptimality(x0))
     x0_norm = float(euclidean_norm(np.asarray(x0)))
@@ -342,13 +400,19 @@ def run(config: ConfigDict) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "example": "Beznosikov, Horvath, Richtarik, Safaryan (2020), Example 1",
         "tie_breaking": TIE_NOTE,
-        "c": config.c, "t0": config.t0, "dtype": np.dtype(dtype).name,
-        "smoothness": float(problem.smoothness), "mu": float(problem.mu),
+        "c": config.c,
+        "t0": config.t0,
+        "dtype": np.dtype(dtype).name,
+        "smoothness": float(problem.smoothness),
+        "mu": float(problem.mu),
         "worker_smoothness": np.asarray(problem.worker_smoothness).tolist(),
         "l_qm": float(np.sqrt(np.mean(np.asarray(problem.worker_smoothness, np.float64) ** 2))),
-        "alpha": alpha, "ef21_step_size": gamma,
-        "step_size_multiples": list(config.step_size_multiples), "step_sizes": step_sizes.tolist(),
-        "x0_norm": x0_norm, "x0_energy_norm": math.sqrt(2.0 * initial_energy),
+        "alpha": alpha,
+        "ef21_step_size": gamma,
+        "step_size_multiples": list(config.step_size_multiples),
+        "step_sizes": step_sizes.tolist(),
+        "x0_norm": x0_norm,
+        "x0_energy_norm": math.sqrt(2.0 * initial_energy),
         "methods": {},
     }
     curves: dict[str, np.ndarray] = {}
@@ -361,21 +425,43 @@ def run(config: ConfigDict) -> dict[str, Any]:
     steps = [*config.checkpoints, config.num_steps]
     common.write_csv(
         folder / "norms.csv",
-        ["method", "step_size_multiple", "step_size", *[f"r_{t}" for t in steps], "final_norm_ratio",
-         "diverged_step", "growth_measured", "growth_closed_form", "predicted_diverged_step"],
-        [[name, m, g, *[r["energy_ratio"][str(t)][j] for t in steps], r["final_norm_ratio"][j],
-          r["diverged_step"][j], r.get("growth_measured", [None] * len(step_sizes))[j],
-          r.get("growth_closed_form", [None] * len(step_sizes))[j],
-          r.get("predicted_diverged_step", [None] * len(step_sizes))[j]]
-         for name, r in metrics["methods"].items()
-         for j, (m, g) in enumerate(zip(metrics["step_size_multiples"], metrics["step_sizes"]))],
+        [
+            "method",
+            "step_size_multiple",
+            "step_size",
+            *[f"r_{t}" for t in steps],
+            "final_norm_ratio",
+            "diverged_step",
+            "growth_measured",
+            "growth_closed_form",
+            "predicted_diverged_step",
+        ],
+        [
+            [
+                name,
+                m,
+                g,
+                *[r["energy_ratio"][str(t)][j] for t in steps],
+                r["final_norm_ratio"][j],
+                r["diverged_step"][j],
+                r.get("growth_measured", [None] * len(step_sizes))[j],
+                r.get("growth_closed_form", [None] * len(step_sizes))[j],
+                r.get("predicted_diverged_step", [None] * len(step_sizes))[j],
+            ]
+            for name, r in metrics["methods"].items()
+            for j, (m, g) in enumerate(zip(metrics["step_size_multiples"], metrics["step_sizes"]))
+        ],
     )
     stride = max(1, config.num_steps // 1000)
     common.write_csv(
-        folder / "curves.csv", ["method", "step_size_multiple", "t", "energy_ratio"],
-        [[name, m, t, float(worst[j, t])] for name, worst in curves.items()
-         for j, m in enumerate(metrics["step_size_multiples"])
-         for t in range(0, config.num_steps + 1, stride)],
+        folder / "curves.csv",
+        ["method", "step_size_multiple", "t", "energy_ratio"],
+        [
+            [name, m, t, float(worst[j, t])]
+            for name, worst in curves.items()
+            for j, m in enumerate(metrics["step_size_multiples"])
+            for t in range(0, config.num_steps + 1, stride)
+        ],
     )
     draw(metrics, curves, config, folder / "figure.png")
     return common.finish(folder, table, metrics)

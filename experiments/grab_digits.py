@@ -53,8 +53,8 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import data, models, shuffling
-from shufflesgd import network_training as nt
+from shufflesgd import shuffling
+from shufflesgd.nn import data, models, training
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,8 +62,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 NAME = "grab_digits"
 REFERENCE = "random_reshuffle"  # the paired differences are taken against this scheme
 # Schemes whose epochs visit all n examples (so batch_size | 1536 is the only constraint).
-SCHEMES = ("with_replacement", "random_reshuffle", "single_shuffle", "incremental", "flipflop",
-           "grab_mean_balance", "grab_pair_balance")
+SCHEMES = (
+    "with_replacement",
+    "random_reshuffle",
+    "single_shuffle",
+    "incremental",
+    "flipflop",
+    "grab_mean_balance",
+    "grab_pair_balance",
+)
 METRICS = ("test_accuracy", "train_loss", "test_loss")
 Arrays = dict[str, jax.Array]
 
@@ -91,43 +98,46 @@ def load_digits(data_dir: str | None) -> tuple[dict[str, np.ndarray], dict[str, 
     """
 
     def read(split: str) -> dict[str, np.ndarray]:
-        source = data.MappedSource(data.load_source("digits", split, data_dir=data_dir),
-                                   lambda batch: data.scale_images(batch, data.DIGITS_MAX_VALUE))
+        source = data.MappedSource(
+            data.load_source("digits", split, data_dir=data_dir),
+            lambda batch: data.scale_images(batch, data.DIGITS_MAX_VALUE),
+        )
         arrays = data.to_array_source(source).arrays
         return {"image": arrays["image"], "label": arrays["label"].astype(np.int32)}
 
     return read("train"), read("test")
 
 
-def make_run(model: nn.Module, scheme: shuffling.ShufflingScheme, *, num_epochs: int,
-             batch_size: int) -> Callable[[jax.Array, jax.Array, Arrays, Arrays], EpochCurves]:
+def make_run(
+    model: nn.Module, scheme: shuffling.ShufflingScheme, *, num_epochs: int, batch_size: int
+) -> Callable[[jax.Array, jax.Array, Arrays, Arrays], EpochCurves]:
     r"""Build ``run(key, learning_rate, train, test) -> EpochCurves``, SGD in ``scheme``'s orders.
 
     ``key`` is split into the network's initialisation key and the key of
     :func:`shufflesgd.network_training.init_train_state` (which splits it again into the
     scheme's key and the per-step keys ``fold_in(key, s)``).  Each epoch is the trainer's
-    ``scan_epoch`` (``scheme.next_epoch``, then its minibatches of ``batch_size``; optimizer
-    ``optax.inject_hyperparams(optax.sgd)``, so the traced
+    ``scan_epoch`` (the scheme's order for the epoch, then its minibatches of ``batch_size``;
+    optimizer ``optax.inject_hyperparams(optax.sgd)``, so the traced
     ``learning_rate`` lives in the optimizer state), then the evaluation.  Pure and
     vmappable: ``jax.jit(jax.vmap(run, in_axes=(0, None, None, None)))`` runs many seeds
     in one program.  Arguments are validated by the caller (``batch_size`` must divide
     ``scheme.epoch_length``).
     """
-    loss_fn = nt.cross_entropy_loss(model)
+    loss_fn = training.cross_entropy_loss(model)
 
-    def evaluate(state: nt.TrainState, arrays: Arrays) -> tuple[jax.Array, jax.Array]:
+    def evaluate(state: training.TrainState, arrays: Arrays) -> tuple[jax.Array, jax.Array]:
         # the cross-entropy ignores its key; BatchNorm uses its running averages
         losses, (_, metrics) = loss_fn(state.params, state.batch_stats, arrays, state.key, False)
         return jnp.mean(losses), jnp.mean(metrics["accuracy"])
 
     def run(key: jax.Array, learning_rate: jax.Array, train: Arrays, test: Arrays) -> EpochCurves:
         optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
-        trainer = nt.make_trainer(loss_fn, optimizer, scheme, batch_size=batch_size)
+        trainer = training.make_trainer(loss_fn, optimizer, scheme, batch_size=batch_size)
         init_key, state_key = jax.random.split(key)
         params, batch_stats = models.init_model(model, init_key, train["image"][:1])
-        state = nt.init_train_state(state_key, params, batch_stats, optimizer, scheme)
+        state = training.init_train_state(state_key, params, batch_stats, optimizer, scheme)
 
-        def epoch(state: nt.TrainState, _: None) -> tuple[nt.TrainState, EpochCurves]:
+        def epoch(state: training.TrainState, _: None) -> tuple[training.TrainState, EpochCurves]:
             state, order, _ = trainer.scan_epoch(state, train)
             train_loss, _ = evaluate(state, train)
             test_loss, test_accuracy = evaluate(state, test)
@@ -139,8 +149,9 @@ def make_run(model: nn.Module, scheme: shuffling.ShufflingScheme, *, num_epochs:
     return run
 
 
-def build_run(config: ConfigDict, scheme_name: str, num_train: int
-              ) -> Callable[[jax.Array, jax.Array, Arrays, Arrays], EpochCurves]:
+def build_run(
+    config: ConfigDict, scheme_name: str, num_train: int
+) -> Callable[[jax.Array, jax.Array, Arrays, Arrays], EpochCurves]:
     """The single-seed ``run`` of :func:`make_run` for the config's network and ``scheme_name``."""
     scheme = shuffling.make_scheme(scheme_name, num_train)
     model = models.MLP(hidden=tuple(config.hidden), num_classes=10, batch_norm=config.batch_norm)
@@ -153,9 +164,14 @@ def seed_keys(config: ConfigDict) -> jax.Array:
 
 
 def run_seeds(config: ConfigDict, scheme_name: str, train: Arrays, test: Arrays) -> EpochCurves:
-    """All ``config.num_seeds`` seeds of one scheme in one jitted, vmapped call (leading seed axis)."""
-    sweep = jax.jit(jax.vmap(build_run(config, scheme_name, len(train["label"])), in_axes=(0, None, None, None)))
-    return jax.block_until_ready(sweep(seed_keys(config), jnp.float32(config.learning_rate), train, test))
+    """All ``config.num_seeds`` seeds of one scheme in one jitted, vmapped call (leading seed
+    axis)."""
+    sweep = jax.jit(
+        jax.vmap(build_run(config, scheme_name, len(train["label"])), in_axes=(0, None, None, None))
+    )
+    return jax.block_until_ready(
+        sweep(seed_keys(config), jnp.float32(config.learning_rate), train, test)
+    )
 
 
 def is_permutation(orders: np.ndarray) -> bool:
@@ -174,15 +190,21 @@ def validate(config: ConfigDict) -> None:
     """Check every field before any data is read or anything compiles."""
     schemes = common.check_names("schemes", config.schemes, SCHEMES)
     if REFERENCE not in schemes:
-        raise ValueError(f"config.schemes must include {REFERENCE!r}, the reference of the paired differences")
+        raise ValueError(
+            f"config.schemes must include {REFERENCE!r}, the reference of the paired differences"
+        )
     common.check_positive_ints("hidden", list(config.hidden))
     for field in ("num_epochs", "batch_size", "num_seeds"):
         common.check_positive_ints(field, config[field])
     if config.num_seeds < 2:
-        raise ValueError(f"config.num_seeds must be at least 2 for a standard error, got {config.num_seeds}")
+        raise ValueError(
+            f"config.num_seeds must be at least 2 for a standard error, got {config.num_seeds}"
+        )
     if config.batch_size > data.DIGITS_NUM_TRAIN or data.DIGITS_NUM_TRAIN % config.batch_size:
-        raise ValueError(f"config.batch_size must divide the {data.DIGITS_NUM_TRAIN} training examples, "
-                         f"got {config.batch_size}")
+        raise ValueError(
+            f"config.batch_size must divide the {data.DIGITS_NUM_TRAIN} training examples, "
+            f"got {config.batch_size}"
+        )
     rate = config.learning_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
         raise ValueError(f"config.learning_rate must be positive and finite, got {rate!r}")
@@ -193,7 +215,9 @@ def validate(config: ConfigDict) -> None:
 def report_epochs(num_epochs: int) -> list[int]:
     """The 1-based epochs shown in the printed table: the first five, then about five more."""
     late = np.unique(np.linspace(5, num_epochs, 6).round().astype(int))
-    return sorted({e for e in range(1, min(num_epochs, 5) + 1)} | {int(e) for e in late if e <= num_epochs})
+    return sorted(
+        {e for e in range(1, min(num_epochs, 5) + 1)} | {int(e) for e in late if e <= num_epochs}
+    )
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -202,27 +226,43 @@ def format_table(metrics: dict[str, Any]) -> str:
     schemes = list(metrics["schemes"])
     epochs = report_epochs(metrics["num_epochs"])
     blocks = []
-    for metric, scale, unit, fmt in (("test_accuracy", 100.0, "test accuracy, %", "{:6.2f} ± {:4.2f}"),
-                                     ("train_loss", 1.0, "training loss", "{:6.4f} ± {:6.4f}")):
+    for metric, scale, unit, fmt in (
+        ("test_accuracy", 100.0, "test accuracy, %", "{:6.2f} ± {:4.2f}"),
+        ("train_loss", 1.0, "training loss", "{:6.4f} ± {:6.4f}"),
+    ):
         width = max(len(fmt.format(0.0, 0.0)), *map(len, schemes))
-        lines = [f"{unit} (mean ± SE over {metrics['num_seeds']} seeds)",
-                 f"{'epoch':>5s}  " + "  ".join(f"{s:>{width}s}" for s in schemes)]
+        lines = [
+            f"{unit} (mean ± SE over {metrics['num_seeds']} seeds)",
+            f"{'epoch':>5s}  " + "  ".join(f"{s:>{width}s}" for s in schemes),
+        ]
         for e in epochs:
-            cells = [fmt.format(scale * metrics["schemes"][s][metric]["mean"][e - 1],
-                                scale * metrics["schemes"][s][metric]["stderr"][e - 1]) for s in schemes]
+            cells = [
+                fmt.format(
+                    scale * metrics["schemes"][s][metric]["mean"][e - 1],
+                    scale * metrics["schemes"][s][metric]["stderr"][e - 1],
+                )
+                for s in schemes
+            ]
             lines.append(f"{e:5d}  " + "  ".join(f"{cell:>{width}s}" for cell in cells))
         blocks.append("\n".join(lines))
     others = [s for s in schemes if s != REFERENCE]
     if others:
-        lines = [f"paired difference against {REFERENCE} (mean ± SE): test accuracy in points | training loss",
-                 f"{'epoch':>5s}  " + "  ".join(f"{s:>31s}" for s in others)]
+        lines = [
+            (
+                f"paired difference against {REFERENCE} (mean ± SE): test accuracy in points | "
+                "training loss"
+            ),
+            f"{'epoch':>5s}  " + "  ".join(f"{s:>31s}" for s in others),
+        ]
         for e in epochs:
             cells = []
             for s in others:
                 acc = metrics["schemes"][s]["vs_reference"]["test_accuracy"]
                 loss = metrics["schemes"][s]["vs_reference"]["train_loss"]
-                cells.append(f"{100 * acc['mean'][e - 1]:+6.2f} ± {100 * acc['stderr'][e - 1]:4.2f} | "
-                             f"{loss['mean'][e - 1]:+7.4f} ± {loss['stderr'][e - 1]:6.4f}")
+                cells.append(
+                    f"{100 * acc['mean'][e - 1]:+6.2f} ± {100 * acc['stderr'][e - 1]:4.2f} | "
+                    f"{loss['mean'][e - 1]:+7.4f} ± {loss['stderr'][e - 1]:6.4f}"
+                )
             lines.append(f"{e:5d}  " + "  ".join(cells))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -233,18 +273,28 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path: pathlib.Path) -> Non
     fig, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     epochs = np.arange(1, metrics["num_epochs"] + 1)
     for scheme, result in metrics["schemes"].items():
-        for axis, metric, scale in ((acc_axis, "test_accuracy", 100.0), (loss_axis, "train_loss", 1.0)):
+        for axis, metric, scale in (
+            (acc_axis, "test_accuracy", 100.0),
+            (loss_axis, "train_loss", 1.0),
+        ):
             mean = scale * np.asarray(result[metric]["mean"])
             stderr = scale * np.asarray(result[metric]["stderr"])
             (line,) = axis.plot(epochs, mean, marker="o", ms=2.5, lw=1.2, label=scheme)
-            axis.fill_between(epochs, mean - stderr, mean + stderr, color=line.get_color(), alpha=0.25, lw=0)
+            axis.fill_between(
+                epochs, mean - stderr, mean + stderr, color=line.get_color(), alpha=0.25, lw=0
+            )
     acc_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
-    loss_axis.set(xlabel="epoch", ylabel="training cross-entropy", yscale="log", title="training loss")
+    loss_axis.set(
+        xlabel="epoch", ylabel="training cross-entropy", yscale="log", title="training loss"
+    )
     for axis in (acc_axis, loss_axis):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
-    fig.suptitle(f"digits, MLP {tuple(config.hidden)}{' + BN' if config.batch_norm else ''}, SGD η = "
-                 f"{config.learning_rate}, batch {config.batch_size}; mean ± SE over {config.num_seeds} seeds")
+    fig.suptitle(
+        f"digits, MLP {tuple(config.hidden)}{' + BN' if config.batch_norm else ''}, SGD η = "
+        f"{config.learning_rate}, batch {config.batch_size}; mean ± SE over {config.num_seeds} "
+        "seeds"
+    )
     common.save_figure(fig, path)
 
 
@@ -255,9 +305,13 @@ def run(config: ConfigDict) -> dict[str, Any]:
     train = {k: jnp.asarray(v) for k, v in train_np.items()}
     test = {k: jnp.asarray(v) for k, v in test_np.items()}
     folder = common.results_folder(config, NAME)
-    metrics: dict[str, Any] = {"num_epochs": config.num_epochs, "num_seeds": config.num_seeds,
-                               "num_train": len(train_np["label"]), "num_test": len(test_np["label"]),
-                               "schemes": {}}
+    metrics: dict[str, Any] = {
+        "num_epochs": config.num_epochs,
+        "num_seeds": config.num_seeds,
+        "num_train": len(train_np["label"]),
+        "num_test": len(test_np["label"]),
+        "schemes": {},
+    }
     curves: dict[str, dict[str, np.ndarray]] = {}
     for scheme in tqdm(config.schemes, desc=NAME):
         start = time.perf_counter()
@@ -273,16 +327,26 @@ def run(config: ConfigDict) -> dict[str, Any]:
         if scheme == REFERENCE:
             continue
         metrics["schemes"][scheme]["vs_reference"] = {
-            name: summarise(values[name] - curves[REFERENCE][name]) for name in METRICS}
+            name: summarise(values[name] - curves[REFERENCE][name]) for name in METRICS
+        }
     table = format_table(metrics)
     common.write_csv(
         folder / "curves.csv",
         ["scheme", "epoch", *(f"{name}_{stat}" for name in METRICS for stat in ("mean", "stderr"))],
-        [[scheme, e + 1, *(r[name][stat][e] for name in METRICS for stat in ("mean", "stderr"))]
-         for scheme, r in metrics["schemes"].items() for e in range(config.num_epochs)],
+        [
+            [scheme, e + 1, *(r[name][stat][e] for name in METRICS for stat in ("mean", "stderr"))]
+            for scheme, r in metrics["schemes"].items()
+            for e in range(config.num_epochs)
+        ],
     )
-    np.savez(folder / "per_seed.npz", **{f"{scheme}/{name}": values for scheme, per_scheme in curves.items()
-                                          for name, values in per_scheme.items()})
+    np.savez(
+        folder / "per_seed.npz",
+        **{
+            f"{scheme}/{name}": values
+            for scheme, per_scheme in curves.items()
+            for name, values in per_scheme.items()
+        },
+    )
     draw(metrics, config, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

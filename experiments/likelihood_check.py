@@ -46,8 +46,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import likelihood, problems, solvers
-from shufflesgd import sde as sde_lib
+from shufflesgd import diffusion, problems
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -67,32 +66,40 @@ def validate(config: ConfigDict) -> None:
         raise ValueError("config.sdes must name at least one process")
     for name in config.sdes:
         common.check_choice("sdes", name, SDES)
-    common.check_choice("probe", config.probe, likelihood.PROBES)
+    common.check_choice("probe", config.probe, diffusion.PROBES)
     for field in ("high_dim", "num_components", "num_points", "max_steps"):
         common.check_positive_ints(field, config[field])
     common.check_positive_ints("num_probes", config.num_probes)
     if config.num_probes < 2:
-        raise ValueError(f"config.num_probes must be at least 2 (a standard error needs two), got {config.num_probes}")
+        raise ValueError(
+            "config.num_probes must be at least 2 (a standard error needs two), "
+            f"got {config.num_probes}"
+        )
     for field in ("rtol", "atol", "agreement_tol_nats", "z_threshold"):
         common.check_positive_number(field, config[field])
 
 
 def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
-    """The 2-D mixture, or ``num_components`` random anisotropic Gaussians in ``high_dim`` dimensions."""
+    """The 2-D mixture, or ``num_components`` random anisotropic Gaussians in ``high_dim``
+    dimensions."""
     if name == "mixture_2d":
         return problems.gaussian_mixture(
-            [0.3, 0.7], [[-2.0, 0.0], [2.0, 1.0]],
+            [0.3, 0.7],
+            [[-2.0, 0.0], [2.0, 1.0]],
             [[[0.3, 0.1], [0.1, 0.2]], [[0.4, -0.15], [-0.15, 0.3]]],
         )
-    return problems.random_gaussian_mixture(config.data_seed, config.num_components, config.high_dim)
+    return problems.random_gaussian_mixture(
+        config.data_seed, config.num_components, config.high_dim
+    )
 
 
-def check_one(problem: str, sde_name: str, law: problems.GaussianMixture, config: ConfigDict,
-              key: jax.Array) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def check_one(
+    problem: str, sde_name: str, law: problems.GaussianMixture, config: ConfigDict, key: jax.Array
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Exact, ODE and Hutchinson log-likelihoods of the test points of one (problem, process)."""
-    sde = sde_lib.make_sde(sde_name)
+    sde = diffusion.make_sde(sde_name)
     eigen = law.eigen()
-    model = solvers.mixture_model(sde, eigen)
+    model = diffusion.mixture_model(sde, eigen)
     a_min, s_min = sde.alpha(sde.t_min), sde.sigma(sde.t_min)
     a_max, s_max = sde.alpha(sde.t_max), sde.sigma(sde.t_max)
     point_key, probe_key = jax.random.split(key)
@@ -101,20 +108,27 @@ def check_one(problem: str, sde_name: str, law: problems.GaussianMixture, config
 
     @jax.jit
     def exact_run(xs):
-        return likelihood.log_likelihood_batch(probe_key, model, sde, xs, divergence="exact", **options)
+        return diffusion.log_likelihood_batch(
+            probe_key, model, sde, xs, divergence="exact", **options
+        )
 
     @jax.jit
     def hutchinson_run(key, xs):
         # probe j, point i: key fold_in(fold_in(key, j), i)
         keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(config.num_probes))
-        return jax.vmap(lambda k: likelihood.log_likelihood_batch(
-            k, model, sde, xs, divergence="hutchinson", probe=config.probe, **options))(keys)
+        return jax.vmap(
+            lambda k: diffusion.log_likelihood_batch(
+                k, model, sde, xs, divergence="hutchinson", probe=config.probe, **options
+            )
+        )(keys)
 
     ode = exact_run(xs)
     hutch = hutchinson_run(jax.random.fold_in(probe_key, 1), xs)
     exact = np.asarray(jax.vmap(lambda x: eigen.log_prob(x, a_min, s_min))(xs))
     ode_lp = np.asarray(ode.log_prob_nats)
-    mismatch = np.asarray(jax.vmap(lambda x: eigen.log_prob(x, a_max, s_max))(ode.latent) - ode.prior_log_prob)
+    mismatch = np.asarray(
+        jax.vmap(lambda x: eigen.log_prob(x, a_max, s_max))(ode.latent) - ode.prior_log_prob
+    )
     solver_error = ode_lp + mismatch - exact
     estimates = np.asarray(hutch.log_prob_nats)  # [num_probes, num_points]
     h_mean, h_se = common.mean_and_stderr(estimates)
@@ -153,11 +167,19 @@ def check_one(problem: str, sde_name: str, law: problems.GaussianMixture, config
         "hutchinson_unbiased": bool(abs(pooled_z) <= config.z_threshold),
         "all_solves_succeeded": result["all_solves_succeeded"],
     }
-    arrays = {"exact": exact, "ode": ode_lp, "mismatch": mismatch, "solver_error": solver_error,
-              "h_mean": h_mean, "h_se": h_se, "point_z": point_z, "nfe_exact": np.asarray(ode.nfe),
-              "nfe_hutchinson": np.asarray(hutch.nfe).mean(axis=0),
-              "single_probe_errors": (estimates - ode_lp[None, :]).ravel(),
-              "bits_ode": np.asarray(ode.bits_per_dim)}
+    arrays = {
+        "exact": exact,
+        "ode": ode_lp,
+        "mismatch": mismatch,
+        "solver_error": solver_error,
+        "h_mean": h_mean,
+        "h_se": h_se,
+        "point_z": point_z,
+        "nfe_exact": np.asarray(ode.nfe),
+        "nfe_hutchinson": np.asarray(hutch.nfe).mean(axis=0),
+        "single_probe_errors": (estimates - ode_lp[None, :]).ravel(),
+        "bits_ode": np.asarray(ode.bits_per_dim),
+    }
     return result, arrays
 
 
@@ -166,22 +188,40 @@ def draw(per_combo: dict[str, dict[str, np.ndarray]], config: ConfigDict, path) 
     lo, hi = np.inf, -np.inf
     for label, a in per_combo.items():
         scatter.scatter(a["exact"], a["ode"], s=10, label=label)
-        lo, hi = min(lo, a["exact"].min(), a["ode"].min()), max(hi, a["exact"].max(), a["ode"].max())
+        lo, hi = (
+            min(lo, a["exact"].min(), a["ode"].min()),
+            max(hi, a["exact"].max(), a["ode"].max()),
+        )
         errors = a["single_probe_errors"]
         scale = np.std(errors) if np.std(errors) > 0 else 1.0
-        hist.hist(errors / scale, bins=40, histtype="step", density=True, label=f"{label} (sd {scale:.2g})")
+        hist.hist(
+            errors / scale,
+            bins=40,
+            histtype="step",
+            density=True,
+            label=f"{label} (sd {scale:.2g})",
+        )
         zs.scatter(np.arange(len(a["point_z"])), a["point_z"], s=10, label=label, zorder=3)
     scatter.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    scatter.set(xlabel="exact log p_tmin(x) [nats]", ylabel="PF-ODE log p (exact divergence)",
-                title="ODE vs exact (off by the prior mismatch only)")
+    scatter.set(
+        xlabel="exact log p_tmin(x) [nats]",
+        ylabel="PF-ODE log p (exact divergence)",
+        title="ODE vs exact (off by the prior mismatch only)",
+    )
     grid = np.linspace(-4, 4, 200)
-    hist.plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), "k:", lw=0.8, label="N(0, 1)")
-    hist.set(xlabel="single-probe Hutchinson error / its sd", ylabel="density",
-             title=f"Hutchinson ({config.probe}) minus exact divergence")
+    hist.plot(grid, np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi), "k:", lw=0.8, label="N(0, 1)")
+    hist.set(
+        xlabel="single-probe Hutchinson error / its sd",
+        ylabel="density",
+        title=f"Hutchinson ({config.probe}) minus exact divergence",
+    )
     zs.axhspan(-2, 2, color="0.9", zorder=0)
     zs.axhline(0, color="k", lw=0.8)
-    zs.set(xlabel="test point", ylabel="(Hutchinson mean - ODE) / SE",
-           title=f"per-point bias z-scores, {config.num_probes} probes")
+    zs.set(
+        xlabel="test point",
+        ylabel="(Hutchinson mean - ODE) / SE",
+        title=f"per-point bias z-scores, {config.num_probes} probes",
+    )
     for axis in (scatter, hist, zs):
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
@@ -189,21 +229,41 @@ def draw(per_combo: dict[str, dict[str, np.ndarray]], config: ConfigDict, path) 
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    header = ("problem/sde", "d", "exact logp", "ODE logp", "max|ODE-ex|", "max|solver|", "Hutch mean",
-              "bias ± SE", "z", "NFE ex", "NFE hu", "bits/dim", "ok")
-    lines = ["{:22s} {:>3s} {:>10s} {:>10s} {:>11s} {:>11s} {:>10s} {:>21s} {:>6s} {:>6s} {:>6s} {:>8s} {:>3s}".format(
-        *header)]
+    header = (
+        "problem/sde",
+        "d",
+        "exact logp",
+        "ODE logp",
+        "max|ODE-ex|",
+        "max|solver|",
+        "Hutch mean",
+        "bias ± SE",
+        "z",
+        "NFE ex",
+        "NFE hu",
+        "bits/dim",
+        "ok",
+    )
+    lines = [
+        (
+            "{:22s} {:>3s} {:>10s} {:>10s} {:>11s} {:>11s} {:>10s} {:>21s} "
+            "{:>6s} {:>6s} {:>6s} {:>8s} {:>3s}"
+        ).format(*header)
+    ]
     for label, r in metrics["combos"].items():
         ok = "yes" if all(r["checks"].values()) else "NO"
         lines.append(
-            f"{label:22s} {r['dim']:3d} {r['exact_log_prob_mean']:10.4f} {r['ode_log_prob_mean']:10.4f} "
+            f"{label:22s} {r['dim']:3d} {r['exact_log_prob_mean']:10.4f} "
+            f"{r['ode_log_prob_mean']:10.4f} "
             f"{r['max_abs_ode_minus_exact']:11.2e} {r['max_abs_solver_error']:11.2e} "
-            f"{r['hutchinson_mean_log_prob']:10.4f} {r['hutchinson_bias']:+10.2e} ± {r['hutchinson_bias_se']:8.2e} "
+            f"{r['hutchinson_mean_log_prob']:10.4f} {r['hutchinson_bias']:+10.2e} "
+            f"± {r['hutchinson_bias_se']:8.2e} "
             f"{r['hutchinson_z']:+6.2f} {r['nfe_exact_mean']:6.0f} {r['nfe_hutchinson_mean']:6.0f} "
             f"{r['bits_per_dim_ode_mean']:8.4f} {ok:>3s}"
         )
     lines.append(
-        f"(means over test points; |solver| = |ODE + prior mismatch - exact| <= {metrics['tolerances']['agreement_tol_nats']:g}"
+        "(means over test points; |solver| = |ODE + prior mismatch - exact| <= "
+        f"{metrics['tolerances']['agreement_tol_nats']:g}"
         f" nats; |z| <= {metrics['tolerances']['z_threshold']:g}; bits/dim without dequantisation)"
     )
     return "\n".join(lines)
@@ -216,8 +276,12 @@ def run(config: ConfigDict) -> dict[str, Any]:
     laws = {name: build_problem(name, config) for name in config.problems}
     folder = common.results_folder(config, NAME)
     metrics: dict[str, Any] = {
-        "tolerances": {"agreement_tol_nats": config.agreement_tol_nats, "z_threshold": config.z_threshold,
-                       "rtol": config.rtol, "atol": config.atol},
+        "tolerances": {
+            "agreement_tol_nats": config.agreement_tol_nats,
+            "z_threshold": config.z_threshold,
+            "rtol": config.rtol,
+            "atol": config.atol,
+        },
         "combos": {},
     }
     per_combo: dict[str, dict[str, np.ndarray]] = {}
@@ -226,19 +290,50 @@ def run(config: ConfigDict) -> dict[str, Any]:
     combos = [(p, s) for p in config.problems for s in config.sdes]
     for index, (problem, sde_name) in enumerate(tqdm(combos, desc=NAME)):
         label = f"{problem}/{sde_name}"
-        result, arrays = check_one(problem, sde_name, laws[problem], config, jax.random.fold_in(base, index))
+        result, arrays = check_one(
+            problem, sde_name, laws[problem], config, jax.random.fold_in(base, index)
+        )
         metrics["combos"][label] = result
         per_combo[label] = arrays
         for i in range(config.num_points):
-            rows.append([problem, sde_name, i, arrays["exact"][i], arrays["ode"][i], arrays["mismatch"][i],
-                         arrays["solver_error"][i], arrays["h_mean"][i], arrays["h_se"][i], arrays["point_z"][i],
-                         arrays["nfe_exact"][i], arrays["nfe_hutchinson"][i], arrays["bits_ode"][i]])
-    metrics["all_checks_passed"] = all(all(r["checks"].values()) for r in metrics["combos"].values())
+            rows.append(
+                [
+                    problem,
+                    sde_name,
+                    i,
+                    arrays["exact"][i],
+                    arrays["ode"][i],
+                    arrays["mismatch"][i],
+                    arrays["solver_error"][i],
+                    arrays["h_mean"][i],
+                    arrays["h_se"][i],
+                    arrays["point_z"][i],
+                    arrays["nfe_exact"][i],
+                    arrays["nfe_hutchinson"][i],
+                    arrays["bits_ode"][i],
+                ]
+            )
+    metrics["all_checks_passed"] = all(
+        all(r["checks"].values()) for r in metrics["combos"].values()
+    )
     table = format_table(metrics)
     common.write_csv(
         folder / "points.csv",
-        ["problem", "sde", "point", "exact_log_prob", "ode_log_prob", "prior_mismatch", "solver_error",
-         "hutchinson_mean", "hutchinson_se", "z", "nfe_exact", "nfe_hutchinson_mean", "bits_per_dim_ode"],
+        [
+            "problem",
+            "sde",
+            "point",
+            "exact_log_prob",
+            "ode_log_prob",
+            "prior_mismatch",
+            "solver_error",
+            "hutchinson_mean",
+            "hutchinson_se",
+            "z",
+            "nfe_exact",
+            "nfe_hutchinson_mean",
+            "bits_per_dim_ode",
+        ],
         rows,
     )
     draw(per_combo, config, folder / "figure.png")

@@ -81,7 +81,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,8 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import data, mcmc, shuffling, targets
+from shufflesgd import mcmc, problems, shuffling
+from shufflesgd.nn import data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -111,12 +113,17 @@ def validate(config: ConfigDict) -> None:
     common.check_names("schemes", config.schemes, SCHEMES)
     fractions = tuple(config.step_fractions)
     if len(fractions) < 2:
-        raise ValueError(f"config.step_fractions needs at least two step sizes to fit an order, got {fractions!r}")
+        raise ValueError(
+            "config.step_fractions needs at least two step sizes to fit an order, got "
+            f"{fractions!r}"
+        )
     for value in fractions:
         common.check_positive_number("step_fractions", value)
         if value >= 1.0:
             raise ValueError(
-                f"config.step_fractions must lie in (0, 1) (fractions of the stability limit), got {value!r}")
+                "config.step_fractions must lie in (0, 1) (fractions of the stability limit), got "
+                f"{value!r}"
+            )
     if len(set(fractions)) != len(fractions):
         raise ValueError(f"config.step_fractions must be distinct, got {fractions!r}")
     for field in ("batch_size", "sample_epochs", "chain_batch"):
@@ -125,9 +132,14 @@ def validate(config: ConfigDict) -> None:
     common.check_positive_ints("fit_points_small", config.fit_points_small)
     if config.fit_points_small < 2:
         raise ValueError(
-            f"config.fit_points_small must be at least 2 (a slope needs two points), got {config.fit_points_small}")
+            "config.fit_points_small must be at least 2 (a slope needs two points), got "
+            f"{config.fit_points_small}"
+        )
     if config.num_chains < 2:
-        raise ValueError(f"config.num_chains must be at least 2 (a standard error needs two), got {config.num_chains}")
+        raise ValueError(
+            "config.num_chains must be at least 2 (a standard error needs two), got "
+            f"{config.num_chains}"
+        )
     burn = config.burn_in_epochs
     if isinstance(burn, bool) or not isinstance(burn, int) or burn < 0:
         raise ValueError(f"config.burn_in_epochs must be a non-negative integer, got {burn!r}")
@@ -138,7 +150,9 @@ def validate(config: ConfigDict) -> None:
             raise ValueError(f"config.{field} must be True or False, got {config[field]!r}")
     num_examples = data.sklearn_dataset("diabetes")[0].shape[0]
     if num_examples % config.batch_size:
-        raise ValueError(f"config.batch_size must divide the {num_examples} examples, got {config.batch_size}")
+        raise ValueError(
+            f"config.batch_size must divide the {num_examples} examples, got {config.batch_size}"
+        )
 
 
 # ------------------------------------------------------------------ the target
@@ -147,7 +161,7 @@ def validate(config: ConfigDict) -> None:
 class Problem(NamedTuple):
     """The posterior and the per-example pieces of the exact solution (NumPy, float64)."""
 
-    model: targets.BayesianFiniteSum
+    model: problems.BayesianFiniteSum
     features: np.ndarray  # [n, d]
     responses: np.ndarray  # [n]
     noise_variance: float  # s^2
@@ -172,14 +186,19 @@ class Problem(NamedTuple):
         return np.eye(d) / self.prior_variance + n * outer / self.noise_variance
 
     def example_noises(self) -> np.ndarray:
-        """``[n, d]``: :math:`\\varepsilon_i = \\hat g_{\\{i\\}}(m)`, the one-example gradient at the mean (mean 0)."""
+        """``[n, d]``: :math:`\\varepsilon_i = \\hat g_{\\{i\\}}(m)`, the one-example gradient at
+        the mean (mean 0)."""
         n = self.num_examples
         residual = self.responses - self.features @ self.mean
-        return n * self.features * residual[:, None] / self.noise_variance - self.mean / self.prior_variance
+        return (
+            n * self.features * residual[:, None] / self.noise_variance
+            - self.mean / self.prior_variance
+        )
 
 
 def build_problem(config: ConfigDict) -> Problem:
-    """Diabetes regression (optionally whitened) with :math:`s^2` the least-squares residual variance."""
+    """Diabetes regression (optionally whitened) with :math:`s^2` the least-squares residual
+    variance."""
     features, responses = data.sklearn_dataset("diabetes")
     n, d = features.shape
     if config.whiten_features:
@@ -188,13 +207,26 @@ def build_problem(config: ConfigDict) -> Problem:
     coef = np.linalg.lstsq(features, responses, rcond=None)[0]
     residual = responses - features @ coef
     noise_variance = float(residual @ residual / (n - d))
-    model, posterior = targets.bayesian_linear_regression(features, responses, noise_variance, config.prior_variance)
+    model, posterior = problems.bayesian_linear_regression(
+        features, responses, noise_variance, config.prior_variance
+    )
     covariance = np.asarray(posterior.covariance, np.float64)
     eigvals, eigvecs = np.linalg.eigh(covariance)
     whitener = eigvecs @ np.diag(eigvals**-0.5) @ eigvecs.T
-    lipschitz = float(np.linalg.eigvalsh(features.T @ features)[-1] / noise_variance + 1.0 / config.prior_variance)
-    return Problem(model, features, responses, noise_variance, float(config.prior_variance),
-                   np.asarray(posterior.mean, np.float64), covariance, whitener, lipschitz)
+    lipschitz = float(
+        np.linalg.eigvalsh(features.T @ features)[-1] / noise_variance + 1.0 / config.prior_variance
+    )
+    return Problem(
+        model,
+        features,
+        responses,
+        noise_variance,
+        float(config.prior_variance),
+        np.asarray(posterior.mean, np.float64),
+        covariance,
+        whitener,
+        lipschitz,
+    )
 
 
 def step_sizes(kernel: str, fractions: Any, lipschitz: float) -> np.ndarray:
@@ -213,7 +245,8 @@ def friction(config: ConfigDict, lipschitz: float) -> float:
 
 
 class LinearKernel(NamedTuple):
-    r"""One step in error coordinates :math:`z = (x - m[, v])`: :math:`z' = M z + R\varepsilon + G\xi`."""
+    r"""One step in error coordinates :math:`z = (x - m[, v])`:
+    :math:`z' = M z + R\varepsilon + G\xi`."""
 
     transition: np.ndarray  # M, [D, D]
     force: np.ndarray  # R, [D, d]
@@ -231,8 +264,11 @@ def linear_kernel(kernel: str, hessian: np.ndarray, step: float, gamma: float) -
     if kernel == "sghmc_euler":
         kick = np.block([[eye, zero], [-step * hessian, (1.0 - step * gamma) * eye]])
         inject = np.vstack([zero, eye])
-        return LinearKernel(drift(step) @ kick, drift(step) @ inject * step,
-                            drift(step) @ inject * math.sqrt(2.0 * gamma * step))
+        return LinearKernel(
+            drift(step) @ kick,
+            drift(step) @ inject * step,
+            drift(step) @ inject * math.sqrt(2.0 * gamma * step),
+        )
     half = 0.5 * step
     kick = np.block([[eye, zero], [-half * hessian, eye]])  # v += (h/2) g(x)
     decay = math.exp(-gamma * step)
@@ -240,9 +276,11 @@ def linear_kernel(kernel: str, hessian: np.ndarray, step: float, gamma: float) -
     inject = np.vstack([zero, math.sqrt(1.0 - decay**2) * eye])
     after_o = kick @ drift(half)
     force_once = np.vstack([zero, half * eye])
-    return LinearKernel(after_o @ ou @ drift(half) @ kick,
-                        after_o @ ou @ drift(half) @ force_once + force_once,
-                        after_o @ inject)
+    return LinearKernel(
+        after_o @ ou @ drift(half) @ kick,
+        after_o @ ou @ drift(half) @ force_once + force_once,
+        after_o @ inject,
+    )
 
 
 def _solve_stationary_moment(operator: np.ndarray, forcing: np.ndarray) -> tuple[np.ndarray, float]:
@@ -256,27 +294,41 @@ def _solve_stationary_moment(operator: np.ndarray, forcing: np.ndarray) -> tuple
     return 0.5 * (moment + moment.T), radius
 
 
-def exact_full_gradient_moment(problem: Problem, kernel: str, step: float, gamma: float) -> np.ndarray:
-    """Whitened stationary second moment of the positions with exact gradients (discrete Lyapunov)."""
+def exact_full_gradient_moment(
+    problem: Problem, kernel: str, step: float, gamma: float
+) -> np.ndarray:
+    """Whitened stationary second moment of the positions with exact gradients (discrete
+    Lyapunov)."""
     precision = np.linalg.inv(problem.covariance)
     lin = linear_kernel(kernel, precision, step, gamma)
-    moment, _ = _solve_stationary_moment(np.kron(lin.transition, lin.transition), lin.noise @ lin.noise.T)
+    moment, _ = _solve_stationary_moment(
+        np.kron(lin.transition, lin.transition), lin.noise @ lin.noise.T
+    )
     d = problem.dim
     return problem.whitener @ moment[:d, :d] @ problem.whitener.T
 
 
-def exact_with_replacement_moment(problem: Problem, kernel: str, step: float, gamma: float,
-                                  batch_size: int) -> tuple[np.ndarray, float]:
+def exact_with_replacement_moment(
+    problem: Problem, kernel: str, step: float, gamma: float, batch_size: int
+) -> tuple[np.ndarray, float]:
     """Whitened stationary second moment with i.i.d. minibatches of ``batch_size`` (see the
     module docstring) and the spectral radius of the moment operator; NaNs if unstable."""
     if kernel not in EXACT_KERNELS:
-        raise ValueError(f"kernel must be one of {list(EXACT_KERNELS)} (affine in the batch Hessian), got {kernel!r}")
+        raise ValueError(
+            f"kernel must be one of {list(EXACT_KERNELS)} (affine in the batch Hessian), got "
+            f"{kernel!r}"
+        )
     hessians = problem.example_hessians()
     noises = problem.example_noises()
     mean_lin = linear_kernel(kernel, hessians.mean(axis=0), step, gamma)
-    deltas = np.stack([linear_kernel(kernel, h, step, gamma).transition for h in hessians]) - mean_lin.transition
+    deltas = (
+        np.stack([linear_kernel(kernel, h, step, gamma).transition for h in hessians])
+        - mean_lin.transition
+    )
     dim = deltas.shape[-1]
-    spread = np.einsum("nab,ncd->acbd", deltas, deltas).reshape(dim * dim, dim * dim) / len(hessians)
+    spread = np.einsum("nab,ncd->acbd", deltas, deltas).reshape(dim * dim, dim * dim) / len(
+        hessians
+    )
     operator = np.kron(mean_lin.transition, mean_lin.transition) + spread / batch_size
     force_cov = mean_lin.force @ (noises.T @ noises / len(noises)) @ mean_lin.force.T
     forcing = force_cov / batch_size + mean_lin.noise @ mean_lin.noise.T
@@ -294,7 +346,9 @@ def make_kernel(kernel: str, grad_estimator: mcmc.GradientEstimator) -> mcmc.Sam
     return mcmc.sghmc(grad_estimator, "euler" if kernel == "sghmc_euler" else "baoab")
 
 
-def coupled(minibatch: mcmc.SamplingAlgorithm, exact: mcmc.SamplingAlgorithm) -> mcmc.SamplingAlgorithm:
+def coupled(
+    minibatch: mcmc.SamplingAlgorithm, exact: mcmc.SamplingAlgorithm
+) -> mcmc.SamplingAlgorithm:
     """Run a minibatch kernel and an exact-gradient kernel side by side with the same injected
     noise (the key is cloned on purpose: a synchronous coupling).  The state is an
     :class:`mcmc.SGState` whose position and momentum are (minibatch, exact) pairs."""
@@ -305,7 +359,9 @@ def coupled(minibatch: mcmc.SamplingAlgorithm, exact: mcmc.SamplingAlgorithm) ->
 
     def step(key: jax.Array, state: mcmc.SGState, batch: jax.Array, *hyper: Any):
         twin = jax.random.clone(key)
-        a, info = minibatch.step(key, mcmc.SGState(state.position[0], state.momentum[0]), batch, *hyper)
+        a, info = minibatch.step(
+            key, mcmc.SGState(state.position[0], state.momentum[0]), batch, *hyper
+        )
         b, _ = exact.step(twin, mcmc.SGState(state.position[1], state.momentum[1]), batch, *hyper)
         return mcmc.SGState((a.position, b.position), (a.momentum, b.momentum)), info
 
@@ -321,7 +377,9 @@ class ChainStats(NamedTuple):
     moment_exact: jax.Array  # E[u_f u_f^T]
 
 
-def make_simulator(kernel: str, scheme_name: str, problem: Problem, config: ConfigDict) -> Callable[..., ChainStats]:
+def make_simulator(
+    kernel: str, scheme_name: str, problem: Problem, config: ConfigDict
+) -> Callable[..., ChainStats]:
     """A jitted ``(key, step_sizes[E], gamma) -> ChainStats`` with leading axes ``[E, num_chains]``:
     all step sizes and chains of one (kernel, scheme) in one call."""
     model = problem.model
@@ -330,8 +388,10 @@ def make_simulator(kernel: str, scheme_name: str, problem: Problem, config: Conf
     precision = jnp.asarray(np.linalg.inv(problem.covariance), dtype)
     whitener = jnp.asarray(problem.whitener, dtype)
     chol = jnp.asarray(np.linalg.cholesky(problem.covariance), dtype)
-    pair = coupled(make_kernel(kernel, model.grad_estimator),
-                   make_kernel(kernel, lambda w, batch: precision @ (mean - w)))
+    pair = coupled(
+        make_kernel(kernel, model.grad_estimator),
+        make_kernel(kernel, lambda w, batch: precision @ (mean - w)),
+    )
     scheme = shuffling.make_scheme(scheme_name, model.num_examples)
     num_epochs = config.burn_in_epochs + config.sample_epochs
 
@@ -341,9 +401,17 @@ def make_simulator(kernel: str, scheme_name: str, problem: Problem, config: Conf
         start = mean + chol @ jax.random.normal(start_key, mean.shape, dtype)
         hyper = (step,) if kernel == "sgld" else (step, gamma)
         _, (positions, positions_exact), _ = mcmc.run_minibatch_chain(
-            pair, chain_key, pair.init(start), scheme, num_epochs, config.batch_size, *hyper, record="epoch")
-        u = (positions[config.burn_in_epochs:] - mean) @ whitener.T
-        uf = (positions_exact[config.burn_in_epochs:] - mean) @ whitener.T
+            pair,
+            chain_key,
+            pair.init(start),
+            scheme,
+            num_epochs,
+            config.batch_size,
+            *hyper,
+            record="epoch",
+        )
+        u = (positions[config.burn_in_epochs :] - mean) @ whitener.T
+        uf = (positions_exact[config.burn_in_epochs :] - mean) @ whitener.T
         second = lambda w: w.T @ w / w.shape[0]  # noqa: E731
         return ChainStats(u.mean(axis=0), uf.mean(axis=0), second(u), second(uf))
 
@@ -363,7 +431,8 @@ def make_simulator(kernel: str, scheme_name: str, problem: Problem, config: Conf
 
 
 def _norm_with_se(centre: np.ndarray, per_chain: np.ndarray, scale: float) -> tuple[float, float]:
-    """``||centre + mean_c Y_c|| * scale`` and its delta-method standard error over chains ``Y_c``."""
+    """``||centre + mean_c Y_c|| * scale`` and its delta-method standard error over chains
+    ``Y_c``."""
     estimate = centre + per_chain.mean(axis=0)
     value = float(np.linalg.norm(estimate))
     if value == 0.0:
@@ -391,21 +460,34 @@ def summarise(stats: ChainStats, full_moments: np.ndarray) -> list[dict[str, Any
         naive, naive_se = _norm_with_se(-eye, moment[e], scale)
         full_sim = moment_exact[e].mean(axis=0)
         full_sim_se = moment_exact[e].std(axis=0, ddof=1) / math.sqrt(num_chains)
-        out.append({
-            "second_moment_error": total, "second_moment_error_se": total_se,
-            "minibatch_error": part, "minibatch_error_se": part_se,
-            "mean_error": mean_err, "mean_error_se": mean_se,
-            "naive_second_moment_error": naive, "naive_second_moment_error_se": naive_se,
-            "exact_gradient_second_moment_error": float(np.linalg.norm(full - eye) * scale),
-            "exact_gradient_twin_max_abs_z": float(np.max(np.abs(full_sim - full) / full_sim_se)),
-            "moment": full + diff[e].mean(axis=0),
-            "moment_se": diff[e].std(axis=0, ddof=1) / math.sqrt(num_chains),
-        })
+        out.append(
+            {
+                "second_moment_error": total,
+                "second_moment_error_se": total_se,
+                "minibatch_error": part,
+                "minibatch_error_se": part_se,
+                "mean_error": mean_err,
+                "mean_error_se": mean_se,
+                "naive_second_moment_error": naive,
+                "naive_second_moment_error_se": naive_se,
+                "exact_gradient_second_moment_error": float(np.linalg.norm(full - eye) * scale),
+                "exact_gradient_twin_max_abs_z": float(
+                    np.max(np.abs(full_sim - full) / full_sim_se)
+                ),
+                "moment": full + diff[e].mean(axis=0),
+                "moment_se": diff[e].std(axis=0, ddof=1) / math.sqrt(num_chains),
+            }
+        )
     return out
 
 
-def fit_order(steps: np.ndarray, values: np.ndarray, ses: np.ndarray, min_snr: float,
-              smallest: int | None = None) -> tuple[float, int]:
+def fit_order(
+    steps: np.ndarray,
+    values: np.ndarray,
+    ses: np.ndarray,
+    min_snr: float,
+    smallest: int | None = None,
+) -> tuple[float, int]:
     """Log-log slope over the step sizes with ``value >= min_snr * se`` (NaN if fewer than two);
     with ``smallest``, over only the ``smallest`` smallest of those (the asymptotic end)."""
     keep = np.isfinite(values) & (values >= min_snr * np.nan_to_num(ses, nan=np.inf))
@@ -423,39 +505,68 @@ def fit_order(steps: np.ndarray, values: np.ndarray, ses: np.ndarray, min_snr: f
 
 def format_table(metrics: dict[str, Any]) -> str:
     lines = [
-        ("stationary bias, whitened: 2nd-moment err = ||E[uu^T] - I||_F/sqrt(d), minibatch part = the same against "
-         "the exact-gradient kernel, mean err = Mahalanobis; ± 1 SE over chains; c = fraction of the stability "
-         "limit; exact WR = the with-replacement fixed point (NumPy), max|z| = its largest entrywise z-score"),
-        (f"{'kernel':12s} {'scheme':17s} {'c':>7s} {'step':>9s} {'2nd-moment err ± SE':>21s} "
-         f"{'minibatch part ± SE':>21s} {'mean err ± SE':>21s} {'exact WR':>9s} {'max|z|':>7s}"),
+        (
+            "stationary bias, whitened: 2nd-moment err = ||E[uu^T] - I||_F/sqrt(d), minibatch part "
+            "= the same against the exact-gradient kernel, mean err = Mahalanobis; ± 1 SE over "
+            "chains; c = fraction of the stability limit; exact WR = the with-replacement fixed "
+            "point (NumPy), max|z| = its largest entrywise z-score"
+        ),
+        (
+            f"{'kernel':12s} {'scheme':17s} {'c':>7s} {'step':>9s} {'2nd-moment err ± SE':>21s} "
+            f"{'minibatch part ± SE':>21s} {'mean err ± SE':>21s} {'exact WR':>9s} {'max|z|':>7s}"
+        ),
     ]
     for label, r in metrics["runs"].items():
         kernel, scheme = label.split("/")
         for p in r["points"]:
-            exact = f"{p['exact_with_replacement']:9.3e}" if "exact_with_replacement" in p else f"{'':9s}"
+            exact = (
+                f"{p['exact_with_replacement']:9.3e}"
+                if "exact_with_replacement" in p
+                else f"{'':9s}"
+            )
             z = f"{p['max_abs_z_vs_exact']:7.2f}" if "max_abs_z_vs_exact" in p else f"{'':7s}"
             lines.append(
                 f"{kernel:12s} {scheme:17s} {p['fraction']:7.4f} {p['step_size']:9.3e} "
                 f"{p['second_moment_error']:9.3e} ± {p['second_moment_error_se']:8.1e} "
                 f"{p['minibatch_error']:9.3e} ± {p['minibatch_error_se']:8.1e} "
-                f"{p['mean_error']:9.3e} ± {p['mean_error_se']:8.1e} {exact} {z}")
+                f"{p['mean_error']:9.3e} ± {p['mean_error_se']:8.1e} {exact} {z}"
+            )
     snr = metrics["fit_min_snr"]
     lines += [
         "",
-        (f"fitted orders (log-log slope vs step size, only over points with bias >= {snr:g} SE; [points used]); "
-         f"'small': over the {metrics['fit_points_small']} smallest such step sizes"),
-        (f"{'kernel':12s} {'scheme':17s} {'2nd-moment':>11s} {'small':>11s} {'minibatch':>11s} {'small':>11s} "
-         f"{'mean':>11s} {'exact WR':>9s} {'small':>6s}"),
+        (
+            f"fitted orders (log-log slope vs step size, only over points with bias >= {snr:g} SE; "
+            "[points used]); "
+            f"'small': over the {metrics['fit_points_small']} smallest such step sizes"
+        ),
+        (
+            f"{'kernel':12s} {'scheme':17s} {'2nd-moment':>11s} {'small':>11s} {'minibatch':>11s} "
+            f"{'small':>11s} "
+            f"{'mean':>11s} {'exact WR':>9s} {'small':>6s}"
+        ),
     ]
     fmt = lambda o, k: f"{o:+6.2f} [{k}]" if math.isfinite(o) else f"{'n/a':>6s} [{k}]"  # noqa: E731
     for label, r in metrics["runs"].items():
         kernel, scheme = label.split("/")
         o = r["orders"]
-        exact = (f"{o['exact_with_replacement']:+9.2f} {o['exact_with_replacement_small']:+6.2f}"
-                 if "exact_with_replacement" in o else "")
-        cells = [fmt(o[f], o[f + "_points"]) for f in ("second_moment_error", "second_moment_error_small",
-                                                       "minibatch_error", "minibatch_error_small", "mean_error")]
-        lines.append(f"{kernel:12s} {scheme:17s} " + " ".join(f"{cell:>11s}" for cell in cells) + f" {exact}")
+        exact = (
+            f"{o['exact_with_replacement']:+9.2f} {o['exact_with_replacement_small']:+6.2f}"
+            if "exact_with_replacement" in o
+            else ""
+        )
+        cells = [
+            fmt(o[f], o[f + "_points"])
+            for f in (
+                "second_moment_error",
+                "second_moment_error_small",
+                "minibatch_error",
+                "minibatch_error_small",
+                "mean_error",
+            )
+        ]
+        lines.append(
+            f"{kernel:12s} {scheme:17s} " + " ".join(f"{cell:>11s}" for cell in cells) + f" {exact}"
+        )
     return "\n".join(lines)
 
 
@@ -470,22 +581,52 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
                 steps = np.array([p["step_size"] for p in r["points"]])
                 values = np.array([p[field] for p in r["points"]])
                 ses = np.array([p[field + "_se"] for p in r["points"]])
-                axis.errorbar(steps, values, yerr=ses, marker="o", ms=4, capsize=2,
-                              label=f"{scheme} (order {r['orders'][field]:.2f})")
+                axis.errorbar(
+                    steps,
+                    values,
+                    yerr=ses,
+                    marker="o",
+                    ms=4,
+                    capsize=2,
+                    label=f"{scheme} (order {r['orders'][field]:.2f})",
+                )
                 if field == "second_moment_error" and "exact_with_replacement" in r["orders"]:
-                    axis.plot(steps, [p["exact_with_replacement"] for p in r["points"]], "k--", lw=0.8,
-                              label="with replacement, exact")
-            steps = np.array([p["step_size"] for p in metrics["runs"][f"{kernel}/{config.schemes[0]}"]["points"]])
-            top = max(p[field] for s in config.schemes for p in metrics["runs"][f"{kernel}/{s}"]["points"])
+                    axis.plot(
+                        steps,
+                        [p["exact_with_replacement"] for p in r["points"]],
+                        "k--",
+                        lw=0.8,
+                        label="with replacement, exact",
+                    )
+            steps = np.array(
+                [p["step_size"] for p in metrics["runs"][f"{kernel}/{config.schemes[0]}"]["points"]]
+            )
+            top = max(
+                p[field] for s in config.schemes for p in metrics["runs"][f"{kernel}/{s}"]["points"]
+            )
             for power, style in ((1, ":"), (2, "-.")):
-                axis.plot(steps, top * (steps / steps.max()) ** power, "0.5", ls=style, lw=0.8, label=f"slope {power}")
-            axis.set(xscale="log", yscale="log", xlabel="step size",
-                     ylabel="||E[uu^T] - I||/sqrt(d)" if row == 0 else "minibatch part", title=f"{kernel}")
+                axis.plot(
+                    steps,
+                    top * (steps / steps.max()) ** power,
+                    "0.5",
+                    ls=style,
+                    lw=0.8,
+                    label=f"slope {power}",
+                )
+            axis.set(
+                xscale="log",
+                yscale="log",
+                xlabel="step size",
+                ylabel="||E[uu^T] - I||/sqrt(d)" if row == 0 else "minibatch part",
+                title=f"{kernel}",
+            )
             axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=7)
-    fig.suptitle(f"diabetes posterior, batch {config.batch_size}, {config.num_chains} chains x "
-                 f"{config.sample_epochs} epochs")
+    fig.suptitle(
+        f"diabetes posterior, batch {config.batch_size}, {config.num_chains} chains x "
+        f"{config.sample_epochs} epochs"
+    )
     common.save_figure(fig, path)
 
 
@@ -497,10 +638,15 @@ def run(config: ConfigDict) -> dict[str, Any]:
     gamma = friction(config, problem.lipschitz)
     folder = common.results_folder(config, NAME)
     metrics: dict[str, Any] = {
-        "num_examples": problem.num_examples, "dim": problem.dim, "noise_variance": problem.noise_variance,
-        "lipschitz": problem.lipschitz, "friction": gamma,
+        "num_examples": problem.num_examples,
+        "dim": problem.dim,
+        "noise_variance": problem.noise_variance,
+        "lipschitz": problem.lipschitz,
+        "friction": gamma,
         "condition_number": float(np.linalg.cond(problem.covariance)),
-        "fit_min_snr": config.fit_min_snr, "fit_points_small": config.fit_points_small, "runs": {},
+        "fit_min_snr": config.fit_min_snr,
+        "fit_points_small": config.fit_points_small,
+        "runs": {},
     }
     rows = []
     base = jax.random.key(config.seed)
@@ -509,47 +655,89 @@ def run(config: ConfigDict) -> dict[str, Any]:
     for index, (kernel, scheme) in enumerate(tqdm(combos, desc=NAME)):
         steps = step_sizes(kernel, config.step_fractions, problem.lipschitz)
         simulate = make_simulator(kernel, scheme, problem, config)
-        stats = jax.block_until_ready(simulate(jax.random.fold_in(base, index), jnp.asarray(steps), gamma))
+        stats = jax.block_until_ready(
+            simulate(jax.random.fold_in(base, index), jnp.asarray(steps), gamma)
+        )
         full = np.stack([exact_full_gradient_moment(problem, kernel, h, gamma) for h in steps])
         points = summarise(stats, full)
         exact = kernel in EXACT_KERNELS and scheme == "with_replacement"
         for c, h, p in zip(config.step_fractions, steps, points):
             p.update(fraction=float(c), step_size=float(h))
             if exact:
-                moment, radius = exact_with_replacement_moment(problem, kernel, h, gamma, config.batch_size)
+                moment, radius = exact_with_replacement_moment(
+                    problem, kernel, h, gamma, config.batch_size
+                )
                 iu = np.triu_indices(problem.dim)
                 error = np.linalg.norm(moment - np.eye(problem.dim)) / math.sqrt(problem.dim)
-                p.update(exact_with_replacement=float(error),
-                         moment_operator_radius=radius,
-                         max_abs_z_vs_exact=float(np.max(np.abs(p["moment"] - moment)[iu] / p["moment_se"][iu])))
-                p["z_vs_exact"] = (p["second_moment_error"] - p["exact_with_replacement"]) / p["second_moment_error_se"]
+                p.update(
+                    exact_with_replacement=float(error),
+                    moment_operator_radius=radius,
+                    max_abs_z_vs_exact=float(
+                        np.max(np.abs(p["moment"] - moment)[iu] / p["moment_se"][iu])
+                    ),
+                )
+                p["z_vs_exact"] = (p["second_moment_error"] - p["exact_with_replacement"]) / p[
+                    "second_moment_error_se"
+                ]
         orders: dict[str, Any] = {}
         for field in ("second_moment_error", "minibatch_error", "mean_error"):
             values = np.array([p[field] for p in points])
             ses = np.array([p[field + "_se"] for p in points])
-            orders[field], orders[field + "_points"] = fit_order(steps, values, ses, config.fit_min_snr)
+            orders[field], orders[field + "_points"] = fit_order(
+                steps, values, ses, config.fit_min_snr
+            )
             orders[field + "_small"], orders[field + "_small_points"] = fit_order(
-                steps, values, ses, config.fit_min_snr, config.fit_points_small)
+                steps, values, ses, config.fit_min_snr, config.fit_points_small
+            )
         if exact:
             values = np.array([p["exact_with_replacement"] for p in points])
-            small = np.argsort(steps)[:config.fit_points_small]
+            small = np.argsort(steps)[: config.fit_points_small]
             orders["exact_with_replacement"] = common.loglog_slope(steps, values)
-            orders["exact_with_replacement_small"] = common.loglog_slope(steps[small], values[small])
+            orders["exact_with_replacement_small"] = common.loglog_slope(
+                steps[small], values[small]
+            )
         metrics["runs"][f"{kernel}/{scheme}"] = {"points": points, "orders": orders}
         for p in points:
-            rows.append([kernel, scheme, p["fraction"], p["step_size"], p["second_moment_error"],
-                         p["second_moment_error_se"], p["minibatch_error"], p["minibatch_error_se"],
-                         p["mean_error"], p["mean_error_se"], p.get("exact_with_replacement", "")])
+            rows.append(
+                [
+                    kernel,
+                    scheme,
+                    p["fraction"],
+                    p["step_size"],
+                    p["second_moment_error"],
+                    p["second_moment_error_se"],
+                    p["minibatch_error"],
+                    p["minibatch_error_se"],
+                    p["mean_error"],
+                    p["mean_error_se"],
+                    p.get("exact_with_replacement", ""),
+                ]
+            )
     metrics["seconds"] = time.perf_counter() - start
     table = format_table(metrics)
-    common.write_csv(folder / "bias.csv",
-                     ["kernel", "scheme", "fraction", "step_size", "second_moment_error", "second_moment_error_se",
-                      "minibatch_error", "minibatch_error_se", "mean_error", "mean_error_se",
-                      "exact_with_replacement"], rows)
+    common.write_csv(
+        folder / "bias.csv",
+        [
+            "kernel",
+            "scheme",
+            "fraction",
+            "step_size",
+            "second_moment_error",
+            "second_moment_error_se",
+            "minibatch_error",
+            "minibatch_error_se",
+            "mean_error",
+            "mean_error_se",
+            "exact_with_replacement",
+        ],
+        rows,
+    )
     draw(metrics, config, folder / "figure.png")
-    print(f"n = {problem.num_examples}, d = {problem.dim}, s^2 = {problem.noise_variance:.4f}, "
-          f"L = {problem.lipschitz:.1f}, friction = {gamma:.2f}, batch = {config.batch_size}, "
-          f"sweep {metrics['seconds']:.1f} s")
+    print(
+        f"n = {problem.num_examples}, d = {problem.dim}, s^2 = {problem.noise_variance:.4f}, "
+        f"L = {problem.lipschitz:.1f}, friction = {gamma:.2f}, batch = {config.batch_size}, "
+        f"sweep {metrics['seconds']:.1f} s"
+    )
     return common.finish(folder, table, metrics)
 
 

@@ -42,7 +42,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import problems, shuffling, training
+from shufflesgd import drivers, problems, shuffling
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -69,7 +69,9 @@ PROBLEMS = ("piecewise_quadratic", "least_squares", "logistic_regression")
 def build_problem(config: ConfigDict, n: int) -> problems.FiniteSum:
     """The config's finite sum with ``n`` components (same generator for every n)."""
     if config.problem == "piecewise_quadratic":
-        return problems.piecewise_quadratic(n, mu=config.mu, smoothness=config.smoothness, noise=config.noise)
+        return problems.piecewise_quadratic(
+            n, mu=config.mu, smoothness=config.smoothness, noise=config.noise
+        )
     if config.problem == "least_squares":
         a, b = problems.synthetic_regression(config.data_seed, n, config.dim, noise=config.noise)
         return problems.least_squares(a, b, l2=config.l2)
@@ -87,9 +89,11 @@ def validate(config: ConfigDict) -> None:
     for field in ("n", "dim", "num_seeds", "n_sweep_epochs", "batch_size"):
         common.check_positive_ints(field, config[field])
     for n in [config.n, *config.n_values]:
-        shuffling.check_batch_size(n, config.batch_size)
+        drivers.check_batch_size(n, config.batch_size)
     if len(config.epochs) < 2 or len(config.n_values) < 2:
-        raise ValueError("config.epochs and config.n_values need at least two values to fit a slope")
+        raise ValueError(
+            "config.epochs and config.n_values need at least two values to fit a slope"
+        )
     if not config.step_size_c > 0:
         raise ValueError(f"config.step_size_c must be positive, got {config.step_size_c}")
     if config.problem == "piecewise_quadratic" and any(n % 2 for n in [config.n, *config.n_values]):
@@ -105,13 +109,13 @@ def final_suboptimality(
     step size, and reads the suboptimality after epoch K.
     """
     scheme = shuffling.make_scheme(scheme_name, problem.num_examples)
-    run = training.make_sgd_run(
+    run = shuffling.make_sgd_run(
         problem, scheme, num_epochs=max(epochs), batch_size=config.batch_size
     )
     learning_rates = jnp.array(
-        [training.theory_step_size(problem, k, c=config.step_size_c) for k in epochs]
+        [shuffling.theory_step_size(problem, k, c=config.step_size_c) for k in epochs]
     )
-    training.check_learning_rate(learning_rates)
+    drivers.check_learning_rate(learning_rates)
     keys = jax.random.split(jax.random.key(config.seed), config.num_seeds)
     x0 = problem.x_star + config.init_offset
     sweep = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, None, 0)), in_axes=(0, None, None)))
@@ -128,10 +132,22 @@ def summarise(values: np.ndarray) -> dict[str, list[float]]:
 def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
     fig, (by_k, by_n) = plt.subplots(1, 2, figsize=(11, 4.2))
     for scheme, result in metrics["schemes"].items():
-        by_k.errorbar(config.epochs, result["by_epochs"]["mean"], yerr=result["by_epochs"]["stderr"],
-                      marker="o", ms=3, label=f"{scheme} ({result['slope_epochs']:+.2f})")
-        by_n.errorbar(config.n_values, result["by_n"]["mean"], yerr=result["by_n"]["stderr"],
-                      marker="o", ms=3, label=f"{scheme} ({result['slope_n']:+.2f})")
+        by_k.errorbar(
+            config.epochs,
+            result["by_epochs"]["mean"],
+            yerr=result["by_epochs"]["stderr"],
+            marker="o",
+            ms=3,
+            label=f"{scheme} ({result['slope_epochs']:+.2f})",
+        )
+        by_n.errorbar(
+            config.n_values,
+            result["by_n"]["mean"],
+            yerr=result["by_n"]["stderr"],
+            marker="o",
+            ms=3,
+            label=f"{scheme} ({result['slope_n']:+.2f})",
+        )
     for axis, xlabel, title in (
         (by_k, "epochs K", f"n = {config.n}"),
         (by_n, "components n", f"K = {config.n_sweep_epochs}"),
@@ -139,8 +155,10 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
         axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="f(x_K) - f*", title=title)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
-    fig.suptitle(f"{config.problem}: step size c·log(nK)/(μnK), c = {config.step_size_c}, "
-                 f"{config.num_seeds} seeds (legend: fitted slope)")
+    fig.suptitle(
+        f"{config.problem}: step size c·log(nK)/(μnK), c = {config.step_size_c}, "
+        f"{config.num_seeds} seeds (legend: fitted slope)"
+    )
     common.save_figure(fig, path)
 
 
@@ -153,7 +171,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     for scheme, r in metrics["schemes"].items():
         k_theory, n_theory = THEORY[scheme]
         lines.append(
-            f"{scheme:20s} {r['slope_epochs']:+8.2f} {r['corrected_slope_epochs']:+7.2f} {fmt(k_theory):>7s} "
+            f"{scheme:20s} {r['slope_epochs']:+8.2f} {r['corrected_slope_epochs']:+7.2f} "
+            f"{fmt(k_theory):>7s} "
             f"{r['slope_n']:+8.2f} {r['corrected_slope_n']:+7.2f} {fmt(n_theory):>7s}"
             + (f"   ({r['diverged_runs']} runs diverged)" if r["diverged_runs"] else "")
         )
@@ -168,15 +187,23 @@ def run(config: ConfigDict) -> dict[str, Any]:
     base = build_problem(config, config.n)
     by_n_problems = {n: build_problem(config, n) for n in n_values}
     folder = common.results_folder(config, NAME)
-    metrics: dict[str, Any] = {"problem": config.problem, "mu": float(base.mu),
-                               "smoothness": float(base.smoothness), "schemes": {}}
+    metrics: dict[str, Any] = {
+        "problem": config.problem,
+        "mu": float(base.mu),
+        "smoothness": float(base.smoothness),
+        "schemes": {},
+    }
     with tqdm(total=len(config.schemes) * (1 + len(n_values)), desc=NAME) as bar:
         for scheme in config.schemes:
             by_epochs = final_suboptimality(base, scheme, epochs, config)
             bar.update()
             by_n = []
             for n in n_values:
-                by_n.append(final_suboptimality(by_n_problems[n], scheme, [config.n_sweep_epochs], config)[:, 0])
+                by_n.append(
+                    final_suboptimality(by_n_problems[n], scheme, [config.n_sweep_epochs], config)[
+                        :, 0
+                    ]
+                )
                 bar.update()
             by_n = np.stack(by_n, axis=1)
             log_epochs = np.log(config.n * np.asarray(epochs)) ** LOG_POWER[scheme]
@@ -187,7 +214,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 "slope_epochs": common.loglog_slope(epochs, by_epochs.mean(axis=0)),
                 "slope_n": common.loglog_slope(n_values, by_n.mean(axis=0)),
                 "log_power": LOG_POWER[scheme],
-                "corrected_slope_epochs": common.loglog_slope(epochs, by_epochs.mean(axis=0) / log_epochs),
+                "corrected_slope_epochs": common.loglog_slope(
+                    epochs, by_epochs.mean(axis=0) / log_epochs
+                ),
                 "corrected_slope_n": common.loglog_slope(n_values, by_n.mean(axis=0) / log_n),
                 "diverged_runs": int(np.sum(~np.isfinite(by_epochs)) + np.sum(~np.isfinite(by_n))),
                 "theory_epochs": THEORY[scheme][0],
@@ -196,10 +225,27 @@ def run(config: ConfigDict) -> dict[str, Any]:
     table = format_table(metrics)
     common.write_csv(
         folder / "slopes.csv",
-        ["scheme", "slope_epochs", "corrected_slope_epochs", "theory_epochs",
-         "slope_n", "corrected_slope_n", "theory_n"],
-        [[s, r["slope_epochs"], r["corrected_slope_epochs"], r["theory_epochs"],
-          r["slope_n"], r["corrected_slope_n"], r["theory_n"]] for s, r in metrics["schemes"].items()],
+        [
+            "scheme",
+            "slope_epochs",
+            "corrected_slope_epochs",
+            "theory_epochs",
+            "slope_n",
+            "corrected_slope_n",
+            "theory_n",
+        ],
+        [
+            [
+                s,
+                r["slope_epochs"],
+                r["corrected_slope_epochs"],
+                r["theory_epochs"],
+                r["slope_n"],
+                r["corrected_slope_n"],
+                r["theory_n"],
+            ]
+            for s, r in metrics["schemes"].items()
+        ],
     )
     draw(metrics, config, folder / "figure.png")
     return common.finish(folder, table, metrics)

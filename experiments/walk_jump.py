@@ -69,7 +69,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,16 +83,27 @@ from tqdm.auto import tqdm
 
 from experiments import common
 from shufflesgd import mcmc, problems
-from shufflesgd import walk_jump as wj
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 NAME = "walk_jump"
 PROBLEMS = ("mixture_2d", "mixture_high_dim")
-SAMPLERS = ("exact", "exact_jump", "ula", "mala", "walk_jump", "walk_jump_mc", "chain_of_chains", "follmer")
+SAMPLERS = (
+    "exact",
+    "exact_jump",
+    "ula",
+    "mala",
+    "walk_jump",
+    "walk_jump_mc",
+    "chain_of_chains",
+    "follmer",
+)
 REFERENCES = ("exact", "exact_jump")  # not samplers at a budget: draws from known laws
-DENSITY_SAMPLERS = ("walk_jump_mc", "follmer")  # budget in log-density values, the rest in gradients
+DENSITY_SAMPLERS = (
+    "walk_jump_mc",
+    "follmer",
+)  # budget in log-density values, the rest in gradients
 WALKERS = ("walk_jump", "walk_jump_mc")  # report the walk's W2 to p_sigma too
 
 
@@ -136,35 +148,68 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.weights needs at least two modes, got {weights!r}")
     for value in weights:
         common.check_positive_number("weights", value)
-    for field in ("component_std", "separation", "ula_step_size", "mala_step_size", "sigma", "walk_step_fraction",
-                  "follmer_scale", "visit_radius"):
+    for field in (
+        "component_std",
+        "separation",
+        "ula_step_size",
+        "mala_step_size",
+        "sigma",
+        "walk_step_fraction",
+        "follmer_scale",
+        "visit_radius",
+    ):
         common.check_positive_number(field, config[field])
-    for field in ("high_dim", "budget", "samples_per_chain", "num_chains", "num_groups", "w2_points", "mc_samples",
-                  "num_measurements", "steps_per_measurement", "follmer_steps"):
+    for field in (
+        "high_dim",
+        "budget",
+        "samples_per_chain",
+        "num_chains",
+        "num_groups",
+        "w2_points",
+        "mc_samples",
+        "num_measurements",
+        "steps_per_measurement",
+        "follmer_steps",
+    ):
         common.check_positive_ints(field, config[field])
     if "mixture_high_dim" in config.problems and config.high_dim < len(weights):
-        raise ValueError(f"config.high_dim must be at least the number of modes ({len(weights)}) for the simplex "
-                         f"layout, got {config.high_dim}")
+        raise ValueError(
+            f"config.high_dim must be at least the number of modes ({len(weights)}) for the "
+            f"simplex layout, got {config.high_dim}"
+        )
     start = config.start_mode
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(weights):
-        raise ValueError(f"config.start_mode must be a mode index in [0, {len(weights)}), got {start!r}")
+        raise ValueError(
+            f"config.start_mode must be a mode index in [0, {len(weights)}), got {start!r}"
+        )
     if config.num_chains % config.num_groups:
-        raise ValueError(f"config.num_groups must divide config.num_chains={config.num_chains}, "
-                         f"got {config.num_groups}")
+        raise ValueError(
+            f"config.num_groups must divide config.num_chains={config.num_chains}, "
+            f"got {config.num_groups}"
+        )
     if config.num_groups < 2 or config.num_chains < 2:
-        raise ValueError("config.num_chains and config.num_groups must be at least 2 (a standard error needs two)")
+        raise ValueError(
+            "config.num_chains and config.num_groups must be at least 2 (a standard error needs "
+            "two)"
+        )
     if "walk_jump_mc" in config.samplers and config.budget % config.mc_samples:
-        raise ValueError(f"config.budget must be a multiple of config.mc_samples={config.mc_samples} "
-                         f"(walk_jump_mc spends mc_samples a score), got {config.budget}")
+        raise ValueError(
+            f"config.budget must be a multiple of config.mc_samples={config.mc_samples} "
+            f"(walk_jump_mc spends mc_samples a score), got {config.budget}"
+        )
     chains_per_group = config.num_chains // config.num_groups
     for sampler in config.samplers:
         p = plan(sampler, config)
         if p.samples < 2 or (sampler not in REFERENCES and p.runs == 1 and p.steps < p.samples):
-            raise ValueError(f"config.budget={config.budget} is too small for {sampler}: {p.steps} steps for "
-                             f"{p.samples} samples per chain")
+            raise ValueError(
+                f"config.budget={config.budget} is too small for {sampler}: {p.steps} steps for "
+                f"{p.samples} samples per chain"
+            )
         if p.samples * chains_per_group < config.w2_points:
-            raise ValueError(f"config.w2_points={config.w2_points} exceeds the {p.samples * chains_per_group} "
-                             f"samples a group of {sampler} chains has")
+            raise ValueError(
+                f"config.w2_points={config.w2_points} exceeds the {p.samples * chains_per_group} "
+                f"samples a group of {sampler} chains has"
+            )
     if not isinstance(config.x64, bool):
         raise ValueError(f"config.x64 must be True or False, got {config.x64!r}")
 
@@ -200,7 +245,7 @@ class Draws(NamedTuple):
 def _thinned(positions: jax.Array, num: int) -> jax.Array:
     """``num`` evenly spaced rows of ``positions`` ending at the last: rows ``stride*(i+1) - 1``."""
     stride = positions.shape[0] // num
-    return positions[stride - 1::stride][:num]
+    return positions[stride - 1 :: stride][:num]
 
 
 class Hyper(NamedTuple):
@@ -211,10 +256,13 @@ class Hyper(NamedTuple):
 
 
 def hyper_parameters(name: str, config: ConfigDict, dtype: Any) -> Hyper:
-    r"""The step size of ULA / MALA, or the walk step :math:`h = \text{walk\_step\_fraction}\,\sigma^2`
-    of the smoothed-density samplers, with :math:`\sigma` (unused by ULA, MALA, exact, Föllmer)."""
+    r"""The step size of ULA / MALA, or the walk step
+    :math:`h = \text{walk\_step\_fraction}\,\sigma^2` of the smoothed-density samplers, with
+    :math:`\sigma` (unused by ULA, MALA, exact, Föllmer)."""
     sigma = config.sigma
-    step = {"ula": config.ula_step_size, "mala": config.mala_step_size}.get(name, config.walk_step_fraction * sigma**2)
+    step = {"ula": config.ula_step_size, "mala": config.mala_step_size}.get(
+        name, config.walk_step_fraction * sigma**2
+    )
     return Hyper(jnp.asarray(step, dtype), jnp.asarray(sigma, dtype))
 
 
@@ -226,7 +274,7 @@ def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -
     (``walk``: the walk points that were jumped, or the samples themselves)."""
     p = plan(name, config)
     start = law.means[config.start_mode]
-    exact_score = wj.mixture_smoothed_score(law)
+    exact_score = mcmc.mixture_smoothed_score(law)
     m = config.mc_samples
     no_evals = jnp.zeros((), jnp.int32)
 
@@ -238,38 +286,43 @@ def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -
         sample_key, jump_key = jax.random.split(key)
         y = law.diffuse(1.0, hyper.sigma).sample(sample_key, p.samples)
         keys = jax.random.split(jump_key, p.samples)
-        x = jax.vmap(lambda k, u: wj.jump(exact_score, k, u, hyper.sigma))(keys, y)
+        x = jax.vmap(lambda k, u: mcmc.jump(exact_score, k, u, hyper.sigma))(keys, y)
         return x, y, no_evals
 
     def langevin(kernel: mcmc.SamplingAlgorithm) -> Sampler:
         def one(key: jax.Array, hyper: Hyper):
-            _, positions, info = mcmc.run_chain(kernel, key, kernel.init(start), p.steps, hyper.step_size)
+            _, positions, info = mcmc.run_chain(
+                kernel, key, kernel.init(start), p.steps, hyper.step_size
+            )
             x = _thinned(positions, p.samples)
             return x, x, 1 + jnp.sum(info.num_grad_evals)  # + the gradient at the start
 
         return one
 
-    def walk_and_jump(score: wj.SmoothedScore, cost: int) -> Sampler:
-        kernel = wj.walk_jump(score)
+    def walk_and_jump(score: mcmc.SmoothedScore, cost: int) -> Sampler:
+        kernel = mcmc.walk_jump(score)
 
         def one(key: jax.Array, hyper: Hyper):
             walk_key, jump_key = jax.random.split(key)
-            _, positions, info = mcmc.run_chain(kernel, walk_key, kernel.init(start), p.steps, hyper.step_size,
-                                                hyper.sigma)
+            _, positions, info = mcmc.run_chain(
+                kernel, walk_key, kernel.init(start), p.steps, hyper.step_size, hyper.sigma
+            )
             y = _thinned(positions, p.samples)
             keys = jax.random.split(jump_key, p.samples)
-            x = jax.vmap(lambda k, u: wj.jump(score, k, u, hyper.sigma))(keys, y)
+            x = jax.vmap(lambda k, u: mcmc.jump(score, k, u, hyper.sigma))(keys, y)
             return x, y, cost * (jnp.sum(info.num_grad_evals) + p.samples)  # + one score per jump
 
         return one
 
     def chain_of_chains(key: jax.Array, hyper: Hyper):
-        kernel = wj.chain_of_log_concave_chains(exact_score, config.steps_per_measurement)
+        kernel = mcmc.chain_of_log_concave_chains(exact_score, config.steps_per_measurement)
 
         def one_run(y: jax.Array, r: jax.Array):
             walk_key, jump_key = jax.random.split(jax.random.fold_in(key, r))
-            state, _, info = mcmc.run_chain(kernel, walk_key, kernel.init(y), p.steps, hyper.step_size, hyper.sigma)
-            x = wj.multimeasurement_jump(exact_score, jump_key, state, hyper.sigma)
+            state, _, info = mcmc.run_chain(
+                kernel, walk_key, kernel.init(y), p.steps, hyper.step_size, hyper.sigma
+            )
+            x = mcmc.multimeasurement_jump(exact_score, jump_key, state, hyper.sigma)
             return state.position, (x, jnp.sum(info.num_grad_evals) + 1)  # + the jump's score
 
         _, (x, evals) = jax.lax.scan(one_run, start, jnp.arange(p.runs))
@@ -281,11 +334,13 @@ def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -
         return law.log_prob(scale * u)
 
     def follmer(key: jax.Array, hyper: Hyper):
-        kernel = wj.follmer(scaled_logdensity, p.steps, m)
+        kernel = mcmc.follmer(scaled_logdensity, p.steps, m)
         anchor = jnp.zeros_like(start)
 
         def one_run(r: jax.Array):
-            _, positions, info = mcmc.run_chain(kernel, jax.random.fold_in(key, r), kernel.init(anchor), p.steps)
+            _, positions, info = mcmc.run_chain(
+                kernel, jax.random.fold_in(key, r), kernel.init(anchor), p.steps
+            )
             return scale * positions[-1], m * jnp.sum(info.num_grad_evals)
 
         x, evals = jax.vmap(one_run)(jnp.arange(p.runs))
@@ -298,8 +353,13 @@ def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -
     if name == "walk_jump":
         return walk_and_jump(exact_score, 1)
     if name == "walk_jump_mc":
-        return walk_and_jump(wj.monte_carlo_smoothed_score(law.log_prob, m), m)
-    return {"exact": exact, "exact_jump": exact_jump, "chain_of_chains": chain_of_chains, "follmer": follmer}[name]
+        return walk_and_jump(mcmc.monte_carlo_smoothed_score(law.log_prob, m), m)
+    return {
+        "exact": exact,
+        "exact_jump": exact_jump,
+        "chain_of_chains": chain_of_chains,
+        "follmer": follmer,
+    }[name]
 
 
 def simulate(name: str, law: problems.GaussianMixture, config: ConfigDict, key: jax.Array) -> Draws:
@@ -308,15 +368,18 @@ def simulate(name: str, law: problems.GaussianMixture, config: ConfigDict, key: 
     one = make_sampler(name, law, config)
     keys = jax.random.split(key, config.num_chains)
     hyper = hyper_parameters(name, config, law.means.dtype)
-    samples, walk, evals = jax.block_until_ready(jax.jit(jax.vmap(one, in_axes=(0, None)))(keys, hyper))
+    samples, walk, evals = jax.block_until_ready(
+        jax.jit(jax.vmap(one, in_axes=(0, None)))(keys, hyper)
+    )
     return Draws(samples, walk, evals)
 
 
 # ------------------------------------------------------------------ metrics
 
 
-def mode_statistics(law: problems.GaussianMixture, samples: jax.Array,
-                    visit_radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mode_statistics(
+    law: problems.GaussianMixture, samples: jax.Array, visit_radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Per chain: the fraction of modes visited, the TV error of the assignment frequencies
     and the spread ratio :math:`(\overline{\|x - \mu_{a(x)}\|^2}/\mathrm{tr}\,\Sigma)^{1/2}`
     over all samples (1 for exact draws; :math:`s/\sqrt{s^2+\sigma^2}` for jumps)."""
@@ -337,7 +400,9 @@ def mode_statistics(law: problems.GaussianMixture, samples: jax.Array,
     return np.asarray(visited), np.asarray(tv), np.asarray(spread)
 
 
-def iid_modes_visited(law: problems.GaussianMixture, num_samples: int, visit_radius: float) -> float:
+def iid_modes_visited(
+    law: problems.GaussianMixture, num_samples: int, visit_radius: float
+) -> float:
     r"""The expected fraction of modes that ``num_samples`` i.i.d. exact draws visit:
     :math:`1 - \frac1K\sum_k(1 - w_k q)^n` with :math:`q = P(\chi^2_d \le \text{visit\_radius}^2 d)`
     (isotropic components; the rare draw assigned to another mode is neglected)."""
@@ -355,8 +420,13 @@ def exact_w2(x: np.ndarray, y: np.ndarray) -> float:
     return float(math.sqrt(cost[rows, cols].mean()))
 
 
-def grouped_w2(points: np.ndarray, references: np.ndarray, num_groups: int, num_points: int,
-               rng: np.random.Generator) -> np.ndarray:
+def grouped_w2(
+    points: np.ndarray,
+    references: np.ndarray,
+    num_groups: int,
+    num_points: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """``W_2`` per group of chains: ``num_points`` of a group's pooled samples (without
     replacement) against ``references[g]`` (``[num_groups, num_points, d]`` exact draws)."""
     groups = points.reshape(num_groups, -1, points.shape[-1])
@@ -371,46 +441,83 @@ def grouped_w2(points: np.ndarray, references: np.ndarray, num_groups: int, num_
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    header = ("problem", "sampler", "unit", "steps", "runs", "n/chain", "evals/chain", "modes visited", "iid@n",
-              "weight TV", "spread ratio", "W2 to p", "W2 walk->p_sig", "s")
-    line = "{:17s} {:15s} {:8s} {:>5s} {:>4s} {:>7s} {:>11s} {:>13s} {:>5s} {:>13s} {:>13s} {:>13s} {:>14s} {:>5s}"
+    header = (
+        "problem",
+        "sampler",
+        "unit",
+        "steps",
+        "runs",
+        "n/chain",
+        "evals/chain",
+        "modes visited",
+        "iid@n",
+        "weight TV",
+        "spread ratio",
+        "W2 to p",
+        "W2 walk->p_sig",
+        "s",
+    )
+    line = (
+        "{:17s} {:15s} {:8s} {:>5s} {:>4s} {:>7s} {:>11s} {:>13s} {:>5s} {:>13s} {:>13s} {:>13s} "
+        "{:>14s} {:>5s}"
+    )
     lines = [line.format(*header)]
     for problem, entry in metrics["problems"].items():
         for sampler, r in entry["samplers"].items():
-            walk = (f"{r['w2_walk']:.3f}±{r['w2_walk_se']:.3f}" if "w2_walk" in r else "—")
-            lines.append(line.format(
-                f"{problem} (d={entry['dim']})", sampler, r["unit"], str(r["steps"]), str(r["runs"]),
-                str(r["samples_per_chain"]), f"{r['evals_per_chain']:.0f}",
-                f"{r['modes_visited']:.3f}±{r['modes_visited_se']:.3f}", f"{r['iid_modes_visited']:.3f}",
-                f"{r['weight_tv']:.3f}±{r['weight_tv_se']:.3f}",
-                f"{r['spread_ratio']:.3f}±{r['spread_ratio_se']:.3f}",
-                f"{r['w2']:.3f}±{r['w2_se']:.3f}", walk, f"{r['seconds']:.1f}"))
+            walk = f"{r['w2_walk']:.3f}±{r['w2_walk_se']:.3f}" if "w2_walk" in r else "—"
+            lines.append(
+                line.format(
+                    f"{problem} (d={entry['dim']})",
+                    sampler,
+                    r["unit"],
+                    str(r["steps"]),
+                    str(r["runs"]),
+                    str(r["samples_per_chain"]),
+                    f"{r['evals_per_chain']:.0f}",
+                    f"{r['modes_visited']:.3f}±{r['modes_visited_se']:.3f}",
+                    f"{r['iid_modes_visited']:.3f}",
+                    f"{r['weight_tv']:.3f}±{r['weight_tv_se']:.3f}",
+                    f"{r['spread_ratio']:.3f}±{r['spread_ratio_se']:.3f}",
+                    f"{r['w2']:.3f}±{r['w2_se']:.3f}",
+                    walk,
+                    f"{r['seconds']:.1f}",
+                )
+            )
     c = metrics["config"]
     lines.append(
-        f"(budget {c['budget']} evaluations per chain: gradients of log p or log p_sigma, or log-density values "
-        f"(unit); evals/chain summed from info.num_grad_evals (+1 initial gradient for ULA/MALA, +1 score per jump), "
-        f"x{c['mc_samples']} for Monte-Carlo scores. {c['num_chains']} chains from mode {c['start_mode']}; "
-        f"mean ± SE over chains, W2 over {c['num_groups']} groups of {c['w2_points']} points (exact's W2 is the Monte "
-        f"Carlo floor); iid@n: modes visited by n i.i.d. exact draws; spread ratio: RMS distance to the assigned "
-        f"mean over the exact RMS radius; jumps are posterior means E[x|y], not draws: pulled to a mode's centre, or "
-        f"between modes for an ambiguous y (exact_jump: the jumps of a perfect walk))"
+        f"(budget {c['budget']} evaluations per chain: gradients of log p or log p_sigma, or "
+        "log-density values (unit); evals/chain summed from info.num_grad_evals (+1 initial "
+        f"gradient for ULA/MALA, +1 score per jump), x{c['mc_samples']} for Monte-Carlo scores. "
+        f"{c['num_chains']} chains from mode {c['start_mode']}; mean ± SE over chains, W2 over "
+        f"{c['num_groups']} groups of {c['w2_points']} points (exact's W2 is the Monte Carlo "
+        "floor); iid@n: modes visited by n i.i.d. exact draws; spread ratio: RMS distance to the "
+        "assigned mean over the exact RMS radius; jumps are posterior means E[x|y], not draws: "
+        "pulled to a mode's centre, or between modes for an ambiguous y (exact_jump: the jumps of "
+        "a perfect walk))"
     )
     return "\n".join(lines)
 
 
 def _projection(law: problems.GaussianMixture) -> np.ndarray:
-    """The identity in 2-D; otherwise the plane of the two leading principal directions of the means."""
+    """The identity in 2-D; otherwise the plane of the two leading principal directions of the
+    means."""
     means = np.asarray(law.means)
     if means.shape[1] == 2:
         return np.eye(2)
     return np.linalg.svd(means - means.mean(axis=0), full_matrices=False)[2][:2].T
 
 
-def draw(metrics: dict[str, Any], pooled: dict[str, dict[str, np.ndarray]], laws: dict[str, problems.GaussianMixture],
-         path) -> None:
+def draw(
+    metrics: dict[str, Any],
+    pooled: dict[str, dict[str, np.ndarray]],
+    laws: dict[str, problems.GaussianMixture],
+    path,
+) -> None:
     names = list(next(iter(pooled.values())))
     rows = len(pooled)
-    fig, axes = plt.subplots(rows, len(names) + 1, figsize=(2.6 * (len(names) + 1) + 1.5, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, len(names) + 1, figsize=(2.6 * (len(names) + 1) + 1.5, 2.7 * rows), squeeze=False
+    )
     for row, (problem, by_sampler) in enumerate(pooled.items()):
         projection = _projection(laws[problem])
         means = np.asarray(laws[problem].means) @ projection
@@ -420,7 +527,9 @@ def draw(metrics: dict[str, Any], pooled: dict[str, dict[str, np.ndarray]], laws
             xy = by_sampler[name] @ projection
             axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.4)
             axis.scatter(means[:, 0], means[:, 1], marker="x", c="k", s=30)
-            axis.scatter([start[0]], [start[1]], marker="o", facecolors="none", edgecolors="r", s=80)
+            axis.scatter(
+                [start[0]], [start[1]], marker="o", facecolors="none", edgecolors="r", s=80
+            )
             axis.set_title(f"{name}", fontsize=8)
             axis.set_aspect("equal", adjustable="datalim")
             axis.tick_params(labelsize=6)
@@ -432,8 +541,11 @@ def draw(metrics: dict[str, Any], pooled: dict[str, dict[str, np.ndarray]], laws
         bars.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         bars.set_ylim(0, 1.05)
         bars.set_title(f"{problem}: modes visited / chain", fontsize=8)
-    fig.suptitle("samples pooled over chains (x: means, o: start); projection on the means' plane when d > 2",
-                 fontsize=9)
+    fig.suptitle(
+        "samples pooled over chains (x: means, o: start); projection on the means' plane "
+        "when d > 2",
+        fontsize=9,
+    )
     common.save_figure(fig, path)
 
 
@@ -453,7 +565,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
     combos = [(p, s) for p in config.problems for s in config.samplers]
     for index, (problem, sampler) in enumerate(tqdm(combos, desc=NAME)):
         law = laws[problem]
-        run_key, reference_key, walk_reference_key = jax.random.split(jax.random.fold_in(base, index), 3)
+        run_key, reference_key, walk_reference_key = jax.random.split(
+            jax.random.fold_in(base, index), 3
+        )
         started = time.perf_counter()
         draws = simulate(sampler, law, config, run_key)
         seconds = time.perf_counter() - started
@@ -462,34 +576,99 @@ def run(config: ConfigDict) -> dict[str, Any]:
         visited, tv, spread = mode_statistics(law, draws.samples, config.visit_radius)
         num_groups, num_points = config.num_groups, config.w2_points
         rng = np.random.default_rng([config.seed, index])
-        reference = np.asarray(law.sample(reference_key, num_groups * num_points)).reshape(num_groups, num_points, -1)
+        reference = np.asarray(law.sample(reference_key, num_groups * num_points)).reshape(
+            num_groups, num_points, -1
+        )
         w2 = grouped_w2(samples, reference, num_groups, num_points, rng)
         evals = np.asarray(draws.evals)
         result: dict[str, Any] = {
-            "unit": p.unit, "steps": p.steps, "runs": p.runs, "samples_per_chain": p.samples,
-            "evals_per_chain": float(evals.mean()), "evals_min": int(evals.min()), "evals_max": int(evals.max()),
-            "iid_modes_visited": iid_modes_visited(law, p.samples, config.visit_radius), "seconds": seconds,
+            "unit": p.unit,
+            "steps": p.steps,
+            "runs": p.runs,
+            "samples_per_chain": p.samples,
+            "evals_per_chain": float(evals.mean()),
+            "evals_min": int(evals.min()),
+            "evals_max": int(evals.max()),
+            "iid_modes_visited": iid_modes_visited(law, p.samples, config.visit_radius),
+            "seconds": seconds,
         }
-        for field, values in (("modes_visited", visited), ("weight_tv", tv), ("spread_ratio", spread), ("w2", w2)):
-            result[field], result[field + "_se"] = map(float, common.mean_and_stderr(np.ravel(values)))
+        for field, values in (
+            ("modes_visited", visited),
+            ("weight_tv", tv),
+            ("spread_ratio", spread),
+            ("w2", w2),
+        ):
+            result[field], result[field + "_se"] = map(
+                float, common.mean_and_stderr(np.ravel(values))
+            )
         if sampler in WALKERS or sampler == "exact_jump":
             smoothed = law.diffuse(1.0, jnp.asarray(config.sigma, law.means.dtype))
-            walk_reference = np.asarray(smoothed.sample(walk_reference_key, num_groups * num_points))
-            w2_walk = grouped_w2(np.asarray(draws.walk), walk_reference.reshape(num_groups, num_points, -1),
-                                 num_groups, num_points, rng)
-            result["w2_walk"], result["w2_walk_se"] = map(float, common.mean_and_stderr(np.ravel(w2_walk)))
-        metrics["problems"].setdefault(problem, {"dim": law.dim, "samplers": {}})["samplers"][sampler] = result
+            walk_reference = np.asarray(
+                smoothed.sample(walk_reference_key, num_groups * num_points)
+            )
+            w2_walk = grouped_w2(
+                np.asarray(draws.walk),
+                walk_reference.reshape(num_groups, num_points, -1),
+                num_groups,
+                num_points,
+                rng,
+            )
+            result["w2_walk"], result["w2_walk_se"] = map(
+                float, common.mean_and_stderr(np.ravel(w2_walk))
+            )
+        metrics["problems"].setdefault(problem, {"dim": law.dim, "samplers": {}})["samplers"][
+            sampler
+        ] = result
         pooled.setdefault(problem, {})[sampler] = samples.reshape(-1, law.dim)
-        rows.append([problem, sampler, p.unit, p.steps, p.runs, p.samples, result["evals_per_chain"],
-                     result["modes_visited"], result["modes_visited_se"], result["iid_modes_visited"],
-                     result["weight_tv"], result["weight_tv_se"], result["spread_ratio"], result["spread_ratio_se"],
-                     result["w2"], result["w2_se"], result.get("w2_walk", ""), result.get("w2_walk_se", ""), seconds])
+        rows.append(
+            [
+                problem,
+                sampler,
+                p.unit,
+                p.steps,
+                p.runs,
+                p.samples,
+                result["evals_per_chain"],
+                result["modes_visited"],
+                result["modes_visited_se"],
+                result["iid_modes_visited"],
+                result["weight_tv"],
+                result["weight_tv_se"],
+                result["spread_ratio"],
+                result["spread_ratio_se"],
+                result["w2"],
+                result["w2_se"],
+                result.get("w2_walk", ""),
+                result.get("w2_walk_se", ""),
+                seconds,
+            ]
+        )
     table = format_table(metrics)
-    common.write_csv(folder / "samplers.csv",
-                     ["problem", "sampler", "unit", "steps", "runs", "samples_per_chain", "evals_per_chain",
-                      "modes_visited", "modes_visited_se", "iid_modes_visited", "weight_tv", "weight_tv_se",
-                      "spread_ratio", "spread_ratio_se", "w2", "w2_se", "w2_walk",
-                      "w2_walk_se", "seconds"], rows)
+    common.write_csv(
+        folder / "samplers.csv",
+        [
+            "problem",
+            "sampler",
+            "unit",
+            "steps",
+            "runs",
+            "samples_per_chain",
+            "evals_per_chain",
+            "modes_visited",
+            "modes_visited_se",
+            "iid_modes_visited",
+            "weight_tv",
+            "weight_tv_se",
+            "spread_ratio",
+            "spread_ratio_se",
+            "w2",
+            "w2_se",
+            "w2_walk",
+            "w2_walk_se",
+            "seconds",
+        ],
+        rows,
+    )
     draw(metrics, pooled, laws, folder / "figure.png")
     return common.finish(folder, table, metrics)
 

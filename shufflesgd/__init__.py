@@ -1,28 +1,32 @@
-"""shufflesgd: pure-JAX shuffling SGD, error feedback, score-based SDE solvers and MCMC.
+"""shufflesgd: pure-JAX shuffling SGD, error feedback, score-based diffusion sampling and MCMC.
 
-``shufflesgd.data`` (TFDS sources), ``shufflesgd.network_training`` (which reads through it)
-and ``shufflesgd.checkpoint`` (Orbax) are imported on their own, so that ``import shufflesgd``
-does not load TensorFlow Datasets or Orbax.
+One subpackage per family: :mod:`shufflesgd.shuffling`, :mod:`shufflesgd.compression`,
+:mod:`shufflesgd.diffusion`, :mod:`shufflesgd.mcmc`, :mod:`shufflesgd.problems`, and
+:mod:`shufflesgd.nn` (networks, data, checkpoints); :mod:`shufflesgd.parallel` holds meshes and
+shardings and :mod:`shufflesgd.drivers` the ``lax.scan`` drivers every family uses.
+``shufflesgd.nn`` is imported on its own, so that ``import shufflesgd`` does not load Flax,
+TensorFlow Datasets or Orbax.
 """
 
 from shufflesgd import (
     compression,
-    error_feedback,
-    likelihood,
+    diffusion,
+    drivers,
     mcmc,
-    models,
+    metrics,
     parallel,
     problems,
-    sde,
     shuffling,
-    solvers,
-    targets,
-    training,
-    walk_jump,
 )
 
 __all__ = [
-    "compression", "error_feedback", "likelihood", "mcmc", "models", "parallel",
-    "problems", "sde", "shuffling", "solvers", "targets", "training", "walk_jump",
+    "compression",
+    "diffusion",
+    "drivers",
+    "mcmc",
+    "metrics",
+    "parallel",
+    "problems",
+    "shuffling",
 ]
 __version__ = "0.1.0"

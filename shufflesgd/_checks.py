@@ -37,5 +37,7 @@ def check_positive(name: str, value: Any) -> None:
 def check_positive_finite(**values: Any) -> None:
     """``ValueError`` for the first concrete keyword value that is not positive and finite."""
     for name, value in values.items():
-        if is_concrete(value) and not np.all(np.isfinite(np.asarray(value)) & (np.asarray(value) > 0)):
+        if is_concrete(value) and not np.all(
+            np.isfinite(np.asarray(value)) & (np.asarray(value) > 0)
+        ):
             raise ValueError(f"{name} must be positive and finite, got {name}={value!r}")

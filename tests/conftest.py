@@ -35,9 +35,14 @@ def quick_benchmark(tmp_path):
     def run(module: str, blocked: str | None = None) -> dict:
         out = tmp_path / "bench" / f"{module.rsplit('.', 1)[-1]}.json"
         entry = ["benchmarks.without", blocked, module] if blocked else [module]
-        subprocess.run([sys.executable, "-m", *entry, "--quick", "--out", str(out)],
-                       cwd=pathlib.Path(__file__).resolve().parents[1], check=True, capture_output=True, text=True,
-                       timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", *entry, "--quick", "--out", str(out)],
+            cwd=pathlib.Path(__file__).resolve().parents[1],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         return json.loads(out.read_text())
 
     return run

@@ -3,12 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflesgd._checks import (
-    check_int,
-    check_positive,
-    check_positive_finite,
-    is_concrete,
-)
+from shufflesgd._checks import check_int, check_positive, check_positive_finite, is_concrete
 
 
 def test_check_int_accepts_ints_and_numpy_ints_and_returns_a_python_int():
@@ -20,10 +15,15 @@ def test_check_int_accepts_ints_and_numpy_ints_and_returns_a_python_int():
 
 @pytest.mark.parametrize(
     "value, minimum, message",
-    [(0, 1, "k must be a positive int, got k=0"), (True, 1, "k must be a positive int"),
-     (2.0, 1, "k must be a positive int"), (np.float32(2), 1, "k must be a positive int"),
-     (-1, 0, "k must be a non-negative int, got k=-1"), (2, 3, "k must be an int >= 3, got k=2"),
-     (jnp.asarray(2), 1, "k must be a positive int")],
+    [
+        (0, 1, "k must be a positive int, got k=0"),
+        (True, 1, "k must be a positive int"),
+        (2.0, 1, "k must be a positive int"),
+        (np.float32(2), 1, "k must be a positive int"),
+        (-1, 0, "k must be a non-negative int, got k=-1"),
+        (2, 3, "k must be an int >= 3, got k=2"),
+        (jnp.asarray(2), 1, "k must be a positive int"),
+    ],
 )
 def test_check_int_rejects_with_the_argument_named(value, minimum, message):
     with pytest.raises(ValueError, match=message):

@@ -15,8 +15,9 @@ def test_sliced_w2_of_a_shift_is_the_rms_projected_shift(x64):
     np.testing.assert_allclose(np.linalg.norm(directions, axis=1), 1.0, rtol=1e-12)
     shift = np.array([1.0, -2.0, 0.5])  # the projections shift by theta . c
     expected = np.sqrt(np.mean((directions @ shift) ** 2))
-    assert float(metrics.sliced_w2(jnp.asarray(x), jnp.asarray(x + shift), jnp.asarray(directions))) == \
-        pytest.approx(expected, rel=1e-10)
+    assert float(
+        metrics.sliced_w2(jnp.asarray(x), jnp.asarray(x + shift), jnp.asarray(directions))
+    ) == pytest.approx(expected, rel=1e-10)
 
 
 def test_mmd_squared_equals_the_unbiased_double_loop(x64):
@@ -31,11 +32,14 @@ def test_mmd_squared_equals_the_unbiased_double_loop(x64):
     kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
     kyy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
     kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(n)) / n**2
-    assert float(metrics.mmd_squared(jnp.asarray(x), jnp.asarray(y), h2)) == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-10)
+    assert float(metrics.mmd_squared(jnp.asarray(x), jnp.asarray(y), h2)) == pytest.approx(
+        kxx + kyy - 2 * kxy, rel=1e-10
+    )
 
 
 def test_mode_weight_error_counts_the_most_responsible_component(x64):
-    law = problems.gaussian_mixture([0.5, 0.3, 0.2], [[0.0, 3.0], [-3.0, -2.0], [3.0, -2.0]],
-                                    [np.eye(2) * 0.2] * 3)
+    law = problems.gaussian_mixture(
+        [0.5, 0.3, 0.2], [[0.0, 3.0], [-3.0, -2.0], [3.0, -2.0]], [np.eye(2) * 0.2] * 3
+    )
     points = jnp.asarray(np.repeat(np.asarray(law.means), [6, 3, 1], axis=0))  # 0.6 / 0.3 / 0.1
     assert float(metrics.mode_weight_error(points, law)) == pytest.approx(0.1, abs=1e-12)

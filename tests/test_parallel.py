@@ -1,10 +1,7 @@
-"""Worker meshes and the sharded distributed run, on 8 forced CPU devices (tests/conftest.py).
+"""Worker meshes and shardings, on 8 forced CPU devices (tests/conftest.py).
 
-The sharded run must equal the single-device vmapped run, keep the worker data and the
-worker-stacked state on the mesh, and communicate by all-reduce.
+The sharded distributed run built on them is tested in tests/compression/test_sharded.py.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,128 +9,12 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 
-from shufflesgd import compression as C
-from shufflesgd import error_feedback as EF
-from shufflesgd import parallel, problems, training
-
-M, D, NUM_STEPS = 4, 6, 12
+from shufflesgd import parallel
 
 
 def test_eight_forced_cpu_devices_are_present():
     # tests/conftest.py forces 8 host devices; every mesh below relies on them.
     assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-
-
-def make_problem(num_workers: int) -> problems.DistributedSum:
-    a, b = problems.heterogeneous_regression(0, num_workers, M, D, spread=4.0)
-    return problems.distributed_least_squares(a, b, num_workers)
-
-
-def step_size(problem):
-    return 0.2 / float(problem.smoothness)
-
-
-METHODS = {
-    # name: (method, batch_size)
-    "ef21+top_k": (lambda: EF.ef21(C.top_k(2)), 2),  # EF21-SGD: local shuffled minibatches
-    "ef21_pp+rand_k": (lambda: EF.ef21_pp(C.rand_k(2), 0.5), None),
-    "ef21_bc": (lambda: EF.ef21_bc(C.top_k(2), C.top_k(3)), None),
-}
-
-
-@functools.cache
-def vmapped_run(name: str, num_workers: int) -> training.DistributedResult:
-    """The single-device reference (float64), computed once per method and worker count."""
-    make_method, batch_size = METHODS[name]
-    problem = make_problem(num_workers)
-    run = training.make_distributed_run(problem, make_method(), num_steps=NUM_STEPS, batch_size=batch_size)
-    return jax.device_get(jax.jit(run)(jax.random.key(7), jnp.zeros(D), step_size(problem)))
-
-
-LAYOUTS = [(8, 8), (4, 16), (2, 8)]  # (devices, workers)
-
-
-@pytest.mark.parametrize("num_devices,num_workers", LAYOUTS, ids=lambda v: str(v))
-@pytest.mark.parametrize("name", METHODS)
-def test_sharded_run_equals_vmapped_run(x64, name, num_devices, num_workers):
-    make_method, batch_size = METHODS[name]
-    problem = make_problem(num_workers)
-    options = dict(num_steps=NUM_STEPS, batch_size=batch_size)
-    mesh = parallel.worker_mesh(num_devices)
-    sharded = parallel.make_sharded_distributed_run(problem, make_method(), mesh, **options)
-    x0, gamma = jnp.zeros(D), step_size(problem)
-    got = sharded(jax.random.key(7), x0, gamma)
-    want = vmapped_run(name, num_workers)
-    for field in ("params", "grad_norm_sq", "suboptimality"):
-        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-9, atol=1e-12,
-                                   err_msg=field)
-    np.testing.assert_array_equal(got.bits_up, want.bits_up)
-    np.testing.assert_array_equal(got.bits_down, want.bits_down)
-    assert int(got.diverged_step) == -1
-    assert got.params.sharding.is_fully_replicated
-
-
-def test_problem_data_is_split_over_the_mesh():
-    problem = make_problem(16)
-    mesh = parallel.worker_mesh(4)
-    run = parallel.make_sharded_distributed_run(problem, EF.ef21(C.rand_k(2)), mesh, num_steps=3)
-    features = run.problem.data[0]
-    assert features.sharding.is_equivalent_to(NamedSharding(mesh, jax.P("workers")), features.ndim)
-    shards = features.addressable_shards
-    assert len(shards) == 4 and {s.data.shape for s in shards} == {(4, M, D)}
-    assert {s.device for s in shards} == set(mesh.devices.flat)
-    assert run.problem.x_star.sharding.is_fully_replicated
-    compiled = run.lower(jax.random.key(0), jnp.zeros(D), 0.01).compile()
-    problem_in, *_ = compiled.input_shardings[0]
-    assert problem_in.data[0].is_equivalent_to(NamedSharding(mesh, jax.P("workers")), 3)
-
-
-@pytest.mark.parametrize("compressor", [C.scaled_sign(), C.rand_k(2), C.top_k(2)])
-def test_messages_are_averaged_by_all_reduce_and_selection_stays_local(compressor):
-    problem = make_problem(8)
-    mesh = parallel.worker_mesh(8)
-    run = parallel.make_sharded_distributed_run(problem, EF.ef21(compressor), mesh, num_steps=3)
-    hlo = run.lower(jax.random.key(0), jnp.zeros(D), 0.01).compile().as_text()
-    assert "all-reduce" in hlo
-    # Each device's parameters are its workers' block: [n/k, m, d] = [1, 4, 6].
-    assert f"f32[1,{M},{D}]" in hlo
-    # Top-k and Rand-k select through compression.top_k_indices, partitioned along the
-    # worker axis: no device gathers the other workers' values (plain lax.top_k would).
-    assert "all-gather" not in hlo
-
-
-def test_worker_state_stays_sharded():
-    problem = make_problem(8)
-    mesh = parallel.worker_mesh(4)
-    method = EF.ef21_pp(C.rand_k(2), 0.5)
-    sharded_problem = parallel.shard_problem(mesh, problem)
-
-    @jax.jit
-    def two_steps(p, key):
-        init_key, *step_keys = jax.random.split(key, 3)
-        state = method.init(init_key, jnp.zeros(D), p.num_workers)
-        for k in step_keys:
-            state, _ = method.step(state, p.worker_gradients(state.x), k, 0.01)
-        return state
-
-    state = two_steps(sharded_problem, jax.random.key(1))
-    workers = NamedSharding(mesh, jax.P("workers"))
-    assert state.memory.sharding.is_equivalent_to(workers, 2)
-    assert {s.data.shape for s in state.memory.addressable_shards} == {(2, D)}
-    assert state.x.sharding.is_fully_replicated
-
-
-def test_explicit_mesh_from_make_mesh_is_accepted():  # and float32 agrees too
-    problem = make_problem(8)
-    mesh = jax.make_mesh((2,), ("workers",), devices=jax.devices()[:2])
-    assert mesh.axis_types == (AxisType.Explicit,)
-    method = EF.ef21(C.rand_k(2))
-    got = parallel.make_sharded_distributed_run(problem, method, mesh, num_steps=5)(
-        jax.random.key(3), jnp.zeros(D), 0.01)
-    want = jax.jit(training.make_distributed_run(problem, method, num_steps=5))(
-        jax.random.key(3), jnp.zeros(D), 0.01)
-    np.testing.assert_allclose(got.params, want.params, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got.suboptimality, want.suboptimality, rtol=1e-5, atol=1e-6)
 
 
 def test_shard_workers_places_a_worker_stacked_tree():
@@ -168,28 +49,5 @@ def test_mismatched_worker_counts_raise_before_compiling():
         parallel.shard_workers(mesh, (jnp.zeros((8, 3)), jnp.zeros((4, 3))))
     with pytest.raises(ValueError, match="mismatched worker counts"):
         parallel.shard_workers(mesh, jnp.zeros(()))
-    with pytest.raises(ValueError, match="mismatched worker counts"):
-        parallel.make_sharded_distributed_run(make_problem(6), EF.ef21(C.top_k(2)), mesh, num_steps=3)
     with pytest.raises(ValueError, match="axis='model'"):
         parallel.shard_workers(mesh, jnp.zeros((8, 3)), axis="model")
-    with pytest.raises(ValueError, match="num_steps"):
-        parallel.make_sharded_distributed_run(make_problem(8), EF.ef21(C.top_k(2)), mesh, num_steps=0)
-    run = parallel.make_sharded_distributed_run(make_problem(8), EF.ef21(C.top_k(2)), mesh, num_steps=2)
-    with pytest.raises(ValueError, match="learning_rate"):
-        run(jax.random.key(0), jnp.zeros(D), -0.1)
-
-
-def test_keys_are_not_reused_and_the_checker_is_on():
-    assert jax.config.jax_debug_key_reuse
-    mesh = parallel.worker_mesh(8)
-    rep = parallel.replicated(mesh)
-    # Positive control: the checker sees through a sharded jit.
-    reuse = jax.jit(lambda k: jax.random.normal(k) + jax.random.normal(k), in_shardings=rep)
-    with pytest.raises(jax.errors.KeyReuseError):
-        reuse(jax.random.key(0))
-    # The sharded runs (every method above) pass the checker; and one key gives one result.
-    problem = make_problem(16)
-    run = parallel.make_sharded_distributed_run(problem, EF.ef21_pp(C.rand_k(2), 0.5), mesh, num_steps=4)
-    a = run(jax.random.key(5), jnp.zeros(D), 0.01)
-    b = run(jax.random.key(5), jnp.zeros(D), 0.01)
-    np.testing.assert_array_equal(a.params, b.params)

@@ -14,8 +14,8 @@ import pytest
 
 from configs import bn_shuffling as config_module
 from experiments import bn_shuffling
-from shufflesgd import models, network_training
-from shufflesgd.data import ArraySource
+from shufflesgd.nn import models, training
+from shufflesgd.nn.data import ArraySource
 from shufflesgd.shuffling import make_scheme
 
 
@@ -23,7 +23,14 @@ def test_quick_study_reproduces_distortion_and_divergence(tmp_path, capsys, quic
     config = quick_config("bn_shuffling", tmp_path)
     metrics = bn_shuffling.run(config)
     (folder,) = list((tmp_path / "bn_shuffling").iterdir())
-    for name in ("config.json", "metrics.json", "regression.csv", "curves.csv", "table.txt", "figure.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "regression.csv",
+        "curves.csv",
+        "table.txt",
+        "figure.png",
+    ):
         assert (folder / name).stat().st_size > 0, name
     saved = json.loads((folder / "metrics.json").read_text())
     assert set(saved) == {"regression", "classification"}
@@ -53,7 +60,8 @@ def test_quick_study_reproduces_distortion_and_divergence(tmp_path, capsys, quic
     # (measured SS-SS* 0.03-0.08 vs SS-GD 0.32-0.37, RR-RR* 0.03-0.14 vs RR-GD 0.29-0.39)
     assert np.all(ds["ss_to_optimum"] < 0.5 * ds["ss_gd"]), small
     assert np.all(ds["rr_to_optimum"] < 0.5 * ds["rr_gd"]), small
-    # the gap to the distorted optimum shrinks with the step size (measured 3-4x down for 4x smaller)
+    # the gap to the distorted optimum shrinks with the step size (measured 3-4x down for 4x
+    # smaller)
     assert ds["ss_to_optimum"].mean() < 0.6 * dl["ss_to_optimum"].mean(), (small, large)
     assert ds["rr_to_optimum"].mean() < 0.6 * dl["rr_to_optimum"].mean(), (small, large)
     # SS and RR end at different points: SS-RR exceeds RR's own seed-to-seed spread
@@ -81,7 +89,9 @@ def test_end_to_end_map_reproduces_the_network():
     output, _ = models.apply_model(model, params, stats, x, train=True)
     matrix, offset = bn_shuffling.end_to_end(params, 3)
     z = bn_shuffling.batch_normalise(np.asarray(x, np.float64))
-    np.testing.assert_allclose(z @ np.asarray(matrix) + np.asarray(offset), output, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        z @ np.asarray(matrix) + np.asarray(offset), output, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_scanned_epoch_equals_the_trainers_epoch():
@@ -91,17 +101,25 @@ def test_scanned_epoch_equals_the_trainers_epoch():
     loss_fn = bn_shuffling.squared_loss(model)
     scheme = make_scheme("random_reshuffle", config.num_examples)
     keys = jax.random.split(jax.random.key(3), 2)
-    state = bn_shuffling.initial_states(model, scheme, jnp.asarray(data["x"][:4]), keys[:1], keys[1:], [0.01])
-    chunk = bn_shuffling.make_run(loss_fn, scheme, 4, data, 1, lambda p: bn_shuffling.regression_theta(p, 2))
+    state = bn_shuffling.initial_states(
+        model, scheme, jnp.asarray(data["x"][:4]), keys[:1], keys[1:], [0.01]
+    )
+    chunk = bn_shuffling.make_run(
+        loss_fn, scheme, 4, data, 1, lambda p: bn_shuffling.regression_theta(p, 2)
+    )
     scanned, (risk, theta) = chunk(state, 1)
     optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)
-    trainer = network_training.make_trainer(loss_fn, optimizer, scheme, batch_size=4)
+    trainer = training.make_trainer(loss_fn, optimizer, scheme, batch_size=4)
     single = jax.tree.map(lambda leaf: leaf[0], state)
     looped, _ = trainer.run_epoch(single, ArraySource(data))
-    for scanned_leaf, looped_leaf in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(looped.params)):
+    for scanned_leaf, looped_leaf in zip(
+        jax.tree.leaves(scanned.params), jax.tree.leaves(looped.params)
+    ):
         np.testing.assert_allclose(scanned_leaf[0], looped_leaf, rtol=1e-5, atol=1e-6)
     assert int(scanned.step[0]) == int(looped.step) == config.num_examples // 4
-    np.testing.assert_allclose(theta[0, 0], bn_shuffling.regression_theta(looped.params, 2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        theta[0, 0], bn_shuffling.regression_theta(looped.params, 2), rtol=1e-5, atol=1e-6
+    )
     full = {name: jnp.asarray(value) for name, value in data.items()}
     losses, _ = loss_fn(looped.params, looped.batch_stats, full, jax.random.key(4), True)
     np.testing.assert_allclose(risk[0, 0], jnp.mean(losses), rtol=1e-5)
@@ -112,7 +130,9 @@ def test_closed_form_optima_and_separability():
     data = bn_shuffling.regression_data(config, np.random.default_rng(0))
     n = config.num_examples
     # with one batch of all n examples every distorted risk is the undistorted one
-    optima = bn_shuffling.distorted_optima(data, np.arange(n)[None], n, 10, np.random.default_rng(1))
+    optima = bn_shuffling.distorted_optima(
+        data, np.arange(n)[None], n, 10, np.random.default_rng(1)
+    )
     np.testing.assert_allclose(optima["single_shuffle"][0], optima["gd"], rtol=1e-10)
     np.testing.assert_allclose(optima["random_reshuffle"], optima["gd"], rtol=1e-8)
     signs = np.array([1.0, 1.0, -1.0, -1.0])
@@ -128,15 +148,43 @@ def test_closed_form_optima_and_separability():
         ("seed", -1, r"config\.seed must be a non-negative int"),
         ("regression.batch_size", 5, r"config\.regression\.batch_size must be at least 2"),
         ("regression.batch_size", 64, r"config\.regression\.batch_size must be at least 2"),
-        ("regression.learning_rates", (0.01, -0.1), r"config\.regression\.learning_rates must be a positive"),
-        ("regression.learning_rates", (), r"config\.regression\.learning_rates must hold at least one"),
-        ("regression.epochs_per_chunk", 7, r"config\.regression\.epochs_per_chunk must divide num_epochs"),
+        (
+            "regression.learning_rates",
+            (0.01, -0.1),
+            r"config\.regression\.learning_rates must be a positive",
+        ),
+        (
+            "regression.learning_rates",
+            (),
+            r"config\.regression\.learning_rates must hold at least one",
+        ),
+        (
+            "regression.epochs_per_chunk",
+            7,
+            r"config\.regression\.epochs_per_chunk must divide num_epochs",
+        ),
         ("regression.noise", 0.0, r"config\.regression\.noise must be a positive"),
         ("regression.hidden", (8, 0), r"config\.regression\.hidden must be positive integers"),
-        ("regression.rr_reference_permutations", 5, r"config\.regression\.rr_reference_permutations must be at least 10"),
-        ("classification.class_shift", -1.0, r"config\.classification\.class_shift must be a non-negative"),
-        ("classification.divergence_loss", float("nan"), r"config\.classification\.divergence_loss must be a positive"),
-        ("classification.num_epochs", 0, r"config\.classification\.num_epochs must be positive integers"),
+        (
+            "regression.rr_reference_permutations",
+            5,
+            r"config\.regression\.rr_reference_permutations must be at least 10",
+        ),
+        (
+            "classification.class_shift",
+            -1.0,
+            r"config\.classification\.class_shift must be a non-negative",
+        ),
+        (
+            "classification.divergence_loss",
+            float("nan"),
+            r"config\.classification\.divergence_loss must be a positive",
+        ),
+        (
+            "classification.num_epochs",
+            0,
+            r"config\.classification\.num_epochs must be positive integers",
+        ),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(tmp_path, path, value, match, quick_config):

@@ -1,10 +1,19 @@
-"""experiments.common helpers with closed-form answers."""
+"""experiments.common helpers with closed-form answers, and train_resumable: a run killed after an
+epoch and resumed ends bit-identical to an uninterrupted one; another experiment's directory is
+refused."""
 
+import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from experiments import common
+from shufflesgd import shuffling
+from shufflesgd.nn import checkpoint, data, models, training
 
 
 def test_mean_and_stderr_closed_form_on_each_axis():
@@ -16,3 +25,80 @@ def test_mean_and_stderr_closed_form_on_each_axis():
     np.testing.assert_allclose(mean, [5.5, 6.0, 6.5, 7.0])
     np.testing.assert_allclose(stderr, np.abs(values[:, 0] - 10.0) / 2.0)  # n = 2: |a - b| / 2
     assert mean.dtype == np.float64
+
+
+# ------------------------------------------- train_resumable: killed after an epoch, resumed
+
+
+def setup(num_examples=48):
+    rng = np.random.default_rng(0)
+    source = data.ArraySource(
+        {
+            "image": rng.normal(size=(num_examples, 4, 4, 1)).astype(np.float32),
+            "label": rng.integers(0, 3, num_examples),
+        }
+    )
+    model = models.MLP(hidden=(8,), num_classes=3, batch_norm=True)
+    params, stats = models.init_model(model, jax.random.key(0), jnp.zeros((2, 4, 4, 1)))
+    optimizer = optax.sgd(0.1)
+    scheme = shuffling.make_scheme("random_reshuffle", num_examples)
+    trainer = training.make_trainer(
+        training.cross_entropy_loss(model), optimizer, scheme, batch_size=16
+    )
+    state = training.init_train_state(jax.random.key(1), params, stats, optimizer, scheme)
+    return trainer, state, source
+
+
+def run(tmp_path, name, num_epochs, experiment="demo", **options):
+    trainer, state, source = setup()
+    return common.train_resumable(
+        trainer,
+        state,
+        source,
+        num_epochs,
+        checkpoint_dir=tmp_path / f"{name}_ckpt",
+        experiment=experiment,
+        metrics_path=tmp_path / f"{name}.jsonl",
+        evaluate=lambda s: trainer.evaluate(s, source, jax.random.key(2)),
+        **options,
+    )
+
+
+def saved_steps(tmp_path, name, experiment="demo"):
+    with checkpoint.Checkpointer(tmp_path / f"{name}_ckpt", experiment) as checkpointer:
+        return checkpointer.all_steps()
+
+
+def test_resume_after_an_epoch_equals_uninterrupted_run(tmp_path):
+    whole, whole_records = run(tmp_path, "whole", 3)
+    run(tmp_path, "split", 1)  # "killed" after one epoch
+    resumed, records = run(tmp_path, "split", 3)
+    for a, b in zip(
+        jax.tree.leaves(jax.random.key_data(whole.key)),
+        jax.tree.leaves(jax.random.key_data(resumed.key)),
+    ):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves((whole.params, whole.batch_stats, whole.opt_state)),
+        jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state)),
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records == whole_records
+    lines = (tmp_path / "split.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert {"train_loss", "loss"} <= set(records[0])
+    assert (
+        saved_steps(tmp_path, "whole") == saved_steps(tmp_path, "split") == [6, 9]
+    )  # 3 steps an epoch, newest 2
+
+
+def test_max_to_keep_none_keeps_every_epoch(tmp_path):
+    run(tmp_path, "all", 3, max_to_keep=None)
+    assert saved_steps(tmp_path, "all") == [3, 6, 9]
+
+
+def test_another_experiments_directory_is_refused(tmp_path):
+    run(tmp_path, "a", 1, experiment="first")
+    with pytest.raises(ValueError, match="experiment"):
+        run(tmp_path, "a", 2, experiment="second")

@@ -9,10 +9,19 @@ import pytest
 from experiments import ef21_reloaded
 
 
-def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(tmp_path, x64, capsys, quick_config):
+def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(
+    tmp_path, x64, capsys, quick_config
+):
     metrics = ef21_reloaded.run(quick_config("ef21_reloaded", tmp_path))
     (run_folder,) = list((tmp_path / "ef21_reloaded").iterdir())
-    for name in ("config.json", "metrics.json", "bits_to_epsilon.csv", "curves.csv", "table.txt", "figure.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "bits_to_epsilon.csv",
+        "curves.csv",
+        "table.txt",
+        "figure.png",
+    ):
         assert (run_folder / name).stat().st_size > 0, name
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert list(saved["compressors"]["top_k"]["spreads"]) == ["1", "100", "10000"]
@@ -32,7 +41,9 @@ def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(tmp_path, x64, c
         assert bits["ef21_am"] == bits["ef21_w"], (spread, bits)
         assert row["max_rel_diff_ef21_am_vs_ef21_w"] < 1e-9, spread
         # The bits gap is the step-size gap: gamma_AM / gamma_QM ~ L_QM / L_AM within 5 %.
-        assert ratios[list(rows).index(spread)] == pytest.approx(row["step_ratio_am_over_qm"], rel=0.05)
+        assert ratios[list(rows).index(spread)] == pytest.approx(
+            row["step_ratio_am_over_qm"], rel=0.05
+        )
         assert row["step_ratio_am_over_qm"] <= row["qm_over_am"] + 1e-12
         assert np.isclose(row["qm_over_am"], row["L_QM"] / row["L_AM"])
 

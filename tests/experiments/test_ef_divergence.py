@@ -10,11 +10,20 @@ import pytest
 from experiments import ef_divergence
 
 
-def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(tmp_path, x64, capsys, quick_config):
+def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(
+    tmp_path, x64, capsys, quick_config
+):
     config = quick_config("ef_divergence", tmp_path)
     metrics = ef_divergence.run(config)
     (run_folder,) = list((tmp_path / "ef_divergence").iterdir())
-    for name in ("config.json", "metrics.json", "norms.csv", "curves.csv", "table.txt", "figure.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "norms.csv",
+        "curves.csv",
+        "table.txt",
+        "figure.png",
+    ):
         assert (run_folder / name).stat().st_size > 0, name
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert set(saved["methods"]) == {"compressed_gd", "ef14", "ef21"}
@@ -32,7 +41,9 @@ def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(tmp_pat
         assert gd["growth_steps_used"][j] > 1000
     # gamma_EF21: no overflow in T steps, and the exact final iterate is rho^T x0
     assert gd["diverged_step"][0] == -1 == gd["predicted_diverged_step"][0]
-    assert gd["final_norm_ratio"][0] == pytest.approx(gd["growth_closed_form"][0] ** steps, rel=1e-8)
+    assert gd["final_norm_ratio"][0] == pytest.approx(
+        gd["growth_closed_form"][0] ** steps, rel=1e-8
+    )
     # 8 gamma_EF21: ||grad f||^2 overflows within T steps, at the step the closed form predicts
     step = gd["diverged_step"][1]
     assert 0 <= step < steps and abs(step - gd["predicted_diverged_step"][1]) <= 1, gd
@@ -51,8 +62,14 @@ def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(tmp_pat
         ({"t0": 0.0}, r"config\.t0 must be finite and nonzero"),
         ({"methods": ["ef21", "bogus"]}, r"config\.methods must be one of"),
         ({"methods": ["ef21", "ef21"]}, r"config\.methods must not repeat"),
-        ({"step_size_multiples": [1.0, -2.0]}, r"config\.step_size_multiples must be finite positive"),
-        ({"step_size_multiples": [1.0, math.inf]}, r"config\.step_size_multiples must be finite positive"),
+        (
+            {"step_size_multiples": [1.0, -2.0]},
+            r"config\.step_size_multiples must be finite positive",
+        ),
+        (
+            {"step_size_multiples": [1.0, math.inf]},
+            r"config\.step_size_multiples must be finite positive",
+        ),
         ({"num_steps": 0}, r"config\.num_steps must be positive integers"),
         ({"num_seeds": 0}, r"config\.num_seeds must be positive integers"),
         ({"checkpoints": [100, 10]}, r"config\.checkpoints must increase strictly"),

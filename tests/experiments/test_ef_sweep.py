@@ -14,8 +14,11 @@ from experiments import ef_sweep
 @pytest.fixture
 def small_config(quick_config, tmp_path):
     """The quick config, made smaller still, writing under ``tmp_path``; keyword overrides win."""
-    smaller = dict(step_multipliers=(1.0, 16.0),  # x16 makes natural compression diverge (a NaN entry)
-                   num_seeds=2, num_steps=300)
+    smaller = dict(
+        step_multipliers=(1.0, 16.0),  # x16 makes natural compression diverge (a NaN entry)
+        num_seeds=2,
+        num_steps=300,
+    )
     return lambda **overrides: quick_config("ef_sweep", tmp_path, **{**smaller, **overrides})
 
 
@@ -35,9 +38,13 @@ def test_every_sweep_entry_equals_its_single_run(small_config, tmp_path, x64):
         single = jax.jit(run)
         for m, multiplier in enumerate(config.step_multipliers):
             for s in range(num_s):
-                alone = single(jax.random.wrap_key_data(key_data[s]), x0, jnp.asarray(bases[c] * multiplier))
+                alone = single(
+                    jax.random.wrap_key_data(key_data[s]), x0, jnp.asarray(bases[c] * multiplier)
+                )
                 where = f"{names[c]} x{multiplier} seed {s}"
-                np.testing.assert_array_equal(results.bits_up[c, m, s], alone.bits_up, err_msg=where)
+                np.testing.assert_array_equal(
+                    results.bits_up[c, m, s], alone.bits_up, err_msg=where
+                )
                 assert int(results.diverged_step[c, m, s]) == int(alone.diverged_step), where
                 # Float tolerance: vmap and switch may fuse differently, so the iterates differ
                 # by rounding (~1e-16 relative), and ||grad f|| by that times ||grad f(x_0)||.
@@ -45,23 +52,41 @@ def test_every_sweep_entry_equals_its_single_run(small_config, tmp_path, x64):
                 # run is compared while it is finite.
                 norms = np.sqrt(np.asarray(alone.grad_norm_sq))
                 finite = np.isfinite(norms) & (norms < 1e50)
-                np.testing.assert_allclose(np.sqrt(results.grad_norm_sq[c, m, s])[finite], norms[finite],
-                                           rtol=1e-9, atol=1e-12 * initial, err_msg=where)
+                np.testing.assert_allclose(
+                    np.sqrt(results.grad_norm_sq[c, m, s])[finite],
+                    norms[finite],
+                    rtol=1e-9,
+                    atol=1e-12 * initial,
+                    err_msg=where,
+                )
                 if int(alone.diverged_step) < 0:
-                    np.testing.assert_allclose(results.params[c, m, s], alone.params, rtol=1e-9, atol=1e-12,
-                                               err_msg=where)
+                    np.testing.assert_allclose(
+                        results.params[c, m, s], alone.params, rtol=1e-9, atol=1e-12, err_msg=where
+                    )
     # The seeds differ for the randomised compressors and agree for the deterministic ones
     # (up to rounding: XLA may vectorise the lanes of a vmap differently).
-    assert not np.allclose(results.grad_norm_sq[names.index("rand_k"), 0, 0],
-                           results.grad_norm_sq[names.index("rand_k"), 0, 1])
-    np.testing.assert_allclose(results.grad_norm_sq[names.index("top_k"), 0, 0],
-                               results.grad_norm_sq[names.index("top_k"), 0, 1], rtol=1e-12)
+    assert not np.allclose(
+        results.grad_norm_sq[names.index("rand_k"), 0, 0],
+        results.grad_norm_sq[names.index("rand_k"), 0, 1],
+    )
+    np.testing.assert_allclose(
+        results.grad_norm_sq[names.index("top_k"), 0, 0],
+        results.grad_norm_sq[names.index("top_k"), 0, 1],
+        rtol=1e-12,
+    )
 
 
 def test_sweep_study_writes_results(small_config, tmp_path, x64, capsys):
     metrics = ef_sweep.run(small_config())
     (run_folder,) = list((tmp_path / "ef_sweep").iterdir())
-    for name in ("config.json", "metrics.json", "sweep.csv", "curves.csv", "table.txt", "figure.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "sweep.csv",
+        "curves.csv",
+        "table.txt",
+        "figure.png",
+    ):
         assert (run_folder / name).stat().st_size > 0, name
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert list(saved["compressors"]) == list(ef_sweep.COMPRESSORS)

@@ -25,7 +25,14 @@ def study(tmp_path_factory, quick_config):
 
 def test_writes_every_output(study):
     config, _, folder = study
-    for name in ("config.json", "metrics.json", "curves.csv", "per_seed.npz", "table.txt", "figure.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "curves.csv",
+        "per_seed.npz",
+        "table.txt",
+        "figure.png",
+    ):
         assert (folder / name).stat().st_size > 0, name
     saved = json.loads((folder / "metrics.json").read_text())
     assert list(saved["schemes"]) == list(config.schemes)
@@ -67,13 +74,22 @@ def test_vmapped_seeds_equal_single_seed_runs(study):
     """Seeds 0 and last of the vmapped GraB call, rerun one at a time through ``jax.jit(run)``."""
     config, _, folder = study
     per_seed = np.load(folder / "per_seed.npz")
-    train, test = (jax.tree.map(jnp.asarray, split) for split in grab_digits.load_digits(config.data_dir))
+    train, test = (
+        jax.tree.map(jnp.asarray, split) for split in grab_digits.load_digits(config.data_dir)
+    )
     single = jax.jit(grab_digits.build_run(config, GRAB, len(train["label"])))
     for seed in (0, config.num_seeds - 1):
-        curves = single(grab_digits.seed_keys(config)[seed], jnp.float32(config.learning_rate), train, test)
+        curves = single(
+            grab_digits.seed_keys(config)[seed], jnp.float32(config.learning_rate), train, test
+        )
         for name in grab_digits.METRICS:
-            np.testing.assert_allclose(np.asarray(getattr(curves, name)), per_seed[f"{GRAB}/{name}"][seed],
-                                       rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(getattr(curves, name)),
+                per_seed[f"{GRAB}/{name}"][seed],
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=name,
+            )
         orders = np.asarray(curves.orders)
         assert orders.shape == (config.num_epochs, 1536)
         assert grab_digits.is_permutation(orders)
@@ -96,5 +112,7 @@ def test_vmapped_seeds_equal_single_seed_runs(study):
 def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match, quick_config):
     data_dir = tmp_path / "tfds"
     with pytest.raises(ValueError, match=match):
-        grab_digits.run(quick_config("grab_digits", tmp_path / "results", data_dir=str(data_dir), **overrides))
+        grab_digits.run(
+            quick_config("grab_digits", tmp_path / "results", data_dir=str(data_dir), **overrides)
+        )
     assert not (tmp_path / "results").exists() and not data_dir.exists()

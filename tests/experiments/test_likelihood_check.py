@@ -31,8 +31,13 @@ def test_quick_check_agrees_with_the_exact_log_density(tmp_path, x64, capsys, qu
         # the ODE is off by the prior mismatch only: what is left is the solver's error
         # (measured 6e-6 to 4e-5 nats at rtol = atol = 1e-6)
         assert r["max_abs_solver_error"] <= config.agreement_tol_nats, (label, r)
-        assert r["max_abs_ode_minus_exact"] <= r["max_abs_prior_mismatch"] + config.agreement_tol_nats, (label, r)
-        assert r["max_abs_prior_mismatch"] > 1e-3, (label, r)  # the mismatch is real, and accounted for
+        assert (
+            r["max_abs_ode_minus_exact"] <= r["max_abs_prior_mismatch"] + config.agreement_tol_nats
+        ), (label, r)
+        assert r["max_abs_prior_mismatch"] > 1e-3, (
+            label,
+            r,
+        )  # the mismatch is real, and accounted for
         # Hutchinson: pooled bias within z_threshold (4) standard errors, SE genuinely nonzero
         assert abs(r["hutchinson_z"]) <= config.z_threshold, (label, r)
         assert r["hutchinson_bias_se"] > 0, (label, r)
@@ -54,7 +59,10 @@ def test_quick_check_agrees_with_the_exact_log_density(tmp_path, x64, capsys, qu
         ({"high_dim": -3}, r"config\.high_dim must be positive integers"),
         ({"rtol": 0.0}, r"config\.rtol must be a positive finite number"),
         ({"atol": -1e-6}, r"config\.atol must be a positive finite number"),
-        ({"agreement_tol_nats": float("nan")}, r"config\.agreement_tol_nats must be a positive finite number"),
+        (
+            {"agreement_tol_nats": float("nan")},
+            r"config\.agreement_tol_nats must be a positive finite number",
+        ),
         ({"z_threshold": 0.0}, r"config\.z_threshold must be a positive finite number"),
     ],
 )

@@ -49,7 +49,7 @@ def marked_json(nb, marker: str) -> dict:
     for cell in nb.cells:
         for line in stream_text(cell).splitlines():
             if line.startswith(marker):
-                return json.loads(line[len(marker):])
+                return json.loads(line[len(marker) :])
     raise AssertionError(f"no line starting with {marker!r} in the notebook's output")
 
 
@@ -61,7 +61,10 @@ def execute(path: pathlib.Path, kernel_dirs: list[str], extra_cells: list[str]):
         kernel_name=KERNEL_NAME, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs)
     )
     client = nbclient.NotebookClient(
-        nb, km=km, timeout=600, kernel_name=KERNEL_NAME,
+        nb,
+        km=km,
+        timeout=600,
+        kernel_name=KERNEL_NAME,
         resources={"metadata": {"path": str(path.parent)}},
     )
     # CPU only, and key reuse is an error, as in tests/conftest.py.
@@ -96,7 +99,10 @@ def check_error_feedback(nb) -> None:
     for spread in ("1.0", "1000.0"):
         assert all(v is not None for k, v in bits[spread].items() if k.startswith("EF21")), bits
     same = bits["1.0"]
-    assert abs(same["EF21, γ from L_AM"] - same["EF21, γ from L_QM"]) < 0.05 * same["EF21, γ from L_QM"], same
+    assert (
+        abs(same["EF21, γ from L_AM"] - same["EF21, γ from L_QM"])
+        < 0.05 * same["EF21, γ from L_QM"]
+    ), same
     spread = bits["1000.0"]
     assert spread["EF21, γ from L_AM"] < 0.75 * spread["EF21, γ from L_QM"], spread
     assert summary["ef21_w_vs_ef21_am_gap"] < 1e-9, summary["ef21_w_vs_ef21_am_gap"]
@@ -105,7 +111,10 @@ def check_error_feedback(nb) -> None:
     for name in ("top_k", "scaled_sign"):
         row = alpha[name]
         assert row["min"] >= row["documented"] - 1e-12, (name, row)
-        assert abs(row["worst_case_vector"] - row["documented"]) < 1e-5 * row["documented"], (name, row)
+        assert abs(row["worst_case_vector"] - row["documented"]) < 1e-5 * row["documented"], (
+            name,
+            row,
+        )
     row = alpha["rand_k_unscaled"]
     assert abs(row["mean"] - row["documented"]) < 4 * row["stderr"], row
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]

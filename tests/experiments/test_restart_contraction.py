@@ -18,7 +18,9 @@ def test_restart_contracts_the_high_noise_error_at_equal_nfe(tmp_path, x64, caps
     assert "mode-weight TV" in capsys.readouterr().out
     rows = {(r["sampler"], r["budget"]): r for r in metrics["rows"]}
     for budget in (30, 60):
-        heun, em, restart = (rows[(name, budget)] for name in ("pf_ode_heun", "euler_maruyama", "restart_K4"))
+        heun, em, restart = (
+            rows[(name, budget)] for name in ("pf_ode_heun", "euler_maruyama", "restart_K4")
+        )
         assert heun["nfe"] == em["nfe"] == restart["nfe"] == budget + 1  # + the final denoise
         for other in (heun, em):
             gap = other["tv_mean"] - restart["tv_mean"]
@@ -31,7 +33,10 @@ def test_restart_contracts_the_high_noise_error_at_equal_nfe(tmp_path, x64, caps
     "overrides, match",
     [
         ({"weights": (0.5, 0.6)}, "config.weights"),
-        ({"restart_t_max": 0.7}, "config.restart_t_min < config.restart_t_max <= config.error_above"),
+        (
+            {"restart_t_max": 0.7},
+            "config.restart_t_min < config.restart_t_max <= config.error_above",
+        ),
         ({"error_above": 1.5}, "config.error_above"),
         ({"nfe_budgets": (10,)}, "config.nfe_budgets must be at least"),
         ({"num_seeds": 1}, "config.num_seeds"),

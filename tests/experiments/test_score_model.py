@@ -22,8 +22,16 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
     config = quick_config("score_model", tmp_path)
     metrics = score_model.run(config)
     (folder,) = list((tmp_path / "score_model").glob("2*"))
-    for name in ("config.json", "metrics.json", "table.txt", "mixture_2d.csv", "digits_samplers.csv",
-                 "digits_likelihood.csv", "mixture_2d_epochs.csv", "digits_epochs.csv"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "table.txt",
+        "mixture_2d.csv",
+        "digits_samplers.csv",
+        "digits_likelihood.csv",
+        "mixture_2d_epochs.csv",
+        "digits_epochs.csv",
+    ):
         assert (folder / name).stat().st_size > 0, name
     for name in ("figure.png", "digits.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -32,15 +40,19 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
     printed = capsys.readouterr().out
     assert "bits/dim" in printed and "network SW2" in printed and f"results: {folder}" in printed
 
-    # training: one metrics line per epoch (checkpointed, so a killed run loses at most one), loss falls
+    # training: one metrics line per epoch (checkpointed, so a killed run loses at most one), loss
+    # falls
     for part, epochs in (("mixture_2d", config.mixture_epochs), ("digits", config.digits_epochs)):
         lines = (folder / "training" / part / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1)), part
-        assert (folder / "training" / part / "checkpoints" / str(_steps(config, part))).is_dir(), part
+        assert (folder / "training" / part / "checkpoints" / str(_steps(config, part))).is_dir(), (
+            part
+        )
         training = metrics[part]["training"]
-        # measured (quick): mixture train 1.39 -> 0.65, held-out 1.03 -> 0.63; digits 10.6 -> 8.2, 9.85 -> 8.25.
-        # The digits network is EDM-preconditioned: its skip term is already the eps of Gaussian data, so its
-        # first epoch starts far lower than the bare MLP's did (held-out 14.1 -> 9.6) and it must fall by 10 %
+        # measured (quick): mixture train 1.39 -> 0.65, held-out 1.03 -> 0.63; digits 10.6 -> 8.2,
+        # 9.85 -> 8.25. The digits network is EDM-preconditioned: its skip term is already the eps
+        # of Gaussian data, so its first epoch starts far lower than the bare MLP's did (held-out
+        # 14.1 -> 9.6) and it must fall by 10 %
         ratio = 0.8 if part == "mixture_2d" else 0.9
         assert training["train_loss"][-1] < ratio * training["train_loss"][0], (part, training)
         assert training["heldout_loss"][-1] < ratio * training["heldout_loss"][0], (part, training)
@@ -59,10 +71,16 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
             else:
                 budget = int(label)
                 assert budget - 3 <= r["nfe"] <= r["nfe_max"] <= budget, (name, label, r)
-            # measured 0.43-0.53 (network) and 0.33-0.37 (exact) against the prior's 1.37 (SE 0.02-0.06)
+            # measured 0.43-0.53 (network) and 0.33-0.37 (exact) against the prior's 1.37
+            # (SE 0.02-0.06)
             assert r["network"]["mean"] < 0.6 * prior["mean"], (name, label, r, prior)
-            assert r["exact"]["mean"] <= prior["mean"] - 4 * _combined_se(r["exact"], prior), (name, label, r)
-            assert abs(r["exact"]["mean"] - floor["mean"]) <= 4 * _combined_se(r["exact"], floor), r
+            assert r["exact"]["mean"] <= prior["mean"] - 4 * _combined_se(r["exact"], prior), (
+                name,
+                label,
+                r,
+            )
+            gap = abs(r["exact"]["mean"] - floor["mean"])
+            assert gap <= 4 * _combined_se(r["exact"], floor), r
     with (folder / "mixture_2d.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == sum(len(per) for per in m["samplers"].values())
 
@@ -74,15 +92,21 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
         assert r["succeeded"] == config.likelihood_points, r
         values = np.asarray(r["bits_per_dim_values"])
         assert values.shape == (config.likelihood_points,) and np.all(np.isfinite(values)), r
-        # one-sided, 3 standard errors over the test images (measured 3.25 ± 0.04 with 16 images, 3.57 ± 0.09
-        # before the EDM preconditioning; a bare net trained for 72 steps gave 9.6)
+        # one-sided, 3 standard errors over the test images (measured 3.25 ± 0.04 with 16 images,
+        # 3.57 ± 0.09 before the EDM preconditioning; a bare net trained for 72 steps gave 9.6)
         bits = r["bits_per_dim"]
         assert 0.0 < bits["mean"] < d["uniform_bits_per_dim"] - 3 * bits["se"], r
-    assert d["gaussian_bits_per_dim"]["mean"] < d["uniform_bits_per_dim"], d["gaussian_bits_per_dim"]
+    assert d["gaussian_bits_per_dim"]["mean"] < d["uniform_bits_per_dim"], d[
+        "gaussian_bits_per_dim"
+    ]
     assert set(d["samplers"]) == set(config.digits_samplers)
     for name, per in d["samplers"].items():
         for label, r in per.items():
-            assert r["nonfinite_samples"] == 0 and np.isfinite(r["network"]["mean"]), (name, label, r)
+            assert r["nonfinite_samples"] == 0 and np.isfinite(r["network"]["mean"]), (
+                name,
+                label,
+                r,
+            )
             assert np.isfinite(r["clipped"]["mean"]) and 0.0 <= r["outside"] <= 1.0, r
 
 
@@ -94,12 +118,12 @@ def _steps(config, part):
 
 
 def test_quick_config_is_valid_and_full_config_covers_every_sampler():
-    from shufflesgd import solvers
+    from shufflesgd import diffusion
 
     score_model.validate(config_module.get_config("quick"))
     full = config_module.get_config("full")
     score_model.validate(full)
-    assert set(full.samplers) == set(solvers.SAMPLERS) == set(full.digits_samplers)
+    assert set(full.samplers) == set(diffusion.SAMPLERS) == set(full.digits_samplers)
     with pytest.raises(ValueError, match="variant"):
         config_module.get_config("bogus")
 
@@ -121,12 +145,18 @@ def test_quick_config_is_valid_and_full_config_covers_every_sampler():
         ({"nfe_budgets": (20, 10)}, r"config\.nfe_budgets must be strictly increasing"),
         ({"nfe_budgets": (0, 10)}, r"config\.nfe_budgets must be positive integers"),
         ({"adaptive_tolerances": ()}, r"config\.adaptive_tolerances must hold at least one"),
-        ({"likelihood_tolerances": (1e-3, -1.0)}, r"config\.likelihood_tolerances must be a positive finite"),
+        (
+            {"likelihood_tolerances": (1e-3, -1.0)},
+            r"config\.likelihood_tolerances must be a positive finite",
+        ),
         ({"mixture_batch_size": 1000}, r"config\.mixture_batch_size must divide"),
         ({"digits_batch_size": 100}, r"config\.digits_batch_size must divide"),
         ({"digits_epochs": 0}, r"config\.digits_epochs must be positive integers"),
         ({"num_seeds": 1}, r"config\.num_seeds must be an int >= 2"),
-        ({"mixture_learning_rate": float("nan")}, r"config\.mixture_learning_rate must be a positive finite"),
+        (
+            {"mixture_learning_rate": float("nan")},
+            r"config\.mixture_learning_rate must be a positive finite",
+        ),
         ({"likelihood_points": 262}, r"config\.likelihood_points must be at most the 261"),
         ({"restart_t_min": 0.5}, r"config\.restart_t_min and config\.restart_t_max"),
         ({"checkpoint_dir": ""}, r"config\.checkpoint_dir must be None or a non-empty path"),

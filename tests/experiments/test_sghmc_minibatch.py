@@ -30,14 +30,21 @@ def test_quick_sweep_matches_the_exact_stationary_laws(tmp_path, x64, capsys, qu
 
     for label, run in metrics["runs"].items():
         for p in run["points"]:
-            assert p["second_moment_error_se"] > 0 and p["minibatch_error_se"] > 0, (label, p["fraction"])
+            assert p["second_moment_error_se"] > 0 and p["minibatch_error_se"] > 0, (
+                label,
+                p["fraction"],
+            )
             # the exact-gradient twins against the discrete Lyapunov solution: largest of the
             # 100 entrywise z-scores (55 distinct; under the null the max is ~2.5, measured 1.6-3.3)
             assert p["exact_gradient_twin_max_abs_z"] < 5.0, (label, p["fraction"])
             # the coupling works: the control variate cuts the standard error
-            assert p["second_moment_error_se"] < p["naive_second_moment_error_se"], (label, p["fraction"])
+            assert p["second_moment_error_se"] < p["naive_second_moment_error_se"], (
+                label,
+                p["fraction"],
+            )
 
-    # with replacement, SGHMC-Euler: simulation vs the exact NumPy fixed point, entrywise and in norm
+    # with replacement, SGHMC-Euler: simulation vs the exact NumPy fixed point, entrywise and in
+    # norm
     exact_run = metrics["runs"]["sghmc_euler/with_replacement"]
     for p in exact_run["points"]:
         assert p["moment_operator_radius"] < 1.0
@@ -46,7 +53,9 @@ def test_quick_sweep_matches_the_exact_stationary_laws(tmp_path, x64, capsys, qu
     exact = np.array([p["exact_with_replacement"] for p in exact_run["points"]])
     steps = np.array([p["step_size"] for p in exact_run["points"]])
     assert np.all(np.diff(exact) / np.diff(steps) > 0)  # bias grows with the step size
-    assert 0.9 < exact_run["orders"]["exact_with_replacement"] < 1.4  # measured 1.09 over c in [0.05, 0.2]
+    assert (
+        0.9 < exact_run["orders"]["exact_with_replacement"] < 1.4
+    )  # measured 1.09 over c in [0.05, 0.2]
 
     for kernel in config.kernels:
         wr = metrics["runs"][f"{kernel}/with_replacement"]["points"]
@@ -54,10 +63,14 @@ def test_quick_sweep_matches_the_exact_stationary_laws(tmp_path, x64, capsys, qu
         # simulated with-replacement bias grows with the step size, each step beyond 4 SE
         for small, large in zip(wr[1:], wr[:-1]):
             gap = large["second_moment_error"] - small["second_moment_error"]
-            assert gap > 4 * math.hypot(large["second_moment_error_se"], small["second_moment_error_se"]), kernel
+            assert gap > 4 * math.hypot(
+                large["second_moment_error_se"], small["second_moment_error_se"]
+            ), kernel
         # random reshuffling's bias is below with-replacement's at the smallest step (measured 10x)
         gap = wr[-1]["minibatch_error"] - rr[-1]["minibatch_error"]
-        assert gap > 4 * math.hypot(wr[-1]["minibatch_error_se"], rr[-1]["minibatch_error_se"]), kernel
+        assert gap > 4 * math.hypot(wr[-1]["minibatch_error_se"], rr[-1]["minibatch_error_se"]), (
+            kernel
+        )
 
 
 def test_exact_linear_algebra_matches_closed_forms(x64):
@@ -69,7 +82,8 @@ def test_exact_linear_algebra_matches_closed_forms(x64):
     precision = np.linalg.inv(problem.covariance)
     np.testing.assert_allclose(precision, lipschitz * np.eye(d), rtol=1e-10, atol=1e-10 * lipschitz)
     for c in (0.3, 0.05):
-        # ULA on N(m, I/L) with eta = 2c/L: stationary variance 1/(L(1 - eta L/2)), whitened 1/(1 - c)
+        # ULA on N(m, I/L) with eta = 2c/L: stationary variance 1/(L(1 - eta L/2)), whitened
+        # 1/(1 - c)
         (eta,) = sghmc_minibatch.step_sizes("sgld", (c,), lipschitz)
         full = sghmc_minibatch.exact_full_gradient_moment(problem, "sgld", eta, gamma)
         np.testing.assert_allclose(full, np.eye(d) / (1.0 - c), rtol=1e-9, atol=1e-12)
@@ -77,10 +91,13 @@ def test_exact_linear_algebra_matches_closed_forms(x64):
         (h,) = sghmc_minibatch.step_sizes("sghmc_baoab", (c,), lipschitz)
         full = sghmc_minibatch.exact_full_gradient_moment(problem, "sghmc_baoab", h, gamma)
         np.testing.assert_allclose(full, np.eye(d), rtol=1e-9, atol=1e-12)
-        # minibatches with replacement only add variance: the fixed point exceeds the full-gradient one
+        # minibatches with replacement only add variance: the fixed point exceeds the full-gradient
+        # one
         for kernel in sghmc_minibatch.EXACT_KERNELS:
             (h,) = sghmc_minibatch.step_sizes(kernel, (c,), lipschitz)
-            moment, radius = sghmc_minibatch.exact_with_replacement_moment(problem, kernel, h, gamma, 34)
+            moment, radius = sghmc_minibatch.exact_with_replacement_moment(
+                problem, kernel, h, gamma, 34
+            )
             full = sghmc_minibatch.exact_full_gradient_moment(problem, kernel, h, gamma)
             assert radius < 1.0
             assert np.linalg.eigvalsh(moment - full).min() > 0, (kernel, c)
@@ -100,14 +117,20 @@ def test_exact_linear_algebra_matches_closed_forms(x64):
         ({"schemes": ("grab_pair_balance",)}, r"config\.schemes must be one of"),
         ({"step_fractions": (0.1,)}, r"config\.step_fractions needs at least two"),
         ({"step_fractions": (0.1, 1.5)}, r"config\.step_fractions must lie in \(0, 1\)"),
-        ({"step_fractions": (0.1, -0.05)}, r"config\.step_fractions must be a positive finite number"),
+        (
+            {"step_fractions": (0.1, -0.05)},
+            r"config\.step_fractions must be a positive finite number",
+        ),
         ({"batch_size": 32}, r"config\.batch_size must divide the 442 examples"),
         ({"batch_size": 0}, r"config\.batch_size must be positive integers"),
         ({"num_chains": 1}, r"config\.num_chains must be at least 2"),
         ({"fit_points_small": 1}, r"config\.fit_points_small must be at least 2"),
         ({"burn_in_epochs": -1}, r"config\.burn_in_epochs must be a non-negative integer"),
         ({"relative_friction": 0.0}, r"config\.relative_friction must be a positive finite number"),
-        ({"prior_variance": float("inf")}, r"config\.prior_variance must be a positive finite number"),
+        (
+            {"prior_variance": float("inf")},
+            r"config\.prior_variance must be a positive finite number",
+        ),
         ({"fit_min_snr": -2.0}, r"config\.fit_min_snr must be a positive finite number"),
         ({"step_fractions": (0.1, 0.1)}, r"config\.step_fractions must be distinct"),
     ],

@@ -2,7 +2,8 @@
 kernels' infos, Langevin chains stuck in their starting mode while walk–jump visits the others,
 the exact references at their known values, outputs written, bad configs rejected first.
 
-(Named ``test_walk_jump_study`` so as not to clash with the library's ``tests/test_walk_jump.py``.)"""
+(Named ``test_walk_jump_study`` so as not to clash with the library's
+``tests/test_walk_jump.py``.)"""
 
 import csv
 import json
@@ -29,13 +30,17 @@ def test_quick_study_tunnels_with_walk_jump_at_an_equal_budget(tmp_path, x64, ca
     r = metrics["problems"]["mixture_2d"]["samplers"]
     k = len(config.weights)
     # 1. Equal budgets, summed per chain from info.num_grad_evals (not from the plan): every chain
-    # of every budgeted sampler spends exactly `budget`, the chain of chains up to less than one run.
+    # of every budgeted sampler spends exactly `budget`, the chain of chains up to less than one
+    # run.
     for name, row in r.items():
         if name in walk_jump.REFERENCES:
             assert row["evals_max"] == 0, (name, row)
             continue
         assert row["evals_min"] == row["evals_max"], (name, row)
-        assert row["unit"] == ("density" if name in walk_jump.DENSITY_SAMPLERS else "gradient"), (name, row)
+        assert row["unit"] == ("density" if name in walk_jump.DENSITY_SAMPLERS else "gradient"), (
+            name,
+            row,
+        )
         if name == "chain_of_chains":
             run_cost = config.num_measurements * config.steps_per_measurement + 1
             assert config.budget - run_cost < row["evals_max"] <= config.budget, row
@@ -47,9 +52,13 @@ def test_quick_study_tunnels_with_walk_jump_at_an_equal_budget(tmp_path, x64, ca
     for name in ("ula", "mala"):
         assert r[name]["modes_visited"] == pytest.approx(1.0 / k), (name, r[name])
         # all mass in the start mode: TV error 1 - w_start exactly
-        assert r[name]["weight_tv"] == pytest.approx(1.0 - config.weights[config.start_mode], abs=1e-9), r[name]
-        assert (r[name]["modes_visited"] + 4 * r[name]["modes_visited_se"] + 0.3
-                < r["walk_jump"]["modes_visited"] - 4 * r["walk_jump"]["modes_visited_se"]), r
+        assert r[name]["weight_tv"] == pytest.approx(
+            1.0 - config.weights[config.start_mode], abs=1e-9
+        ), r[name]
+        assert (
+            r[name]["modes_visited"] + 4 * r[name]["modes_visited_se"] + 0.3
+            < r["walk_jump"]["modes_visited"] - 4 * r["walk_jump"]["modes_visited_se"]
+        ), r
     # walk-jump's jumps land in the modes with the right frequencies: its TV error is the exact
     # draws' own multinomial error (measured 0.112 +- 0.010 vs 0.121 +- 0.010), within 4 joint SEs.
     joint = math.hypot(r["walk_jump"]["weight_tv_se"], r["exact"]["weight_tv_se"])
@@ -59,11 +68,16 @@ def test_quick_study_tunnels_with_walk_jump_at_an_equal_budget(tmp_path, x64, ca
     # formula says, spread ratio 1; inside the mode, MALA is exact and ULA sits at its stationary
     # variance s^2 / (1 - h / 2s^2) (measured 0.992 +- 0.015 and 1.067 +- 0.017 vs 1.054).
     exact = r["exact"]
-    assert abs(exact["modes_visited"] - exact["iid_modes_visited"]) <= max(4 * exact["modes_visited_se"], 0.02), exact
+    assert abs(exact["modes_visited"] - exact["iid_modes_visited"]) <= max(
+        4 * exact["modes_visited_se"], 0.02
+    ), exact
     assert abs(exact["spread_ratio"] - 1.0) < 4 * exact["spread_ratio_se"], exact
     assert abs(r["mala"]["spread_ratio"] - 1.0) < 4 * r["mala"]["spread_ratio_se"], r["mala"]
     ula_ratio = 1.0 / math.sqrt(1.0 - config.ula_step_size / (2 * config.component_std**2))
-    assert abs(r["ula"]["spread_ratio"] - ula_ratio) < 4 * r["ula"]["spread_ratio_se"], (ula_ratio, r["ula"])
+    assert abs(r["ula"]["spread_ratio"] - ula_ratio) < 4 * r["ula"]["spread_ratio_se"], (
+        ula_ratio,
+        r["ula"],
+    )
     # W2: the exact draws' value is the Monte Carlo floor (measured 2.36 +- 0.31); chains stuck in
     # one mode sit far above it (6.8 +- 0.2).
     for name in ("ula", "mala"):
@@ -76,7 +90,9 @@ def test_exact_w2_and_the_iid_visit_formula():
     x = rng.standard_normal((50, 3))
     assert walk_jump.exact_w2(x, x[rng.permutation(50)]) == pytest.approx(0.0, abs=1e-12)
     shift = np.array([3.0, -4.0, 0.0])
-    assert walk_jump.exact_w2(x, x + shift) == pytest.approx(5.0, rel=1e-12)  # a translation moves every point
+    assert walk_jump.exact_w2(x, x + shift) == pytest.approx(
+        5.0, rel=1e-12
+    )  # a translation moves every point
     config = config_module.get_config("quick")
     law = walk_jump.build_problem("mixture_2d", config)
     means = np.asarray(law.means)

@@ -1,0 +1,29 @@
+"""Smoke test of benchmarks/mcmc_ess.py in --quick mode: it runs and writes sane JSON.
+
+No wall-clock threshold is asserted (timings live in benchmarks/).  BlackJAX is a core
+dependency, so the peer always runs, and the two libraries must accept at the same rate,
+since they run the same kernel.
+"""
+
+from support.benchmark_results import positive_finite
+
+ROWS = ("gaussian/mala", "gaussian/hmc", "logistic/mala", "logistic/hmc")
+
+
+def test_quick_benchmark_writes_json(quick_benchmark):
+    results = quick_benchmark("benchmarks.mcmc_ess")
+    assert results["peer"].startswith("blackjax")
+    assert set(results["rows"]) == set(ROWS)
+    for name, row in results["rows"].items():
+        for side in ("ours", "blackjax"):
+            stats = row[side]
+            assert positive_finite(stats["seconds"]["median"])
+            assert len(stats["seconds"]["repeats"]) == 2
+            assert positive_finite(stats["min_ess"])
+            assert positive_finite(stats["min_ess_per_second"])
+            assert 0.0 < stats["acceptance"] <= 1.0
+        acceptance = (row["ours"]["acceptance"], row["blackjax"]["acceptance"])
+        assert row["acceptance_agree"], (name, acceptance)
+        assert positive_finite(row["ess_per_second_ratio"])
+        # same kernel and key splits as BlackJAX: the chains coincide up to rounding
+        assert row["max_abs_draw_difference"] <= 1e-3, (name, row["max_abs_draw_difference"])

@@ -1,0 +1,133 @@
+"""Data sources: the digits TFDS builder read back offline, scheme-driven epochs, sharding."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from shufflesgd import drivers, parallel, shuffling
+from shufflesgd.nn import data
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tfds")
+    data.build_digits(directory)
+    return directory
+
+
+@pytest.mark.parametrize("split, rows", [("train", slice(0, 1536)), ("test", slice(1536, 1797))])
+def test_digits_tfds_matches_sklearn_in_split_order(digits_dir, split, rows):
+    source = data.load_source("digits", split, data_dir=digits_dir)
+    assert isinstance(source, data.TFDSSource) and isinstance(source, data.Source)
+    everything = source[np.arange(len(source))]
+    reference = load_digits()
+    n = rows.stop - rows.start
+    assert len(source) == n
+    chex.assert_shape(everything["image"], (n, 8, 8, 1))
+    assert everything["image"].dtype == np.uint8 and everything["label"].dtype == np.int64
+    np.testing.assert_array_equal(everything["image"][..., 0], reference.images[rows])
+    np.testing.assert_array_equal(everything["label"], reference.target[rows])
+    np.testing.assert_array_equal(everything["label"], data.digits_arrays(split)["label"])
+    in_memory = data.to_array_source(source)
+    np.testing.assert_array_equal(in_memory[np.array([5, 0])]["image"], everything["image"][[5, 0]])
+
+
+def test_digits_builder_is_real_array_record_builder(digits_dir):
+    builder = data.build_digits(digits_dir)  # second call reuses the prepared files
+    assert isinstance(builder, data.tfds.core.GeneratorBasedBuilder)
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        "train": 1536,
+        "test": 261,
+    }
+    assert list(builder.data_path.glob("digits-train.array_record*"))
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("random_reshuffle", {}),
+        ("single_shuffle", {}),
+        ("incremental", {}),
+        ("flipflop", {}),
+        ("grab_mean_balance", {}),
+        ("rs2", {"ratio": 1 / 3}),
+    ],
+)
+def test_scheme_epoch_reads_each_example_once(digits_dir, name, options):
+    source = data.load_source("digits", "test", data_dir=digits_dir)
+    reference = data.digits_arrays("test")
+    scheme = shuffling.make_scheme(name, len(source), **options)
+    key = jax.random.key(0)
+    state = scheme.init(key, jnp.zeros(2))
+    visited = []
+    for epoch in range(2):
+        state, order = drivers.epoch_order(scheme, key, state, epoch)
+        batches = list(
+            data.epoch_batches(source, order, batch_size=29)
+        )  # 261 = 9 * 29, 87 = 3 * 29
+        for indices, batch in batches:
+            np.testing.assert_array_equal(batch["label"], reference["label"][indices])
+            np.testing.assert_array_equal(batch["image"], reference["image"][indices])
+        epoch_indices = np.concatenate([indices for indices, _ in batches])
+        np.testing.assert_array_equal(
+            epoch_indices, np.asarray(order)
+        )  # read in the scheme's order
+        assert len(np.unique(epoch_indices)) == len(epoch_indices) == scheme.epoch_length
+        visited.append(epoch_indices)
+    if name == "rs2":  # two disjoint thirds of one pass
+        assert not set(visited[0]) & set(visited[1])
+    else:
+        np.testing.assert_array_equal(np.sort(visited[0]), np.arange(261))
+    if name == "flipflop":
+        np.testing.assert_array_equal(visited[1], visited[0][::-1])
+
+
+def test_unknown_dataset_or_split_names_the_argument(digits_dir):
+    with pytest.raises(ValueError, match="name must be"):
+        data.load_source("not_a_dataset", "train", data_dir=digits_dir)
+    with pytest.raises(ValueError, match=r"split must be one of \['test', 'train'\]"):
+        data.load_source("digits", "validation", data_dir=digits_dir)
+
+
+def test_batch_size_must_divide_unless_dropping_remainder():
+    source = data.ArraySource({"x": np.arange(10.0)[:, None], "y": np.arange(10)})
+    with pytest.raises(ValueError, match="batch_size=4 does not divide"):
+        list(data.epoch_batches(source, np.arange(10), 4))
+    batches = list(data.epoch_batches(source, np.arange(10)[::-1], 4, drop_remainder=True))
+    assert len(batches) == 2
+    np.testing.assert_array_equal(batches[1][1]["y"], [5, 4, 3, 2])
+
+
+def test_array_source_validates():
+    with pytest.raises(ValueError, match="arrays must share"):
+        data.ArraySource({"x": np.zeros((3, 2)), "y": np.zeros(4)})
+    source = data.ArraySource({"x": np.zeros((3, 2))})
+    with pytest.raises(ValueError, match="indices must lie"):
+        source[np.array([0, 3])]
+
+
+def test_mapped_source_scales_images():
+    source = data.MappedSource(
+        data.ArraySource({"image": np.array([[0], [8], [16]], np.uint8), "label": np.arange(3)}),
+        lambda b: data.scale_images(b, data.DIGITS_MAX_VALUE, -1.0, 1.0),
+    )
+    batch = source[np.array([2, 0, 1])]
+    assert batch["image"].dtype == np.float32
+    np.testing.assert_array_equal(batch["image"][:, 0], [1.0, -1.0, 0.0])
+    np.testing.assert_array_equal(batch["label"], [2, 0, 1])
+
+
+def test_shard_batch_splits_examples_over_data_axis():
+    mesh = parallel.data_mesh(8)
+    batch = {"image": np.arange(16 * 3, dtype=np.float32).reshape(16, 3), "label": np.arange(16)}
+    sharded = parallel.shard_batch(batch, mesh)
+    for name, value in sharded.items():
+        assert value.sharding.spec == jax.P("data")
+        assert len(value.addressable_shards) == 8
+        chex.assert_shape(value.addressable_shards[0].data, (2,) + batch[name].shape[1:])
+        np.testing.assert_array_equal(np.asarray(value), batch[name])
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        parallel.shard_batch({"x": np.zeros((12, 2))}, mesh)

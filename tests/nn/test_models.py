@@ -1,0 +1,229 @@
+"""Flax networks: shapes, BatchNorm train/eval behaviour, time conditioning, sizes, jit."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shufflesgd import diffusion
+from shufflesgd.nn import models
+
+
+@pytest.mark.parametrize(
+    "model, image_shape",
+    [
+        (models.MLP((32,), 10, batch_norm=False), (8, 8, 1)),
+        (models.MLP((32,), 10, batch_norm=True), (8, 8, 1)),
+        (models.CNN((8, 16), 10, batch_norm=False), (8, 8, 1)),
+        (models.CNN((8, 16), 10, batch_norm=True), (28, 28, 1)),
+        (models.LinearBatchNorm((16,), 10), (8, 8, 1)),
+    ],
+)
+def test_classifier_shapes(model, image_shape):
+    init_key, data_key = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(data_key, (4, *image_shape))
+    params, batch_stats = models.init_model(model, init_key, x)
+    for train in (True, False):
+        apply = jax.jit(functools.partial(models.apply_model, model, train=train))
+        logits, new_stats = apply(params, batch_stats, x)
+        chex.assert_shape(logits, (4, 10))
+        chex.assert_tree_all_finite(logits)
+        chex.assert_trees_all_equal_shapes(new_stats, batch_stats)
+
+
+def _shapes(model, *inputs):
+    """``(params, batch_stats)`` as shapes only: no compile, no random numbers."""
+    return jax.eval_shape(lambda: models.init_model(model, jax.random.key(0), *inputs))
+
+
+def test_mlp_param_count_is_exact():
+    params, batch_stats = _shapes(models.MLP((32, 16), 10), jnp.zeros((1, 8, 8, 1)))
+    assert models.count_params(params) == (64 * 32 + 32) + (32 * 16 + 16) + (16 * 10 + 10)
+    assert batch_stats == {}
+    params, batch_stats = _shapes(models.MLP((32, 16), 10, batch_norm=True), jnp.zeros((1, 64)))
+    # biases move into BatchNorm's shift; BatchNorm adds scale and shift per unit
+    assert models.count_params(params) == 64 * 32 + 2 * 32 + 32 * 16 + 2 * 16 + 16 * 10 + 10
+    assert models.count_params(batch_stats) == 2 * (32 + 16)
+    params, batch_stats = _shapes(models.LinearBatchNorm((8,), 3), jnp.zeros((1, 5)))
+    assert models.count_params(params) == 2 * 5 + 5 * 8 + 8 * 3  # no biases
+    assert models.count_params(batch_stats) == 2 * 5
+
+
+def test_network_sizes_are_small():
+    cnn, _ = _shapes(models.CNN(), jnp.zeros((1, 8, 8, 1)))
+    score, _ = _shapes(models.ScoreMLP(), jnp.zeros((1, 2)), jnp.zeros(1))
+    unet, _ = _shapes(models.UNet(), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1))
+    assert 1_000 < models.count_params(cnn) < 20_000
+    assert 10_000 < models.count_params(score) < 100_000
+    assert 50_000 < models.count_params(unet) < 1_000_000
+
+
+@pytest.fixture(scope="module")
+def linear_bn():
+    init_key, data_key = jax.random.split(jax.random.key(1))
+    model = models.LinearBatchNorm((4,), 3, every_layer=True)
+    x = jax.random.normal(data_key, (6, 5)) + 2.0
+    params, stats = models.init_model(model, init_key, x)
+    train = jax.jit(functools.partial(models.apply_model, model, train=True))
+    evaluate = jax.jit(functools.partial(models.apply_model, model, train=False))
+    return x, params, stats, train, evaluate
+
+
+def test_batch_norm_couples_examples_in_training_only(linear_bn):
+    x, params, stats, train, evaluate = linear_bn
+    x_changed = x.at[1:].multiply(2.0)  # same first example, different batch-mates
+    train_a, stats_a = train(params, stats, x)
+    train_b, _ = train(params, stats, x_changed)
+    assert not np.allclose(train_a[0], train_b[0], atol=1e-4)
+    eval_a, stats_eval = evaluate(params, stats, x)
+    eval_b, _ = evaluate(params, stats, x_changed)
+    np.testing.assert_allclose(eval_a[0], eval_b[0], rtol=1e-6)
+    chex.assert_trees_all_equal(stats_eval, stats)
+    # running averages: m <- 0.9 m + 0.1 mean_batch, v <- 0.9 v + 0.1 var_batch (m=0, v=1 at init)
+    np.testing.assert_allclose(
+        stats_a["BatchNorm_0"]["mean"], 0.1 * np.asarray(x).mean(0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        stats_a["BatchNorm_0"]["var"], 0.9 + 0.1 * np.asarray(x).var(0), rtol=1e-5
+    )
+    assert not np.allclose(stats_a["BatchNorm_1"]["mean"], 0.0)
+
+
+def test_linear_batch_norm_is_affine_at_evaluation(linear_bn):
+    x, params, stats, _, evaluate = linear_bn
+    y = x[::-1] * 0.5 - 1.0
+    f = lambda z: evaluate(params, stats, z)[0]
+    np.testing.assert_allclose(f(0.5 * (x + y)), 0.5 * (f(x) + f(y)), rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoidal_embedding():
+    e = models.sinusoidal_embedding(jnp.array([0.0, 0.5]), 8)
+    chex.assert_shape(e, (2, 8))
+    np.testing.assert_array_equal(e[0], [0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_allclose(jnp.sum(e**2, -1), 4.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="dim must be even"):
+        models.sinusoidal_embedding(jnp.zeros(2), 7)
+
+
+@pytest.mark.parametrize(
+    "model, x_shape",
+    [
+        (models.ScoreMLP(hidden=32, num_layers=2, embed_dim=16), (5, 2)),
+        (models.UNet(channels=(4, 8), embed_dim=8, groups=4), (2, 8, 8, 1)),
+    ],
+)
+def test_score_networks_depend_on_time(model, x_shape):
+    init_key, data_key = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(data_key, x_shape)
+    t = jnp.full(x_shape[:1], 0.3)
+    if isinstance(model, models.UNet):
+        # random parameters drawn by NumPy into the initialiser's shapes: compiling the
+        # U-Net's ~20 truncated-normal initialisers costs several seconds of CPU
+        params, stats = _shapes(model, x, t)
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(
+            lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), params
+        )
+    else:
+        params, stats = models.init_model(model, init_key, x, t)
+    assert stats == {}
+    apply = jax.jit(lambda p, x, t: models.apply_model(model, p, {}, x, t, train=True)[0])
+    out = apply(params, x, t)
+    chex.assert_shape(out, x_shape)
+    chex.assert_tree_all_finite(out)
+    assert not np.allclose(out, apply(params, x, t + 0.2), atol=1e-4)
+    # one example's output depends on its own time only
+    later = apply(params, x, t.at[0].add(0.2))
+    assert not np.allclose(out[0], later[0], atol=1e-4)
+    np.testing.assert_allclose(out[1:], later[1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape", [(3, 8, 8, 1), (3, 28, 28, 1), (3, 28, 28, 3)])
+def test_unet_output_shape(x_shape):
+    model = models.UNet(channels=(8, 16), embed_dim=16)
+
+    def forward(key, x, t):
+        params, stats = models.init_model(model, key, x, t)
+        return models.apply_model(model, params, stats, x, t, train=False)[0]
+
+    out = jax.eval_shape(forward, jax.random.key(0), jnp.zeros(x_shape), jnp.zeros(x_shape[:1]))
+    chex.assert_shape(out, x_shape)
+
+
+def test_unet_rejects_indivisible_resolution():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        models.init_model(
+            models.UNet(channels=(8, 8, 8)),
+            jax.random.key(0),
+            jnp.zeros((1, 6, 6, 1)),
+            jnp.zeros(1),
+        )
+
+
+def test_apply_model_jits_and_traces_once():
+    init_key, data_key, other_key = jax.random.split(jax.random.key(4), 3)
+    model = models.CNN((8,), 10, batch_norm=True)
+    x = jax.random.normal(data_key, (4, 8, 8, 1))
+    params, stats = models.init_model(model, init_key, x)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, stats, x):
+        return models.apply_model(model, params, stats, x, train=True)
+
+    eager = models.apply_model(model, params, stats, x, train=True)
+    jitted = step(params, stats, x)
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
+    step(params, stats, jax.random.normal(other_key, (4, 8, 8, 1)))
+
+
+class _Probe(nn.Module):
+    """A stand-in network that returns ``w * x`` (``w`` a learned scalar, 0 or 1 below)."""
+
+    @nn.compact
+    def __call__(self, x, t, *, train=False):
+        del t, train
+        return self.param("w", nn.initializers.zeros, ()) * x
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_edm_preconditioning_is_the_gaussian_eps_plus_a_scaled_network(sde_name):
+    from shufflesgd.nn import models
+
+    sde = diffusion.make_sde(sde_name)
+    sigma_data = 0.7
+    model = models.EDMPreconditioned(_Probe(), sde, sigma_data)
+    x = jax.random.normal(jax.random.key(5), (4, 3)) * 2.0
+    t = jnp.array([sde.t_min, 0.05, 0.4, 1.0]) * sde.t_max
+    params, stats = models.init_model(model, jax.random.key(0), x, t)
+    assert stats == {}
+    alpha, sigma = (np.asarray(f(t), np.float64)[:, None] for f in (sde.alpha, sde.sigma))
+    var = sigma**2 + alpha**2 * sigma_data**2
+    # F = 0: the exact eps = -sigma * score of data N(0, sigma_d^2 I), whose p_t is N(0, var I)
+    out = models.apply_model(model, params, stats, x, t, train=False)[0]
+    np.testing.assert_allclose(out, sigma * (np.asarray(x) / var), rtol=2e-5, atol=1e-6)
+    # F(y) = y: the network sees x / sqrt(var) and its output is scaled by alpha sigma_d / sqrt(var)
+    ones = jax.tree.map(jnp.ones_like, params)
+    out = models.apply_model(model, ones, stats, x, t, train=False)[0]
+    np.testing.assert_allclose(
+        out, (sigma - alpha * sigma_data) / var * np.asarray(x), rtol=2e-5, atol=1e-6
+    )
+
+
+def test_edm_preconditioned_unet_keeps_image_shapes():
+    from shufflesgd.nn import models
+
+    model = models.EDMPreconditioned(
+        models.UNet(channels=(8, 16), embed_dim=16), diffusion.make_sde("vp")
+    )
+
+    def forward(key, x, t):
+        params, stats = models.init_model(model, key, x, t)
+        return models.apply_model(model, params, stats, x, t, train=False)[0]
+
+    out = jax.eval_shape(forward, jax.random.key(0), jnp.zeros((3, 8, 8, 1)), jnp.zeros(3))
+    chex.assert_shape(out, (3, 8, 8, 1))

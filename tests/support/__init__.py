@@ -1,0 +1,1 @@
+"""Shared helpers of the test suite (on sys.path through pyproject's pytest ``pythonpath``)."""
