@@ -9,8 +9,8 @@ from ml_collections import ConfigDict
 
 def get_config(variant: str = "full") -> ConfigDict:
     config = ConfigDict()
-    config.problems = ["mixture_2d", "mixture_high_dim"]
-    config.sdes = ["vp", "ve"]
+    config.problems = ("mixture_2d", "mixture_high_dim")
+    config.sdes = ("vp", "ve")
     config.high_dim = 16  # dimension of the second mixture
     config.num_components = 4  # its components (random means and anisotropic covariances)
     config.data_seed = 0  # the high-dimensional mixture instance

@@ -819,14 +819,15 @@ def run(config: ConfigDict) -> dict[str, Any]:
         ["task", "scheme", "learning_rate", "seed", "epoch", "full_batch_risk"],
         rows,
     )
-    draw(
-        {"regression": reg_curves, "classification": cls_curves},
+    return common.finish(
+        folder,
+        table,
         metrics,
-        config,
-        folder / "figure.png",
+        lambda path: draw(
+            {"regression": reg_curves, "classification": cls_curves}, metrics, config, path
+        ),
     )
-    return common.finish(folder, table, metrics)
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

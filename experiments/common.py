@@ -5,9 +5,14 @@ checks, and the resumable training loop of the network studies.
 epochs under an Orbax :class:`shufflesgd.nn.checkpoint.Checkpointer`:
 
 * if the checkpoint directory holds this experiment's checkpoints, training resumes from the
-  latest one (the run then ends bit-identical to an uninterrupted run: the state carries the
-  scheme state and the key, and step ``s`` draws ``fold_in(key, s)``); a directory holding
+  newest intact one (the run then ends bit-identical to an uninterrupted run: the state carries
+  the scheme state and the key, and step ``s`` draws ``fold_in(key, s)``); a directory holding
   another experiment's checkpoints is refused before anything is written;
+* a checkpoint that fails its integrity check
+  (:class:`shufflesgd.nn.checkpoint.CorruptCheckpointError`) is skipped with a
+  :class:`CheckpointFallbackWarning` naming its step and why, and deleted; training resumes
+  from the newest intact one, or from scratch (saying so) when none is intact, and the
+  metrics file keeps only the epochs up to the step resumed from;
 * after every epoch the state is checkpointed and one JSON line of metrics (the epoch's
   mean training metrics plus ``evaluate(state)``) is appended to ``metrics.jsonl``, so a
   killed run loses at most the epoch in progress;
@@ -18,14 +23,17 @@ from __future__ import annotations
 
 import csv
 import datetime
+import difflib
 import json
 import math
 import pathlib
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 from tqdm.auto import tqdm
 
@@ -70,14 +78,58 @@ def save_figure(fig: Any, path: pathlib.Path, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def finish(folder: pathlib.Path, table: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def finish(
+    folder: pathlib.Path,
+    table: str,
+    metrics: dict[str, Any],
+    draw: Callable[[pathlib.Path], None] | None = None,
+) -> dict[str, Any]:
     """Write a study's ``metrics.json`` and ``table.txt``, print the table and the results
-    folder; return the metrics with the folder added."""
+    folder, then call ``draw(folder / "figure.png")``; return the metrics with the folder added.
+
+    The numbers are on disk before anything is drawn.  A figure that cannot be drawn is
+    not fatal: ``figure.png`` then shows the error, which is also printed and recorded as
+    ``metrics["figure_error"]``.
+    """
     write_json(folder / "metrics.json", metrics)
     (folder / "table.txt").write_text(table + "\n")
     print(table)
+    if draw is not None:
+        path = folder / "figure.png"
+        try:
+            draw(path)
+        except Exception as error:  # drawing must never lose a computed result
+            message = f"figure not drawn: {type(error).__name__}: {error}"
+            print(message, file=sys.stderr)
+            metrics = {**metrics, "figure_error": message}
+            write_json(folder / "metrics.json", metrics)
+            _error_figure(message, path)
     print(f"results: {folder}")
     return {**metrics, "folder": str(folder)}
+
+
+def _error_figure(message: str, path: pathlib.Path) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    fig = plt.figure(figsize=(6, 1.5))
+    fig.text(0.02, 0.5, message[:300], wrap=True, va="center", fontsize=8)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def finite_curve(
+    x: Any, y: Any, yerr: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """The points of a curve that a log-log plot can show (finite, ``y > 0``, finite error
+    bar), and how many were left out (diverged runs: mark them, e.g. in the legend)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y) & (y > 0)
+    if yerr is not None:
+        yerr = np.asarray(yerr, float)
+        keep &= np.isfinite(yerr)
+        yerr = yerr[keep]
+    return x[keep], y[keep], yerr, int(np.sum(~keep))
 
 
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
@@ -154,6 +206,10 @@ def sampler_options(name: str, config: ConfigDict) -> dict[str, Any]:
     return {}
 
 
+class CheckpointFallbackWarning(UserWarning):
+    """:func:`train_resumable` skipped a corrupt checkpoint (or found none intact)."""
+
+
 def train_resumable(
     trainer: training.Trainer,
     state: training.TrainState,
@@ -180,8 +236,7 @@ def train_resumable(
     with checkpoint.Checkpointer(
         checkpoint_dir, experiment, max_to_keep=max_to_keep
     ) as checkpointer:
-        if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(state)
+        state = _restore_newest_intact(checkpointer, state)
         done = trainer.completed_epochs(state)
         records = _read_records(metrics_path, done)
         bar = tqdm(total=num_epochs, initial=done, desc=description, leave=False)
@@ -207,6 +262,39 @@ def train_resumable(
     return state, records
 
 
+def _restore_newest_intact(checkpointer: Any, state: training.TrainState) -> training.TrainState:
+    """``state`` restored from the newest intact checkpoint of ``checkpointer`` (``state`` itself
+    when there is none).
+
+    Each corrupt checkpoint newer than the one restored
+    (:class:`shufflesgd.nn.checkpoint.CorruptCheckpointError`) is reported by a warning naming
+    its step and the reason, then deleted, since the resumed run saves that step again; when
+    none is intact, a warning says the run starts from scratch.
+    """
+    from shufflesgd.nn import checkpoint
+
+    steps = checkpointer.all_steps()
+    for step in reversed(steps):
+        try:
+            return checkpointer.restore(state, step)
+        except checkpoint.CorruptCheckpointError as error:
+            warnings.warn(
+                f"skipping checkpoint step {step} in {checkpointer.directory}: {error.reason}; "
+                "deleting it and falling back to the previous one",
+                CheckpointFallbackWarning,
+                stacklevel=3,
+            )
+            checkpointer.delete(step)
+    if steps:
+        warnings.warn(
+            f"no intact checkpoint in {checkpointer.directory} (corrupt steps {steps} skipped): "
+            "training starts from scratch",
+            CheckpointFallbackWarning,
+            stacklevel=3,
+        )
+    return state
+
+
 def _read_records(path: pathlib.Path, epochs: int) -> list[dict[str, Any]]:
     """The first ``epochs`` records of ``path`` (a resumed run keeps those and rewrites the
     rest)."""
@@ -217,20 +305,129 @@ def _read_records(path: pathlib.Path, epochs: int) -> list[dict[str, Any]]:
     return records
 
 
-def main(run: Callable[[ConfigDict], Any]) -> None:
-    """Command-line entry of an experiment: ``--config configs/<name>.py[:variant]`` plus
-    ``--config.<field>=<value>`` overrides, then ``run(config)``.
+class ConfigError(ValueError):
+    """A command line that names no config file, an unknown field or a value that does not
+    parse; its message is one line naming the flag or field."""
 
-    The flag is defined here, when the script runs, not at import, so that tests and
-    notebooks can import several experiment modules into one process.
+
+_PREFIX = "--config."
+
+
+def _flat_fields(config: ConfigDict, prefix: str = "") -> list[str]:
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if isinstance(value, ConfigDict):
+            names.extend(_flat_fields(value, f"{prefix}{key}."))
+    return names
+
+
+def _has_field(config: ConfigDict, path: str) -> bool:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _one_line(error: BaseException, innermost: bool = True) -> str:
+    """An exception's message (its chain's innermost one by default) on one line."""
+    while innermost and (error.__cause__ is not None or error.__context__ is not None):
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    if "Traceback (most recent call last)" in text or "Attempted [" in text:
+        # the config loader's report: a flag name, a traceback or search list, the error last
+        head = text.split(": ", 1)[0] if text.startswith("flag --") else ""
+        text = ": ".join(filter(None, [head, text.splitlines()[-1].strip()]))
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr
+        text = text[1:-1]
+    return " ".join(text.replace("\\n", " ").split()) or type(error).__name__
+
+
+def load_config(argv: Sequence[str]) -> ConfigDict:
+    """The config of a command line ``prog --config <file>.py[:variant] [--config.<field>=<v>]``.
+
+    Sequence fields are tuples and take a Python literal (``--config.schemes='["a", "b"]'``
+    or ``'("a",)'``; a bare word is a one-element tuple).  Raises :class:`ConfigError` with one
+    line naming the flag or field (with the closest field names for a misspelling).
     """
-    config = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file")
+    argv = list(argv)
+    path = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if not path:
+        raise ConfigError("pass --config configs/<experiment>.py[:variant]")
+    base = _parse_flags([argv[0], f"--config={path}"])
+    known = _flat_fields(base)
+    for arg in argv[1:]:
+        if not arg.startswith(_PREFIX):
+            continue
+        field = arg[len(_PREFIX) :].split("=", 1)[0]
+        if not _has_field(base, field):
+            hint = difflib.get_close_matches(field, known, n=3)
+            raise ConfigError(
+                f"{path} has no field config.{field}"
+                + (f"; did you mean {', '.join('config.' + h for h in hint)}?" if hint else "")
+            )
+    return _parse_flags(argv)
 
-    def entry(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        if config.value is None:
-            raise app.UsageError("pass --config configs/<experiment>.py")
-        run(config.value)
 
-    app.run(entry)
+def _parse_flags(argv: list[str]) -> ConfigDict:
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file(
+        "config", None, "path to a configs/*.py file", flag_values=values, sys_argv=argv
+    )
+    try:
+        rest = values(argv)
+    except flags.Error as error:  # names the flag: "flag --config.x=v: <reason>"
+        raise ConfigError(_one_line(error, innermost=False)) from error
+    try:
+        config = holder.value
+        config.keys()  # a config file that failed to load raises here
+    except Exception as error:  # the loader reports the file's own error innermost
+        raise ConfigError(f"--config {argv[-1].split('=', 1)[-1]}: {_one_line(error)}") from error
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments: {rest[1:]}")
+    return config
+
+
+def main(
+    run: Callable[[ConfigDict], Any],
+    validate: Callable[[ConfigDict], None] | None = None,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Command-line entry of an experiment: ``--config configs/<name>.py[:variant]`` plus
+    ``--config.<field>=<value>`` overrides (any field; sequences as Python literals), then
+    ``run(config)``.
+
+    A command line that does not parse, names an unknown field, or sets a value that
+    ``validate`` rejects prints one line (``<prog>: error: ...``) and exits with status 2.
+    The flags live in a private ``FlagValues``, so that tests and notebooks can import
+    several experiment modules into one process.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    prog = pathlib.Path(argv[0]).stem if argv else "experiment"
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        module = sys.modules.get(getattr(run, "__module__", ""), None)
+        print((module.__doc__ or "") if module else "")
+        print(
+            "usage: python -m experiments.<name> --config configs/<name>.py[:variant] "
+            "[--config.<field>=<value> ...]"
+        )
+        return
+    try:
+        config = load_config(argv)
+        if validate is not None:
+            validate(config)
+    except (ValueError, TypeError) as error:
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+    def entry(_: list[str]) -> None:
+        run(config)
+
+    app.run(entry, argv=argv[:1])

@@ -539,9 +539,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
             metrics["compressors"][name] = entry
     table = format_table(metrics, config)
     write_csvs(metrics, folder)
-    draw(metrics, config, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, config, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

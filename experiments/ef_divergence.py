@@ -463,9 +463,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
             for t in range(0, config.num_steps + 1, stride)
         ],
     )
-    draw(metrics, curves, config, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, curves, config, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

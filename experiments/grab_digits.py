@@ -347,9 +347,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
             for name, values in per_scheme.items()
         },
     )
-    draw(metrics, config, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, config, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

@@ -336,10 +336,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
         ],
         rows,
     )
-    draw(per_combo, config, folder / "figure.png")
     print(f"all checks passed: {metrics['all_checks_passed']}")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(per_combo, config, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

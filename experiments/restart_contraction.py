@@ -183,8 +183,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         ["sampler", "budget", "nfe", "tv_mean", "tv_se"],
         [[r["sampler"], r["budget"], r["nfe"], r["tv_mean"], r["tv_se"]] for r in rows],
     )
-    draw(config, rows, floor, folder / "figure.png")
-    return common.finish(folder, table, results)
+    return common.finish(folder, table, results, lambda path: draw(config, rows, floor, path))
 
 
 def format_table(config: ConfigDict, rows: list[dict[str, Any]], floor: float) -> str:
@@ -229,4 +228,4 @@ def draw(config: ConfigDict, rows: list[dict[str, Any]], floor: float, path: Any
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

@@ -686,9 +686,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         ],
         mixture_rows(mixtures),
     )
-    draw(metrics, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

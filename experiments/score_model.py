@@ -1034,9 +1034,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
             ],
         )
     table = format_table(metrics, config)
-    draw(metrics, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

@@ -732,14 +732,13 @@ def run(config: ConfigDict) -> dict[str, Any]:
         ],
         rows,
     )
-    draw(metrics, config, folder / "figure.png")
     print(
         f"n = {problem.num_examples}, d = {problem.dim}, s^2 = {problem.noise_variance:.4f}, "
         f"L = {problem.lipschitz:.1f}, friction = {gamma:.2f}, batch = {config.batch_size}, "
         f"sweep {metrics['seconds']:.1f} s"
     )
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, config, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

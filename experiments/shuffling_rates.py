@@ -82,8 +82,7 @@ def build_problem(config: ConfigDict, n: int) -> problems.FiniteSum:
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
     common.check_choice("problem", config.problem, PROBLEMS)
-    for scheme in config.schemes:
-        common.check_choice("schemes", scheme, THEORY)
+    common.check_names("schemes", config.schemes, THEORY)
     common.check_positive_ints("epochs", list(config.epochs))
     common.check_positive_ints("n_values", list(config.n_values))
     for field in ("n", "dim", "num_seeds", "n_sweep_epochs", "batch_size"):
@@ -129,35 +128,62 @@ def summarise(values: np.ndarray) -> dict[str, list[float]]:
     return {"mean": mean.tolist(), "stderr": stderr.tolist()}
 
 
+def theory_note(problem: str) -> str | None:
+    """Why the theory columns are not this problem's rates (None on the piecewise quadratic)."""
+    if problem == "piecewise_quadratic":
+        return None
+    return (
+        f"* theory: exponents of the bounds attained on the piecewise quadratic, not on {problem}; "
+        "there RR is Θ(1/(nK)² + 1/(nK³)) (Safran & Shamir 2020), so its slopes may be steeper"
+    )
+
+
 def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
-    fig, (by_k, by_n) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Log-log curves of the finite, positive means; a scheme with diverged points is drawn
+    from the rest and marked in the legend (``metrics.json`` holds the counts)."""
+    from matplotlib import ticker
+
+    fig, (by_k, by_n) = plt.subplots(1, 2, figsize=(12, 5.6))
+    drawn = {by_k: 0, by_n: 0}  # finite points per axis: no log scale without any
     for scheme, result in metrics["schemes"].items():
-        by_k.errorbar(
-            config.epochs,
-            result["by_epochs"]["mean"],
-            yerr=result["by_epochs"]["stderr"],
-            marker="o",
-            ms=3,
-            label=f"{scheme} ({result['slope_epochs']:+.2f})",
-        )
-        by_n.errorbar(
-            config.n_values,
-            result["by_n"]["mean"],
-            yerr=result["by_n"]["stderr"],
-            marker="o",
-            ms=3,
-            label=f"{scheme} ({result['slope_n']:+.2f})",
-        )
-    for axis, xlabel, title in (
-        (by_k, "epochs K", f"n = {config.n}"),
-        (by_n, "components n", f"K = {config.n_sweep_epochs}"),
+        for axis, x, key, slope in (
+            (by_k, config.epochs, "by_epochs", result["slope_epochs"]),
+            (by_n, config.n_values, "by_n", result["slope_n"]),
+        ):
+            xs, ys, err, dropped = common.finite_curve(
+                x, result[key]["mean"], result[key]["stderr"]
+            )
+            label = f"{scheme} ({slope:+.2f})" if np.isfinite(slope) else f"{scheme} (no slope)"
+            if dropped:
+                label += f", diverged: {dropped} of {len(x)} points not shown"
+            if len(xs):
+                axis.errorbar(xs, ys, yerr=err, marker="o", ms=3, label=label)
+                drawn[axis] += len(xs)
+            else:
+                axis.plot([], [], marker="x", ls="", label=label)
+    for axis, x, xlabel, title in (
+        (by_k, config.epochs, "epochs K", f"n = {config.n}"),
+        (by_n, config.n_values, "components n", f"K = {config.n_sweep_epochs}"),
     ):
-        axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="f(x_K) - f*", title=title)
+        axis.set_xscale("log")
+        axis.set_xticks(list(x), [str(v) for v in x])  # one label per measured value
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
+        if drawn[axis]:
+            axis.set_yscale("log")
+        axis.set(xlabel=xlabel, ylabel="f(x_K) - f*", title=title)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(
+            fontsize=7,
+            title="scheme (raw fitted slope, no log correction)",
+            title_fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.14),
+            ncol=2,
+        )
+    diverged = sum(r["diverged_runs"] for r in metrics["schemes"].values())
     fig.suptitle(
         f"{config.problem}: step size c·log(nK)/(μnK), c = {config.step_size_c}, "
-        f"{config.num_seeds} seeds (legend: fitted slope)"
+        f"{config.num_seeds} seeds" + (f"; {diverged} runs diverged" if diverged else "")
     )
     common.save_figure(fig, path)
 
@@ -166,7 +192,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     def fmt(value: float | None) -> str:
         return "—" if value is None else f"{value:+.2f}"
 
-    header = ["scheme", "K slope", "/log^p", "theory", "n slope", "/log^p", "theory"]
+    note = theory_note(metrics["problem"])
+    theory = "theory*" if note else "theory"
+    header = ["scheme", "K slope", "/log^p", theory, "n slope", "/log^p", theory]
     lines = ["{:20s} {:>8s} {:>7s} {:>7s} {:>8s} {:>7s} {:>7s}".format(*header)]
     for scheme, r in metrics["schemes"].items():
         k_theory, n_theory = THEORY[scheme]
@@ -176,6 +204,8 @@ def format_table(metrics: dict[str, Any]) -> str:
             f"{r['slope_n']:+8.2f} {r['corrected_slope_n']:+7.2f} {fmt(n_theory):>7s}"
             + (f"   ({r['diverged_runs']} runs diverged)" if r["diverged_runs"] else "")
         )
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 
@@ -191,6 +221,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         "problem": config.problem,
         "mu": float(base.mu),
         "smoothness": float(base.smoothness),
+        "theory_problem": "piecewise_quadratic",  # the problem the THEORY exponents are for
         "schemes": {},
     }
     with tqdm(total=len(config.schemes) * (1 + len(n_values)), desc=NAME) as bar:
@@ -222,6 +253,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 "theory_epochs": THEORY[scheme][0],
                 "theory_n": THEORY[scheme][1],
             }
+    metrics["diverged_runs"] = sum(r["diverged_runs"] for r in metrics["schemes"].values())
     table = format_table(metrics)
     common.write_csv(
         folder / "slopes.csv",
@@ -247,9 +279,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
             for s, r in metrics["schemes"].items()
         ],
     )
-    draw(metrics, config, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, config, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

@@ -669,9 +669,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         ],
         rows,
     )
-    draw(metrics, pooled, laws, folder / "figure.png")
-    return common.finish(folder, table, metrics)
+    return common.finish(folder, table, metrics, lambda path: draw(metrics, pooled, laws, path))
 
 
 if __name__ == "__main__":
-    common.main(run)
+    common.main(run, validate)

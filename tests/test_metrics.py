@@ -43,3 +43,20 @@ def test_mode_weight_error_counts_the_most_responsible_component(x64):
     )
     points = jnp.asarray(np.repeat(np.asarray(law.means), [6, 3, 1], axis=0))  # 0.6 / 0.3 / 0.1
     assert float(metrics.mode_weight_error(points, law)) == pytest.approx(0.1, abs=1e-12)
+
+
+def test_gaussian_w2_closed_forms(x64):
+    """Squared W2: (m_p - m_q)^2 + (s_p - s_q)^2 in 1-D; with commuting covariances,
+    |m_p - m_q|^2 + sum (sqrt(a_i) - sqrt(b_i))^2 over the shared eigenvalues."""
+    w2 = metrics.gaussian_w2(
+        jnp.array([1.0]), jnp.array([[4.0]]), jnp.array([-0.5]), jnp.array([[0.25]])
+    )
+    np.testing.assert_allclose(w2, 1.5**2 + (2.0 - 0.5) ** 2, rtol=1e-12)
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
+    a, b = np.array([0.5, 2.0, 3.0]), np.array([1.0, 0.1, 3.0])
+    cov_p, cov_q = rotation @ np.diag(a) @ rotation.T, rotation @ np.diag(b) @ rotation.T
+    m_p, m_q = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, -1.0])
+    expected = np.sum((m_p - m_q) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    np.testing.assert_allclose(
+        metrics.gaussian_w2(*map(jnp.asarray, (m_p, cov_p, m_q, cov_q))), expected, rtol=1e-10
+    )

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from shufflesgd._checks import check_float_array, check_key
+
 PyTree = Any
 
 
@@ -66,6 +68,42 @@ class Compressor(NamedTuple):
         return self.variance is not None
 
 
+def checked_compressor(
+    name: str,
+    init: Callable[[jax.Array, Shape], PyTree],
+    step: Callable[[jax.Array, PyTree, jax.Array], tuple[PyTree, jax.Array]],
+    *,
+    contraction: Callable[[Shape], float] | None,
+    variance: Callable[[Shape], float] | None,
+    bits: Callable[[Shape], int],
+    check: Callable[[Shape], None],
+) -> Compressor:
+    """A :class:`Compressor` whose ``init`` and ``step`` check their arguments in Python
+    before anything is traced: ``key`` must be a PRNG key (``TypeError``), ``x`` a float array
+    (``TypeError``; an integer ``x`` would truncate a rescaled message such as Rand-k's
+    :math:`d/k`) that ``check`` accepts (``ValueError``, e.g. Top-k's ``k > d``)."""
+
+    def checked_init(key: jax.Array, shape: Shape) -> PyTree:
+        check_key("key", key)
+        return init(key, shape)
+
+    def checked_step(key: jax.Array, state: PyTree, x: jax.Array) -> tuple[PyTree, jax.Array]:
+        check_key("key", key)
+        check_float_array("x", x)
+        check(tuple(np.shape(x)))
+        return step(key, state, x)
+
+    return Compressor(
+        name,
+        checked_init,
+        checked_step,
+        contraction=contraction,
+        variance=variance,
+        bits=bits,
+        check=check,
+    )
+
+
 def _size(shape: Shape) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
@@ -96,7 +134,7 @@ def _stateless(
 
 def identity() -> Compressor:
     """No compression: :math:`\\alpha = 1`, :math:`\\omega = 0`, :math:`32d` bits."""
-    return Compressor(
+    return checked_compressor(
         "identity",
         _no_state,
         _stateless(lambda key, x: x),

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from shufflesgd._checks import check_int
+from shufflesgd._checks import check_int, check_key, check_like
 from shufflesgd.compression.error_feedback import ErrorFeedback
 from shufflesgd.drivers import (
     check_batch_size,
@@ -88,7 +88,8 @@ def make_distributed_run(
     epoch ``k`` the order drawn with ``fold_in(fold_in(order_key, i), k)``, so the randomness
     does not depend on how the loop is split.  The step size and ``hyper`` are
     traced arguments, so one compiled program serves a ``vmap`` over them; concrete values
-    are checked before anything runs (``drivers.check_learning_rate``, ``method.check``),
+    are checked before anything runs (``drivers.check_learning_rate``, ``method.check``, as
+    are ``key``, a PRNG key, and ``x0``, a float array shaped like ``problem.x_star``),
     traced ones are the caller's to check.
     """
     num_steps = check_int("num_steps", num_steps)
@@ -117,7 +118,12 @@ def make_distributed_run(
     n = problem.num_workers
 
     def run(key: jax.Array, x0: jax.Array, step_size: jax.Array, *hyper: Any) -> DistributedResult:
-        check_learning_rate(step_size)
+        check_key("key", key)
+        check_like("x0", x0, problem.x_star, "problem.x_star")
+        try:
+            check_learning_rate(step_size)
+        except ValueError as error:
+            raise ValueError(f"step_size is the run's learning rate: {error}") from None
         method.check(n, *hyper)
         init_key, order_key, step_key = jax.random.split(key, 3)
         state = method.init(init_key, x0, n, problem.worker_gradients(x0), *hyper)

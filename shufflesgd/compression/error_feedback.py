@@ -45,7 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shufflesgd._checks import check_int, is_concrete
+from shufflesgd._checks import (
+    check_float_array,
+    check_int,
+    check_key,
+    check_positive_finite,
+    is_concrete,
+)
 from shufflesgd.compression.base import (
     FLOAT_BITS,
     Compressor,
@@ -247,6 +253,33 @@ def _check_worker_grads(worker_grads: PyTree, x0: PyTree, num_workers: int, why:
         )
 
 
+def _check_init(key: Any, x0: PyTree) -> None:
+    """``TypeError`` unless ``key`` is a PRNG key and ``x0`` is floating."""
+    check_key("key", key)
+    check_float_array("x0", x0)
+
+
+def _check_step(key: Any, state: EFState, grads: PyTree, step_size: Any) -> None:
+    """Check a step's arguments in Python, before tracing: ``key`` a PRNG key, ``grads`` the
+    workers' float gradients stacked as ``[num_workers, *x.shape]`` per leaf of ``state.x``
+    (``num_workers`` read from the memory when the method keeps one), and a concrete
+    ``step_size`` positive and finite."""
+    check_key("key", key)
+    check_float_array("grads", grads)
+    leaves, treedef = jax.tree.flatten(state.x)
+    grad_leaves, grad_treedef = jax.tree.flatten(grads)
+    got = [tuple(np.shape(leaf)) for leaf in grad_leaves]
+    memory = jax.tree.leaves(state.memory)
+    n = np.shape(memory[0])[0] if memory else (got[0][0] if got and got[0] else None)
+    expected = [(n, *np.shape(leaf)) for leaf in leaves]
+    if grad_treedef != treedef or got != expected:
+        raise ValueError(
+            f"grads must be the workers' gradients stacked as [num_workers, *x.shape] per leaf "
+            f"of state.x (num_workers={n}): expected {expected}, got {got}"
+        )
+    check_positive_finite(step_size=step_size)
+
+
 def _uplink_bits(compressor: Compressor, x: PyTree, leafwise: bool) -> int:
     return tree_bits(compressor, x, leafwise)
 
@@ -297,6 +330,7 @@ def compressed_gd(compressor: Compressor, *, leafwise: bool = False) -> ErrorFee
     def init(
         key: jax.Array, x0: PyTree, num_workers: int, worker_grads: PyTree = None, *hyper: Any
     ) -> EFState:
+        _check_init(key, x0)
         check(num_workers, *hyper)
         states = _init_compressor_states(compressor, key, x0, num_workers, leafwise)
         return EFState(x0, None, None, None, states, None, jnp.zeros((), jnp.int32))
@@ -305,6 +339,7 @@ def compressed_gd(compressor: Compressor, *, leafwise: bool = False) -> ErrorFee
         key: jax.Array, state: EFState, grads: PyTree, step_size: jax.Array, *hyper: Any
     ) -> tuple[EFState, EFInfo]:
         _check_hyper_count("compressed_gd", (), hyper)
+        _check_step(key, state, grads, step_size)
         n = _num_workers(grads)
         states, messages = _compress_each(
             compressor, worker_keys(key, n), state.compressor_state, grads, leafwise
@@ -335,6 +370,7 @@ def ef14(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
     def init(
         key: jax.Array, x0: PyTree, num_workers: int, worker_grads: PyTree = None, *hyper: Any
     ) -> EFState:
+        _check_init(key, x0)
         check(num_workers, *hyper)
         states = _init_compressor_states(compressor, key, x0, num_workers, leafwise)
         return EFState(
@@ -351,6 +387,7 @@ def ef14(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
         key: jax.Array, state: EFState, grads: PyTree, step_size: jax.Array, *hyper: Any
     ) -> tuple[EFState, EFInfo]:
         _check_hyper_count("ef14", (), hyper)
+        _check_step(key, state, grads, step_size)
         n = _num_workers(grads)
         corrected = jax.tree.map(lambda g, e: step_size * g + e, grads, state.memory)
         states, messages = _compress_each(
@@ -405,6 +442,7 @@ def _ef21_family(
     def init(
         key: jax.Array, x0: PyTree, num_workers: int, worker_grads: PyTree = None, *values: Any
     ) -> EFState:
+        _check_init(key, x0)
         check_int("num_workers", num_workers)
         if values:
             check(num_workers, *values)
@@ -445,6 +483,7 @@ def _ef21_family(
         key: jax.Array, state: EFState, grads: PyTree, step_size: jax.Array, *values: Any
     ) -> tuple[EFState, EFInfo]:
         _check_hyper_count(name, hyper, values)
+        _check_step(key, state, grads, step_size)
         n = _num_workers(grads)
         uplink_key, participation_key, downlink_key = jax.random.split(key, 3)
         weights = jnp.asarray(values[0]) if weighted else None

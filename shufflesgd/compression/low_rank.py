@@ -24,6 +24,7 @@ from shufflesgd.compression.base import (
     _no_state,
     _size,
     _stateless,
+    checked_compressor,
 )
 
 PyTree = Any
@@ -66,7 +67,7 @@ def low_rank(rank: int) -> Compressor:
         u, sv, vt = jnp.linalg.svd(x.reshape(matrix_shape(x.shape)), full_matrices=False)
         return ((u[:, :r] * sv[:r]) @ vt[:r]).reshape(x.shape)
 
-    return Compressor(
+    return checked_compressor(
         f"low_rank_{r}",
         _no_state,
         _stateless(fn),
@@ -97,7 +98,7 @@ def power_sgd(rank: int) -> Compressor:
         q = m.T @ p
         return q, (p @ q.T).reshape(x.shape)
 
-    return Compressor(
+    return checked_compressor(
         f"power_sgd_{r}",
         init,
         step,

@@ -24,6 +24,7 @@ from shufflesgd.compression.base import (
     _no_state,
     _size,
     _stateless,
+    checked_compressor,
 )
 
 PyTree = Any
@@ -35,7 +36,7 @@ def sign() -> Compressor:
     Neither contractive nor unbiased (it forgets the scale): no :math:`\alpha` or
     :math:`\omega`; error feedback needs :func:`scaled_sign`.  Bits: :math:`d`.
     """
-    return Compressor(
+    return checked_compressor(
         "sign",
         _no_state,
         _stateless(lambda key, x: jnp.sign(x)),
@@ -59,7 +60,7 @@ def scaled_sign() -> Compressor:
     def fn(key: jax.Array, x: jax.Array) -> jax.Array:
         return jnp.sum(jnp.abs(x)) / x.size * jnp.sign(x)
 
-    return Compressor(
+    return checked_compressor(
         "scaled_sign",
         _no_state,
         _stateless(fn),
@@ -95,7 +96,7 @@ def qsgd(levels: int) -> Compressor:
         low = jnp.floor(scaled)
         return norm * jnp.sign(x) * _stochastic_round(key, scaled, low, low + 1.0) / s
 
-    return Compressor(
+    return checked_compressor(
         f"qsgd_{s}",
         _no_state,
         _stateless(fn),
@@ -121,7 +122,7 @@ def natural_compression() -> Compressor:
         low = jnp.where(magnitude > 0, jnp.ldexp(jnp.ones_like(x), exponent - 1), 0.0)
         return jnp.sign(x) * _stochastic_round(key, magnitude, low, 2 * low)
 
-    return Compressor(
+    return checked_compressor(
         "natural",
         _no_state,
         _stateless(fn),
@@ -156,7 +157,7 @@ def natural_dithering(levels: int) -> Compressor:
         d = _size(shape)
         return 1.0 / 8.0 + min(math.sqrt(d) / 2 ** (s - 1), d / 2 ** (2 * (s - 1)))
 
-    return Compressor(
+    return checked_compressor(
         f"natural_dithering_{s}",
         _no_state,
         _stateless(fn),

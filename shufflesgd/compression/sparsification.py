@@ -35,6 +35,7 @@ from shufflesgd.compression.base import (
     _no_state,
     _size,
     _stateless,
+    checked_compressor,
 )
 
 PyTree = Any
@@ -135,7 +136,7 @@ def top_k(k: int | None = None, *, fraction: float | None = None) -> Compressor:
         indices = top_k_indices(jnp.abs(x.reshape(-1)), count(x.shape))
         return _keep(x, indices)
 
-    return Compressor(
+    return checked_compressor(
         "top_k",
         _no_state,
         _stateless(fn),
@@ -167,7 +168,7 @@ def approx_top_k(
         )
         return _keep(x, indices)
 
-    return Compressor(
+    return checked_compressor(
         "approx_top_k",
         _no_state,
         _stateless(fn),
@@ -200,7 +201,7 @@ def rand_k(
         indices = top_k_indices(jax.lax.bitcast_convert_type(bits, jnp.float32), kept)
         return _keep(x, indices, d / kept if scaled else 1.0)
 
-    return Compressor(
+    return checked_compressor(
         "rand_k" if scaled else "rand_k_unscaled",
         _no_state,
         _stateless(fn),

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from shufflesgd._checks import check_finite, check_positive_finite, is_concrete
+
 Array = jax.Array
 
 
@@ -214,10 +216,25 @@ SDES: dict[str, type] = {"vp": VP, "subvp": SubVP, "ve": VE, "edm": EDM}
 
 
 def make_sde(name: str, **options: Any) -> SDE:
-    """The process called ``name`` (``vp``, ``subvp``, ``ve``, ``edm``) with ``options``."""
+    """The process called ``name`` (``vp``, ``subvp``, ``ve``, ``edm``) with ``options``.
+
+    ``ValueError`` naming the option unless :math:`\\beta_{min} < \\beta_{max}` and
+    :math:`\\sigma_{min} < \\sigma_{max}` are positive and finite and
+    :math:`0 \\le t_{min} < t_{max}` are finite.
+    """
     if name not in SDES:
         raise ValueError(f"sde must be one of {sorted(SDES)}, got {name!r}")
     sde = SDES[name](**options)
+    for low, high in (("beta_min", "beta_max"), ("sigma_min", "sigma_max")):
+        if hasattr(sde, low):
+            check_positive_finite(**{low: getattr(sde, low), high: getattr(sde, high)})
+            if is_concrete(getattr(sde, low)) and not getattr(sde, low) < getattr(sde, high):
+                raise ValueError(
+                    f"{low} must be below {high}, got {low}={getattr(sde, low)}, "
+                    f"{high}={getattr(sde, high)}"
+                )
+    check_finite("t_min", sde.t_min)
+    check_finite("t_max", sde.t_max)
     if not 0.0 <= sde.t_min < sde.t_max:
         raise ValueError(f"t_min must be below t_max, got t_min={sde.t_min}, t_max={sde.t_max}")
     return sde

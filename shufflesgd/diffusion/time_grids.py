@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shufflesgd._checks import check_int, check_positive
+from shufflesgd._checks import check_finite, check_int, check_positive
 from shufflesgd.diffusion.processes import EDM, SDE, VE, SubVP
 
 Array = jax.Array
@@ -55,12 +55,17 @@ def time_grid(
       mapped to t through the log-SNR; for VE and EDM :math:`\tilde\sigma = \sigma`.
 
     The grid is data: samplers take it as an array, so any other spacing works too.
+    ``ValueError`` naming the argument unless :math:`0 \le t_{min} < t_{max}` are finite.
     """
     if kind not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {kind!r}")
     num_steps = check_int("num_steps", num_steps)
     lo = float(sde.t_min if t_min is None else t_min)
     hi = float(sde.t_max if t_max is None else t_max)
+    check_finite("t_min", lo)
+    check_finite("t_max", hi)
+    if lo < 0.0:
+        raise ValueError(f"t_min must be non-negative, got t_min={lo}")
     if not lo < hi:
         raise ValueError(f"t_min must be below t_max, got t_min={lo}, t_max={hi}")
     check_positive("rho", rho)

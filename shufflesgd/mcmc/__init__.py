@@ -18,6 +18,7 @@ from shufflesgd.mcmc.base import (
     check_logdensity,
 )
 from shufflesgd.mcmc.chains import (
+    first_nonfinite_step,
     run_chain,
     run_minibatch_chain,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "check_logdensity",
     "conditional_measurement_score",
     "effective_sample_size",
+    "first_nonfinite_step",
     "follmer",
     "hmc",
     "importance_smoothed_score",

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from blackjax.optimizers.dual_averaging import DualAveragingState, dual_averaging
 
-from shufflesgd._checks import check_int, check_positive
+from shufflesgd._checks import check_int, check_key, check_positive
 from shufflesgd.drivers import scan_steps
 from shufflesgd.mcmc.base import SamplingAlgorithm
 
@@ -50,6 +50,7 @@ def adapt_step_size(
     :math:`\epsilon` towards the mean acceptance ``target`` :math:`\delta`, from
     :math:`\epsilon_0` = ``initial_step_size``; return the final chain state and the adapted
     step size :math:`\bar\epsilon` (see the module docstring)."""
+    check_key("key", key)
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must lie in (0, 1), got target={target}")
     num_steps = check_int("num_steps", num_steps)

@@ -42,9 +42,9 @@ from blackjax import diagnostics
 def _as_draws(name: str, chains: Any, min_draws: int) -> jax.Array:
     """``chains`` as a floating array ``[num_chains, num_draws, ...]``, checked by shape only."""
     x = jnp.asarray(chains)
-    if x.ndim < 2 or x.shape[1] < min_draws:
+    if x.ndim < 2 or x.shape[0] < 1 or x.shape[1] < min_draws:
         raise ValueError(
-            f"{name} must be shaped [num_chains, num_draws, ...] with "
+            f"{name} must be shaped [num_chains, num_draws, ...] with num_chains >= 1 and "
             f"num_draws >= {min_draws}, got shape {x.shape}"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):

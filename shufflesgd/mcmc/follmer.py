@@ -23,8 +23,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from shufflesgd._checks import check_int
-from shufflesgd.mcmc.base import LogDensity, SamplingAlgorithm, _info, check_logdensity
+from shufflesgd._checks import check_int, check_key
+from shufflesgd.mcmc.base import (
+    LogDensity,
+    SamplingAlgorithm,
+    _all_finite,
+    _info,
+    check_logdensity,
+)
 from shufflesgd.mcmc.smoothing import importance_smoothed_score
 
 
@@ -79,6 +85,7 @@ def follmer(logdensity_fn: LogDensity, num_steps: int, num_samples: int) -> Samp
         return FollmerState(position, position, jnp.zeros((), jnp.int32))
 
     def step(key: jax.Array, state: FollmerState):
+        check_key("key", key)
         score_key, noise_key = jax.random.split(key)
         h = 1.0 / num_steps
         t = state.count * h
@@ -93,6 +100,6 @@ def follmer(logdensity_fn: LogDensity, num_steps: int, num_samples: int) -> Samp
         live = state.count < num_steps
         count = state.count + live.astype(jnp.int32)
         new = FollmerState(jnp.where(live, moved, x), state.anchor, count)
-        return new, _info(1.0, True, 1)
+        return new, _info(1.0, True, 1, _all_finite(new.position))
 
     return SamplingAlgorithm(init, step)

@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from shufflesgd._checks import check_int, check_positive
+from shufflesgd._checks import check_int, check_key, check_positive
 from shufflesgd.mcmc.base import (
     GradientState,
     LogDensity,
     SamplingAlgorithm,
+    _all_finite,
     _info,
     _value_and_grad,
     check_logdensity,
@@ -52,6 +53,7 @@ def hmc(logdensity_fn: LogDensity, num_leapfrog: int) -> SamplingAlgorithm:
         return _value_and_grad(logdensity_fn, position)
 
     def step(key: jax.Array, state: GradientState, step_size: jax.Array, inverse_mass: Any = 1.0):
+        check_key("key", key)
         check_positive("step_size", step_size)
         check_positive("inverse_mass", inverse_mass)
         flat, unravel = ravel_pytree(state.position)
@@ -77,6 +79,6 @@ def hmc(logdensity_fn: LogDensity, num_leapfrog: int) -> SamplingAlgorithm:
         acceptance = jnp.exp(jnp.minimum(-energy_error, 0.0))
         accepted = jax.random.uniform(accept_key) < acceptance
         new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), proposal, state)
-        return new, _info(acceptance, accepted, num_leapfrog, energy_error)
+        return new, _info(acceptance, accepted, num_leapfrog, _all_finite(new), energy_error)
 
     return SamplingAlgorithm(init, step)

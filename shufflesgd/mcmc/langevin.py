@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from shufflesgd._checks import check_positive
+from shufflesgd._checks import check_key, check_positive
 from shufflesgd.mcmc.base import (
     GradientState,
     LogDensity,
     SamplingAlgorithm,
+    _all_finite,
     _axpy,
     _info,
     _normal_like,
@@ -53,9 +54,11 @@ def ula(logdensity_fn: LogDensity) -> SamplingAlgorithm:
         return _value_and_grad(logdensity_fn, position)
 
     def step(key: jax.Array, state: GradientState, step_size: jax.Array):
+        check_key("key", key)
         check_positive("step_size", step_size)
         proposal = _langevin_proposal(state, step_size, _normal_like(key, state.position))
-        return _value_and_grad(logdensity_fn, proposal), _info(1.0, True, 1)
+        new = _value_and_grad(logdensity_fn, proposal)
+        return new, _info(1.0, True, 1, _all_finite(new))
 
     return SamplingAlgorithm(init, step)
 
@@ -76,6 +79,7 @@ def mala(logdensity_fn: LogDensity) -> SamplingAlgorithm:
         return _value_and_grad(logdensity_fn, position)
 
     def step(key: jax.Array, state: GradientState, step_size: jax.Array):
+        check_key("key", key)
         check_positive("step_size", step_size)
         noise_key, accept_key = jax.random.split(key)
         noise = _normal_like(noise_key, state.position)
@@ -90,6 +94,6 @@ def mala(logdensity_fn: LogDensity) -> SamplingAlgorithm:
         acceptance = jnp.exp(jnp.minimum(log_ratio, 0.0))
         accepted = jnp.log(jax.random.uniform(accept_key)) < log_ratio
         new = jax.tree.map(lambda p, s: jnp.where(accepted, p, s), proposal, state)
-        return new, _info(acceptance, accepted, 1)
+        return new, _info(acceptance, accepted, 1, _all_finite(new))
 
     return SamplingAlgorithm(init, step)

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from shufflesgd._checks import check_positive
-from shufflesgd.mcmc.base import SamplingAlgorithm, _axpy, _info, _normal_like
+from shufflesgd._checks import check_float_array, check_key, check_positive
+from shufflesgd.mcmc.base import SamplingAlgorithm, _all_finite, _axpy, _info, _normal_like
 from shufflesgd.mcmc.integrators import baoab
 
 PyTree = Any
@@ -54,14 +54,16 @@ def sgld(grad_estimator: GradientEstimator) -> SamplingAlgorithm:
     ``step(key, state, batch_indices, step_size)``; one gradient a step."""
 
     def init(position: PyTree) -> SGState:
+        check_float_array("position", position)
         return SGState(position, None)
 
     def step(key: jax.Array, state: SGState, batch: jax.Array, step_size: jax.Array):
+        check_key("key", key)
         check_positive("step_size", step_size)
         grad = grad_estimator(state.position, batch)
         drift = _axpy(step_size, grad, state.position)
         position = _axpy(jnp.sqrt(2.0 * step_size), _normal_like(key, state.position), drift)
-        return SGState(position, None), _info(1.0, True, 1)
+        return SGState(position, None), _info(1.0, True, 1, _all_finite(position))
 
     return SamplingAlgorithm(init, step)
 
@@ -84,11 +86,13 @@ def sghmc(grad_estimator: GradientEstimator, integrator: str = "euler") -> Sampl
         raise ValueError(f"integrator must be one of {list(SGHMC_INTEGRATORS)}, got {integrator!r}")
 
     def init(position: PyTree) -> SGState:
+        check_float_array("position", position)
         return SGState(position, optax.tree.zeros_like(position))
 
     def step(
         key: jax.Array, state: SGState, batch: jax.Array, step_size: jax.Array, friction: jax.Array
     ):
+        check_key("key", key)
         check_positive("step_size", step_size)
         check_positive("friction", friction)
         x, v = state
@@ -105,8 +109,10 @@ def sghmc(grad_estimator: GradientEstimator, integrator: str = "euler") -> Sampl
                 grad_estimator(x, batch),
                 z,
             )
-            return SGState(_axpy(step_size, v, x), v), _info(1.0, True, 1)
+            new = SGState(_axpy(step_size, v, x), v)
+            return new, _info(1.0, True, 1, _all_finite(new))
         force = lambda position: grad_estimator(position, batch)  # noqa: E731
-        return SGState(*baoab(force, force, x, v, z, step_size, friction)), _info(1.0, True, 2)
+        new = SGState(*baoab(force, force, x, v, z, step_size, friction))
+        return new, _info(1.0, True, 2, _all_finite(new))
 
     return SamplingAlgorithm(init, step)

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from shufflesgd._checks import check_int, check_positive
-from shufflesgd.mcmc.base import SamplingAlgorithm, _info
+from shufflesgd._checks import check_float_array, check_int, check_key, check_positive
+from shufflesgd.mcmc.base import SamplingAlgorithm, _all_finite, _info
 from shufflesgd.mcmc.integrators import baoab
 from shufflesgd.mcmc.smoothing import SmoothedScore, tweedie_denoiser
 
@@ -63,16 +63,19 @@ def walk_jump(smoothed_score: SmoothedScore) -> SamplingAlgorithm:
     """
 
     def init(position: jax.Array) -> WalkState:
+        check_float_array("position", position)
         return WalkState(jnp.asarray(position))
 
     def step(key: jax.Array, state: WalkState, step_size: jax.Array, sigma: jax.Array):
+        check_key("key", key)
         check_positive("step_size", step_size)
         check_positive("sigma", sigma)
         score_key, noise_key = jax.random.split(key)
         y = state.position
         drift = y + step_size * smoothed_score(score_key, y, sigma)
         noise = jax.random.normal(noise_key, y.shape, y.dtype)
-        return WalkState(drift + jnp.sqrt(2.0 * step_size) * noise), _info(1.0, True, 1)
+        new = WalkState(drift + jnp.sqrt(2.0 * step_size) * noise)
+        return new, _info(1.0, True, 1, _all_finite(new))
 
     return SamplingAlgorithm(init, step)
 
@@ -96,6 +99,7 @@ def underdamped_walk_jump(smoothed_score: SmoothedScore) -> SamplingAlgorithm:
     """
 
     def init(position: jax.Array) -> UnderdampedWalkState:
+        check_float_array("position", position)
         position = jnp.asarray(position)
         return UnderdampedWalkState(position, jnp.zeros_like(position))
 
@@ -106,6 +110,7 @@ def underdamped_walk_jump(smoothed_score: SmoothedScore) -> SamplingAlgorithm:
         sigma: jax.Array,
         friction: jax.Array,
     ):
+        check_key("key", key)
         check_positive("step_size", step_size)
         check_positive("sigma", sigma)
         check_positive("friction", friction)
@@ -121,20 +126,22 @@ def underdamped_walk_jump(smoothed_score: SmoothedScore) -> SamplingAlgorithm:
             step_size,
             friction,
         )
-        return UnderdampedWalkState(y, v), _info(1.0, True, 2)
+        return UnderdampedWalkState(y, v), _info(1.0, True, 2, _all_finite(y, v))
 
     return SamplingAlgorithm(init, step)
 
 
 def jump(
     smoothed_score: SmoothedScore,
-    key: jax.Array,
+    key: jax.Array | None,
     y: jax.Array,
     sigma: jax.Array,
 ) -> jax.Array:
     r"""The jump of walk–jump sampling: :func:`shufflesgd.mcmc.tweedie_denoiser` at ``y`` with
     the smoothed score, :math:`\hat x(y) = y + \sigma^2\nabla\log p_\sigma(y)` (vmap it over
     the walk)."""
+    if key is not None:  # an exact smoothed score needs no key
+        check_key("key", key)
     check_positive("sigma", sigma)
     return tweedie_denoiser(y, smoothed_score(key, y, sigma), sigma)
 
@@ -217,11 +224,13 @@ def chain_of_log_concave_chains(
     check_int("steps_per_measurement", steps_per_measurement)
 
     def init(position: jax.Array) -> MultiMeasurementState:
+        check_float_array("position", position)
         position = jnp.asarray(position)
         zero = jnp.zeros((), jnp.int32)
         return MultiMeasurementState(position, jnp.zeros_like(position), zero, zero)
 
     def step(key: jax.Array, state: MultiMeasurementState, step_size: jax.Array, sigma: jax.Array):
+        check_key("key", key)
         check_positive("step_size", step_size)
         check_positive("sigma", sigma)
         score_key, noise_key = jax.random.split(key)
@@ -236,14 +245,14 @@ def chain_of_log_concave_chains(
             k + done.astype(jnp.int32),
             jnp.where(done, 0, state.stage_step + 1),
         )
-        return new, _info(1.0, True, 1)
+        return new, _info(1.0, True, 1, _all_finite(new.position, new.measurement_sum))
 
     return SamplingAlgorithm(init, step)
 
 
 def multimeasurement_jump(
     smoothed_score: SmoothedScore,
-    key: jax.Array,
+    key: jax.Array | None,
     state: MultiMeasurementState,
     sigma: jax.Array,
 ) -> jax.Array:
@@ -251,6 +260,8 @@ def multimeasurement_jump(
     formula at noise :math:`\sigma/\sqrt k`): :math:`E[x \mid y_{1:k}] = \bar y +
     \frac{\sigma^2}{k}\nabla\log p_{\sigma/\sqrt k}(\bar y)`, :math:`\bar y` their mean.
     With no accepted measurement (:math:`k = 0`) the result is NaN."""
+    if key is not None:  # an exact smoothed score needs no key
+        check_key("key", key)
     check_positive("sigma", sigma)
     count = state.num_measurements.astype(state.position.dtype)
     mean = state.measurement_sum / count

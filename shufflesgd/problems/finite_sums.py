@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from shufflesgd._checks import check_finite
 from shufflesgd.problems._casting import default_float
 
 PyTree = Any
@@ -73,10 +74,17 @@ class FiniteSum:
 def _check_design(features: np.ndarray, targets: np.ndarray, l2: float, name: str) -> None:
     if features.ndim != 2:
         raise ValueError(f"features must be a matrix [n, d], got shape {features.shape}")
+    if features.size == 0:
+        raise ValueError(
+            f"features must hold at least one example and one feature, got shape {features.shape}"
+        )
     if targets.shape != (features.shape[0],):
         raise ValueError(
             f"{name} must have shape ({features.shape[0]},) to match features, got {targets.shape}"
         )
+    check_finite("features", features)
+    check_finite(name, targets)
+    check_finite("l2", l2)
     if l2 < 0:
         raise ValueError(f"l2 must be non-negative, got l2={l2}")
 

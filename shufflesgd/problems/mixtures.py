@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from shufflesgd._checks import check_finite
 from shufflesgd.problems._casting import default_float
 
 PyTree = Any
@@ -185,13 +186,15 @@ def gaussian_mixture(weights: Any, means: Any, covariances: Any) -> GaussianMixt
     w = np.asarray(weights, np.float64)
     mu = np.asarray(means, np.float64)
     cov = np.asarray(covariances, np.float64)
-    if mu.ndim != 2:
-        raise ValueError(f"means must have shape [K, d], got {mu.shape}")
+    if mu.ndim != 2 or mu.size == 0:
+        raise ValueError(f"means must have shape [K, d] with K, d >= 1, got {mu.shape}")
+    check_finite("means", mu)
     k, d = mu.shape
-    if w.shape != (k,) or np.any(w <= 0):
-        raise ValueError(f"weights must be {k} positive numbers, got {w}")
+    if w.shape != (k,) or not np.all(np.isfinite(w) & (w > 0)):
+        raise ValueError(f"weights must be {k} positive finite numbers, got weights={w}")
     if cov.shape != (k, d, d):
         raise ValueError(f"covariances must have shape {(k, d, d)}, got {cov.shape}")
+    check_finite("covariances", cov)
     if not np.allclose(cov, np.swapaxes(cov, 1, 2)) or np.any(np.linalg.eigvalsh(cov) <= 0):
         raise ValueError("covariances must be symmetric positive definite")
     return GaussianMixture(

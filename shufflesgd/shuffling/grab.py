@@ -32,6 +32,7 @@ from shufflesgd.shuffling.schemes import (
     ShufflingScheme,
     _check_num_examples,
     _permutation,
+    checked_scheme,
 )
 
 PyTree = Any
@@ -163,7 +164,7 @@ def grab_mean_balance(n: int) -> ShufflingScheme:
             epoch_sum=optax.tree.add(state.epoch_sum, grad),
         )
 
-    return ShufflingScheme(init, step, observe, n, n, True)
+    return checked_scheme(init, step, observe, n, n, True)
 
 
 def grab_pair_balance(n: int) -> ShufflingScheme:
@@ -229,4 +230,4 @@ def grab_pair_balance(n: int) -> ShufflingScheme:
             has_pending=~closes,
         )
 
-    return ShufflingScheme(init, step, observe, n, n, True)
+    return checked_scheme(init, step, observe, n, n, True)

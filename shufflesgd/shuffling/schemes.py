@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from shufflesgd._checks import check_key
+
 PyTree = Any
 
 
@@ -57,6 +59,31 @@ class ShufflingScheme(NamedTuple):
     num_examples: int
     epoch_length: int
     uses_gradients: bool
+
+
+def checked_scheme(
+    init: Callable[[jax.Array, PyTree], PyTree],
+    step: Callable[[jax.Array, PyTree], tuple[PyTree, jax.Array]],
+    observe: Callable[[PyTree, jax.Array, PyTree], PyTree],
+    num_examples: int,
+    epoch_length: int,
+    uses_gradients: bool,
+) -> ShufflingScheme:
+    """A :class:`ShufflingScheme` whose ``init`` and ``step`` check in Python, before
+    tracing, that their ``key`` is a PRNG key (``TypeError`` naming ``key``; a traced key of
+    the right kind passes)."""
+
+    def checked_init(key: jax.Array, params: PyTree = None) -> PyTree:
+        check_key("key", key)
+        return init(key, params)
+
+    def checked_step(key: jax.Array, state: PyTree) -> tuple[PyTree, jax.Array]:
+        check_key("key", key)
+        return step(key, state)
+
+    return ShufflingScheme(
+        checked_init, checked_step, observe, num_examples, epoch_length, uses_gradients
+    )
 
 
 class EpochState(NamedTuple):
@@ -109,7 +136,7 @@ def _epoch_key_scheme(n: int, order_fn: Callable[[jax.Array], jax.Array]) -> Shu
     def step(key: jax.Array, state: EpochState) -> tuple[EpochState, jax.Array]:
         return EpochState(epoch=state.epoch + 1), order_fn(key).astype(jnp.int32)
 
-    return ShufflingScheme(init, step, _ignore_gradient, n, n, False)
+    return checked_scheme(init, step, _ignore_gradient, n, n, False)
 
 
 def _keyed_epoch_scheme(
@@ -126,7 +153,7 @@ def _keyed_epoch_scheme(
         order = order_fn(state.key, state.epoch).astype(jnp.int32)
         return state._replace(epoch=state.epoch + 1), order
 
-    return ShufflingScheme(init, step, _ignore_gradient, n, epoch_length, False)
+    return checked_scheme(init, step, _ignore_gradient, n, epoch_length, False)
 
 
 def _permutation(key: jax.Array, k: jax.Array, n: int) -> jax.Array:
@@ -175,7 +202,7 @@ def single_shuffle(n: int) -> ShufflingScheme:
         del key
         return state._replace(epoch=state.epoch + 1), state.order
 
-    return ShufflingScheme(init, step, _ignore_gradient, n, n, False)
+    return checked_scheme(init, step, _ignore_gradient, n, n, False)
 
 
 def incremental(n: int) -> ShufflingScheme:

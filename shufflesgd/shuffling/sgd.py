@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from shufflesgd._checks import check_int
+from shufflesgd._checks import check_int, check_key, check_like
 from shufflesgd.drivers import check_batch_size, check_learning_rate, first_nonfinite, scan_epochs
 from shufflesgd.problems.finite_sums import FiniteSum
 from shufflesgd.shuffling.schemes import ShufflingScheme
@@ -68,7 +68,8 @@ def make_sgd_run(
     ``optimizer`` is any factory from a (traced) learning rate to an optax transform,
     e.g. ``optax.sgd``, ``optax.adam`` or ``lambda lr: optax.sgd(schedule(lr))``.
 
-    All arguments are validated here, before anything is traced; ``run`` checks a
+    All arguments are validated here, before anything is traced; ``run`` checks its
+    ``key`` (a PRNG key), ``x0`` (a float array shaped like ``problem.x_star``) and a
     concrete ``learning_rate`` (a traced one is the caller's to check, with
     :func:`shufflesgd.drivers.check_learning_rate`, before the sweep is compiled).
     """
@@ -93,6 +94,8 @@ def make_sgd_run(
         return jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), grads
 
     def run(key: jax.Array, x0: jax.Array, learning_rate: jax.Array) -> SGDResult:
+        check_key("key", key)
+        check_like("x0", x0, problem.x_star, "problem.x_star")
         check_learning_rate(learning_rate)
         opt = optimizer(learning_rate)
 

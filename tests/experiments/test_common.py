@@ -4,6 +4,7 @@ refused."""
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,64 @@ def test_another_experiments_directory_is_refused(tmp_path):
     run(tmp_path, "a", 1, experiment="first")
     with pytest.raises(ValueError, match="experiment"):
         run(tmp_path, "a", 2, experiment="second")
+
+
+# -------------------- train_resumable: a corrupt newest checkpoint falls back to an intact one
+
+
+def assert_same_state(a, b):
+    for x, y in zip(
+        jax.tree.leaves((jax.random.key_data(a.key), a.params, a.batch_stats, a.opt_state)),
+        jax.tree.leaves((jax.random.key_data(b.key), b.params, b.batch_stats, b.opt_state)),
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(a.step), np.asarray(b.step))
+
+
+def flip_a_data_file(step_dir):
+    path = max(
+        (p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_ends_bit_identical(tmp_path):
+    whole, whole_records = run(tmp_path, "whole", 3)
+    run(tmp_path, "split", 2)  # checkpoints at steps 3 and 6 (epochs 1 and 2), then "killed"
+    flip_a_data_file(tmp_path / "split_ckpt" / "6")
+    with pytest.warns(
+        common.CheckpointFallbackWarning,
+        match=rf"skipping checkpoint step 6 in {tmp_path}/split_ckpt: .*SHA-256",
+    ) as caught:
+        resumed, records = run(tmp_path, "split", 3)
+    fallbacks = [w for w in caught if issubclass(w.category, common.CheckpointFallbackWarning)]
+    assert len(fallbacks) == 1  # step 3 is intact: no "from scratch"
+    assert_same_state(resumed, whole)
+    assert records == whole_records
+    lines = (tmp_path / "split.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert saved_steps(tmp_path, "split") == [6, 9]
+    with checkpoint.Checkpointer(tmp_path / "split_ckpt", "demo") as checkpointer:
+        checkpointer.verify(6)  # the corrupt step was deleted and written again, intact
+
+
+def test_no_intact_checkpoint_starts_from_scratch_saying_so(tmp_path):
+    fresh, fresh_records = run(tmp_path, "fresh", 1)
+    run(tmp_path, "lost", 1)
+    (tmp_path / "lost_ckpt" / "3" / checkpoint.INTEGRITY_FILE).unlink()
+    with pytest.warns(common.CheckpointFallbackWarning) as caught:
+        again, records = run(tmp_path, "lost", 1)
+    messages = [
+        str(w.message) for w in caught if issubclass(w.category, common.CheckpointFallbackWarning)
+    ]
+    assert len(messages) == 2
+    assert re.search(
+        r"skipping checkpoint step 3 in .*lost_ckpt: .*integrity.json is missing", messages[0]
+    )
+    assert "no intact checkpoint" in messages[1] and "starts from scratch" in messages[1]
+    assert_same_state(again, fresh)
+    assert records == fresh_records
+    assert len((tmp_path / "lost.jsonl").read_text().splitlines()) == 1

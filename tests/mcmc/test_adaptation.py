@@ -31,6 +31,7 @@ def scripted_kernel(acceptance):
             jnp.asarray(True),
             jnp.asarray(0, jnp.int32),
             jnp.asarray(0.0),
+            jnp.asarray(True),
         )
         return Script(state.count + 1, state.step_sizes.at[state.count].set(step_size)), info
 

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflesgd import metrics, problems
-from shufflesgd.problems import mixtures
+from shufflesgd import problems
 
 
 def test_least_squares_optimum_matches_numpy_lstsq(x64):
@@ -88,86 +87,3 @@ def test_synthetic_instances_are_nested_in_n():
     f_big, y_big = problems.synthetic_classification(3, 25, 4)
     np.testing.assert_array_equal(f_small, f_big[:10])
     np.testing.assert_array_equal(y_small, y_big[:10])
-
-
-def test_eigenbasis_mixture_matches_the_diffused_mixture(x64):
-    law = problems.random_gaussian_mixture(0, 3, 5)
-    eigen = law.eigen()
-    xs = law.sample(jax.random.key(0), 5)
-    for alpha, sigma in ((1.0, 0.01), (0.3, 0.9), (1.0, 50.0)):
-        diffused = law.diffuse(jnp.asarray(alpha), jnp.asarray(sigma))
-        for x in xs:
-            np.testing.assert_allclose(
-                eigen.log_prob(x, alpha, sigma), diffused.log_prob(x), rtol=1e-11
-            )
-            np.testing.assert_allclose(
-                eigen.score(x, alpha, sigma), diffused.score(x), rtol=1e-9, atol=1e-12
-            )
-            np.testing.assert_allclose(
-                diffused.score(x), jax.grad(diffused.log_prob)(x), rtol=1e-9, atol=1e-12
-            )
-
-
-@pytest.mark.parametrize("num_components, dim", [(3, 2), (12, 2), (3, 10), (12, 10)])
-def test_mixture_density_score_and_responsibilities_match_scipy(num_components, dim, x64):
-    """Both sides of SHORT_AXIS (unrolled and XLA reductions over K and over d) against
-    scipy's multivariate normal densities, mixed in float64 NumPy; batched under vmap."""
-    stats = pytest.importorskip("scipy.stats")
-    law = problems.random_gaussian_mixture(1, num_components, dim)
-    diffused = law.diffuse(jnp.asarray(0.8), jnp.asarray(0.5))
-    xs = np.asarray(diffused.sample(jax.random.key(2), 7))
-    weights = np.exp(np.asarray(diffused.log_weights))
-    densities = np.stack(
-        [
-            stats.multivariate_normal(m, c).pdf(xs)
-            for m, c in zip(np.asarray(diffused.means), np.asarray(diffused.covariances))
-        ],
-        axis=-1,
-    )
-    mixed = densities @ weights
-    responsibilities = weights * densities / mixed[:, None]
-    precision_offsets = np.einsum(
-        "kij,nkj->nki",
-        np.linalg.inv(np.asarray(diffused.covariances)),
-        xs[:, None] - np.asarray(diffused.means),
-    )
-    scores = -np.einsum("nk,nki->ni", responsibilities, precision_offsets)
-    np.testing.assert_allclose(jax.vmap(diffused.log_prob)(xs), np.log(mixed), rtol=1e-10)
-    np.testing.assert_allclose(
-        jax.vmap(diffused.responsibilities)(xs), responsibilities, rtol=1e-8, atol=1e-14
-    )
-    np.testing.assert_allclose(jax.vmap(diffused.score)(xs), scores, rtol=1e-8, atol=1e-10)
-    eigen_scores = jax.vmap(lambda x: law.eigen().score(x, 0.8, 0.5))(xs)
-    np.testing.assert_allclose(eigen_scores, scores, rtol=1e-8, atol=1e-10)
-
-
-@pytest.mark.parametrize("length", [1, 3, problems.SHORT_AXIS, problems.SHORT_AXIS + 1])
-def test_short_axis_reductions_equal_xla_reductions_with_their_gradients(length, x64):
-    logits = 300.0 * jax.random.normal(
-        jax.random.key(length), (5, length)
-    )  # exp overflows unshifted
-    np.testing.assert_allclose(mixtures._sum(logits, -1), jnp.sum(logits, -1), rtol=1e-12)
-    np.testing.assert_allclose(mixtures._sum(logits, 0), jnp.sum(logits, 0), rtol=1e-12)
-    np.testing.assert_array_equal(mixtures._fold(jnp.maximum, logits, -1), jnp.max(logits, -1))
-    log_normaliser, probs = mixtures._log_normaliser_and_probs(logits)
-    np.testing.assert_allclose(log_normaliser, jax.nn.logsumexp(logits, -1), rtol=1e-12)
-    np.testing.assert_allclose(probs, jax.nn.softmax(logits, -1), rtol=1e-10, atol=1e-300)
-    gradient = jax.grad(lambda z: mixtures._log_normaliser_and_probs(z)[0].sum())(logits)
-    np.testing.assert_allclose(gradient, jax.nn.softmax(logits, -1), rtol=1e-10, atol=1e-300)
-
-
-def test_gaussian_w2_closed_forms(x64):
-    """Squared W2: (m_p - m_q)^2 + (s_p - s_q)^2 in 1-D; with commuting covariances,
-    |m_p - m_q|^2 + sum (sqrt(a_i) - sqrt(b_i))^2 over the shared eigenvalues."""
-    w2 = metrics.gaussian_w2(
-        jnp.array([1.0]), jnp.array([[4.0]]), jnp.array([-0.5]), jnp.array([[0.25]])
-    )
-    np.testing.assert_allclose(w2, 1.5**2 + (2.0 - 0.5) ** 2, rtol=1e-12)
-    rotation, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
-    a, b = np.array([0.5, 2.0, 3.0]), np.array([1.0, 0.1, 3.0])
-    cov_p, cov_q = rotation @ np.diag(a) @ rotation.T, rotation @ np.diag(b) @ rotation.T
-    m_p, m_q = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, -1.0])
-    expected = np.sum((m_p - m_q) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    np.testing.assert_allclose(
-        metrics.gaussian_w2(*map(jnp.asarray, (m_p, cov_p, m_q, cov_q))), expected, rtol=1e-10
-    )

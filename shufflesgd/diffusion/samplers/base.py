@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shufflesgd._checks import is_concrete
+from shufflesgd._checks import check_float_array, check_key, is_concrete
 from shufflesgd.diffusion.processes import MODEL_OUTPUTS, SDE, convert
 
 Array = jax.Array
@@ -166,11 +166,22 @@ def check_grid(grid: Any) -> None:
         raise ValueError(f"grid must end at a time >= 0, got {g[-1]}")
 
 
-def check_sampler_arguments(grid: Any, final: str) -> None:
-    """The checks every sampler makes before tracing: a concrete ``grid`` and ``final``."""
+_NO_KEY = object()
+
+
+def check_sampler_arguments(
+    grid: Any, final: str, *, x: Any = None, key: Any = _NO_KEY, noise: Any = None
+) -> None:
+    """The checks every sampler makes before tracing: a concrete ``grid`` and ``final``, a
+    float ``x`` (``TypeError``), and, for a sampler that draws from ``key`` (given, with no
+    ``noise`` to replace the draws), a PRNG ``key`` (``TypeError``)."""
     if is_concrete(grid):
         check_grid(grid)
     check_final(final)
+    if x is not None:
+        check_float_array("x", x)
+    if key is not _NO_KEY and noise is None:
+        check_key("key", key)
 
 
 def check_model_output(output: str) -> None:

@@ -77,7 +77,7 @@ def _dpm_solver_pp_multistep(
     final: str,
     consistent_third_order: bool = False,
 ) -> tuple[Array, SamplerInfo]:
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x)
     for name, flag in (
         ("lower_order_final", lower_order_final),
         ("thresholding", thresholding),

@@ -114,7 +114,7 @@ def edm_heun(
     the deterministic Heun sampler of Alg. 1), ``S_tmin=0``, ``S_tmax=inf``, ``S_noise=1``,
     ``final="denoise"`` (one more evaluation when the grid ends at :math:`\sigma > 0`, none at
     :math:`\sigma = 0`)."""
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x, key=key, noise=noise)
     for name, value, ok, rule in (
         ("S_churn", S_churn, lambda v: v >= 0, "must be >= 0"),
         ("S_noise", S_noise, lambda v: v > 0, "must be positive"),

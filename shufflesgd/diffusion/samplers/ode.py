@@ -63,7 +63,7 @@ def ddim(
     :math:`\lambda`), :math:`\eta = 1` the exact Gaussian posterior step (DDPM ancestral).
     ``eta`` may be traced.  One evaluation and one draw a step (the draw is scaled by 0 at
     :math:`\eta = 0`).  Defaults: ``eta=0``, ``final="denoise"`` (one more evaluation)."""
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x, key=key, noise=noise)
     if is_concrete(eta) and not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got eta={eta}")
 
@@ -98,7 +98,7 @@ def pf_ode_euler(
     2021, Sec. 4.3), one evaluation a step; global order 1.  Defaults: ``final="denoise"``
     (one more evaluation)."""
     del key, noise
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x)
 
     def step(x, i, t, t_next):
         return x + (t_next - t) * pf_ode_drift(model, sde, x, t)
@@ -121,7 +121,7 @@ def pf_ode_heun(
     2022, Alg. 1 without churn): two evaluations a step; global order 2.  Defaults:
     ``final="denoise"`` (one more evaluation)."""
     del key, noise
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x)
 
     def step(x, i, t, t_next):
         dt = t_next - t
@@ -166,7 +166,7 @@ def pf_ode_adaptive(
     import diffrax  # imported here: the other samplers do not need it
 
     del key, noise
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x)
     check_positive("rtol", rtol)
     check_positive("atol", atol)
     check_int("max_steps", max_steps)

@@ -72,7 +72,7 @@ def restart(
     step.  Defaults: ``restart_t_min=0.06``, ``restart_t_max=0.30`` (process times),
     ``restart_k=2``, ``restart_steps=4``, ``final="denoise"`` (one more evaluation when the grid
     ends at :math:`\sigma > 0`)."""
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x, key=key, noise=noise)
     check_int("restart_k", restart_k)
     check_int("restart_steps", restart_steps)
     interval_known = is_concrete(restart_t_min) and is_concrete(restart_t_max)

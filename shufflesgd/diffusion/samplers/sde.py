@@ -55,7 +55,7 @@ def euler_maruyama(
     :math:`x \leftarrow x + [f x - g^2 s]\Delta t + g\sqrt{|\Delta t|}\,z`, one evaluation and
     one draw a step.  Weak order 1.  Defaults: ``final="denoise"`` (one more evaluation: the
     model's :math:`x_0` at ``grid[-1]``)."""
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x, key=key, noise=noise)
 
     def step(x, i, t, t_next):
         drift = sde.reverse_drift(x, t, model.predict(sde, x, t, "score"))
@@ -90,7 +90,7 @@ def reverse_diffusion(
     :math:`G^2 = \sigma_t^2 - a^2\sigma_s^2`, and reverse it,
     :math:`x_s = x_t - (a-1)x_t + G^2 s(x_t, t) + G z`.  One evaluation and one draw a step.
     Defaults: ``final="denoise"`` (one more evaluation)."""
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x, key=key, noise=noise)
 
     def step(x, i, t, t_next):
         return _reverse_diffusion_step(model, sde, key, noise, x, i, t, t_next, 0)
@@ -146,7 +146,7 @@ def predictor_corrector(
     :math:`\|z\|/\|s\|` is unbounded where the score nearly vanishes (a mode's centre, a saddle
     between modes), so :math:`\epsilon(x)` can be huge there.  The step is not affine in the
     noise, so the output law is not Gaussian even on a Gaussian target."""
-    check_sampler_arguments(grid, final)
+    check_sampler_arguments(grid, final, x=x, key=key, noise=noise)
     check_positive("snr", snr)
     corrector_steps = check_int("corrector_steps", corrector_steps, minimum=0)
 
