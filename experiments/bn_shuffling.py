@@ -678,22 +678,40 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _draw_runs(axis: Any, rows: Any, color: str, name: str) -> None:
+    """One line per run, only its finite positive points; the first carries the label, with the
+    number of points left out over all the runs."""
+    curves = []
+    for row in rows:
+        row = np.asarray(row, float)
+        epochs, values, _, dropped = common.finite_curve(np.arange(1, len(row) + 1), row)
+        curves.append((epochs, values, dropped))
+    total = sum(c[2] for c in curves)
+    for s, (epochs, values, _) in enumerate(curves):
+        label = common.not_shown(name, total) if s == 0 else None
+        axis.plot(epochs, values, color=color, lw=0.8, label=label)
+
+
 def draw(curves: dict[str, Any], metrics: dict[str, Any], config: ConfigDict, path) -> None:
+    """Risk and distance curves, and the distortion against the learning rate, on log axes: only
+    finite, positive points are drawn; a curve with points left out (a diverged run) says how
+    many in its legend label."""
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
     colors = {"gd": "k", "single_shuffle": "tab:red", "random_reshuffle": "tab:blue"}
     reg, seeds = curves["regression"], config.num_seeds
     last = len(reg["rates"]) - 1  # smallest-rate runs are the last block (rate-major)
+    block = slice(last * seeds, (last + 1) * seeds)
     for name in SCHEMES:
-        for s in range(seeds):
-            row = last * seeds + s
-            label = name if s == 0 else None
-            epochs = np.arange(1, reg["risk"][name].shape[1] + 1)
-            axes[0].plot(epochs, reg["risk"][name][row], color=colors[name], lw=0.8, label=label)
-            axes[1].plot(
-                epochs, reg["to_gd_optimum"][name][row], color=colors[name], lw=0.8, label=label
-            )
-    axes[0].axhline(
-        metrics["regression"]["optimal_risk"]["gd"], color="0.5", ls=":", label="GD optimum"
+        _draw_runs(axes[0], np.asarray(reg["risk"][name], float)[block], colors[name], name)
+        _draw_runs(
+            axes[1], np.asarray(reg["to_gd_optimum"][name], float)[block], colors[name], name
+        )
+    common.log_level(
+        axes[0],
+        metrics["regression"]["optimal_risk"]["gd"],
+        color="0.5",
+        ls=":",
+        label="GD optimum",
     )
     axes[0].set(
         xscale="log",
@@ -718,14 +736,13 @@ def draw(curves: dict[str, Any], metrics: dict[str, Any], config: ConfigDict, pa
         ("ss_to_optimum", "tab:orange", "SS-SS*"),
         ("rr_to_optimum", "tab:cyan", "RR-RR*"),
     ):
-        axes[2].errorbar(
+        xs, ys, err, dropped = common.finite_curve(
             rates,
-            [p["mean"][key] for p in per_rate],
-            [p["std"][key] for p in per_rate],
-            color=color,
-            marker="o",
-            capsize=3,
-            label=label,
+            [np.nan if p["mean"][key] is None else p["mean"][key] for p in per_rate],
+            [np.nan if p["std"][key] is None else p["std"][key] for p in per_rate],
+        )
+        axes[2].errorbar(
+            xs, ys, err, color=color, marker="o", capsize=3, label=common.not_shown(label, dropped)
         )
     axes[2].set(
         xscale="log",
@@ -736,16 +753,13 @@ def draw(curves: dict[str, Any], metrics: dict[str, Any], config: ConfigDict, pa
     )
     cls = curves["classification"]
     for name in SCHEMES:
-        for s, row in enumerate(cls["risk"][name]):
-            axes[3].plot(
-                np.arange(1, len(row) + 1),
-                row,
-                color=colors[name],
-                lw=0.8,
-                label=name if s == 0 else None,
-            )
-    axes[3].axhline(
-        config.classification.divergence_loss, color="0.5", ls=":", label="divergence threshold"
+        _draw_runs(axes[3], cls["risk"][name], colors[name], name)
+    common.log_level(
+        axes[3],
+        config.classification.divergence_loss,
+        color="0.5",
+        ls=":",
+        label="divergence threshold",
     )
     axes[3].set(
         yscale="log", xlabel="epoch", ylabel="full-batch risk", title="classification: SS diverges"

@@ -132,6 +132,18 @@ def finite_curve(
     return x[keep], y[keep], yerr, int(np.sum(~keep))
 
 
+def not_shown(label: str, dropped: int) -> str:
+    """``label`` saying how many points of its curve were left out (diverged), when any were."""
+    return label + (f" ({dropped} diverged points not shown)" if dropped else "")
+
+
+def log_level(axis: Any, value: Any, **style: Any) -> None:
+    """A horizontal reference line on a log axis, drawn only when ``value`` is finite and
+    positive (``None`` counts as missing)."""
+    if value is not None and np.isfinite(value) and value > 0:
+        axis.axhline(value, **style)
+
+
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x`` (NaN if any ``y`` is not positive)."""
     x, y = np.asarray(x, float), np.asarray(y, float)

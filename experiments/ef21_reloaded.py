@@ -400,6 +400,8 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
 
 
 def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
+    """Curves on log axes: only finite, positive points are drawn; a curve with dropped
+    (diverged) points says how many in its legend label."""
     names = list(metrics["compressors"])
     spreads = [spread_key(s) for s in config.spreads]
     fig, axes = plt.subplots(
@@ -410,6 +412,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
         "ef21_am": dict(color="C0", ls="-", lw=2.5, alpha=0.6),
         "ef21_w": dict(color="C2", ls="--"),
     }
+    marked = set()  # panels with dropped points: they get a legend too
     for row, name in enumerate(names):
         for col, spread in enumerate(spreads):
             axis = axes[row, col]
@@ -419,7 +422,11 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
                 values = np.array(
                     [np.nan if v is None else v for v in curve["relative_grad_norm_sq"]]
                 )
-                axis.plot(curve["bits"], values, label=LABELS[method], **styles[method])
+                bits, values, _, dropped = common.finite_curve(curve["bits"], values)
+                label = common.not_shown(LABELS[method], dropped)
+                if dropped:
+                    marked.add(axis)
+                axis.plot(bits, values, label=label, **styles[method])
             axis.axhline(config.epsilon, color="gray", lw=0.8, ls=":")
             axis.set(
                 yscale="log",
@@ -427,7 +434,8 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
                 ylim=(config.epsilon * 1e-4, 10.0),
             )
             reached = [entry["methods"][m]["bits_to_epsilon"]["mean"] for m in METHODS]
-            if None not in reached:  # zoom on the part that decides the table
+            # zoom on the part that decides the table
+            if None not in reached and np.all(np.isfinite(reached)):
                 axis.set_xlim(0.0, 1.5 * max(reached))
             axis.title.set_fontsize(9)
             axis.grid(True, which="both", alpha=0.3)
@@ -435,7 +443,8 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
                 axis.set_xlabel("bits sent per worker")
             if col == 0:
                 axis.set_ylabel("||∇f(x_t)||² / ||∇f(x_0)||²")
-    axes[0, 0].legend(fontsize=7)
+    for axis in {axes[0, 0], *marked}:
+        axis.legend(fontsize=7)
     fig.suptitle(
         "EF21 step size with L_QM vs L_AM (Richtárik, Gasanov, Burlachenko 2024); dotted: ε",
         fontsize=10,

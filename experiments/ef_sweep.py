@@ -388,6 +388,8 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
 
 
 def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
+    """Curves and the bits-to-ε summary on log axes: only finite, positive points are drawn; a
+    curve with dropped (diverged or not reached) points says how many in its legend label."""
     names = list(metrics["compressors"])
     columns = min(3, len(names) + 1)
     rows = -(-(len(names) + 1) // columns)
@@ -396,6 +398,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
     for axis in axes[len(names) + 1 :]:
         axis.set_visible(False)
     colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(config.step_multipliers)))
+    marked = set()  # panels besides the first that need a legend to mark dropped points
     for axis, name in zip(axes, names):
         for color, (multiplier, row) in zip(
             colors, metrics["compressors"][name]["multipliers"].items()
@@ -403,10 +406,16 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
             curve = row["curve"]
             values = np.array([np.nan if v is None else v for v in curve["relative_grad_norm_sq"]])
             values[values > 1e6] = np.nan  # diverging: growth beyond the initial norm is not drawn
-            axis.plot(curve["bits"], values, color=color, label=f"×{multiplier}")
+            bits, values, _, dropped = common.finite_curve(curve["bits"], values)
+            label = common.not_shown(f"×{multiplier}", dropped)
+            axis.plot(bits, values, color=color, label=label)
+            if dropped and axis is not axes[0]:
+                marked.add(axis)
         axis.axhline(config.epsilon, color="gray", lw=0.8, ls=":")
         axis.set(yscale="log", xlabel="bits sent per worker", title=name)
         axis.grid(True, which="both", alpha=0.3)
+    for axis in marked:
+        axis.legend(fontsize=7, title="step ×", title_fontsize=7)
     for axis in axes[: len(names) : columns]:
         axis.set_ylabel("||∇f(x_t)||² / ||∇f(x_0)||²  (geo. mean)")
     axes[0].legend(fontsize=7, title="step ×", title_fontsize=7)
@@ -426,7 +435,12 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
                 for r in rows
             ]
         )
-        summary.errorbar(multipliers, means, yerr=errors, marker="o", ms=3, label=name)
+        xs, ys, err, dropped = common.finite_curve(multipliers, means, errors)
+        label = name + (f" ({dropped} points not shown)" if dropped else "")
+        if len(xs):
+            summary.errorbar(xs, ys, yerr=err, marker="o", ms=3, label=label)
+        else:
+            summary.plot([], [], marker="x", ls="", label=label)
     summary.set(
         xscale="log",
         yscale="log",

@@ -269,17 +269,26 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def draw(metrics: dict[str, Any], config: ConfigDict, path: pathlib.Path) -> None:
-    """Test accuracy and training loss against epochs, mean ± SE bands, one line per scheme."""
+    """Test accuracy and training loss against epochs, mean ± SE bands, one line per scheme.
+    Only finite points are drawn (and, for the log-scale loss, positive ones); a curve with
+    points left out (a diverged run) says how many in its legend label."""
     fig, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    epochs = np.arange(1, metrics["num_epochs"] + 1)
+    all_epochs = np.arange(1, metrics["num_epochs"] + 1)
     for scheme, result in metrics["schemes"].items():
         for axis, metric, scale in (
             (acc_axis, "test_accuracy", 100.0),
             (loss_axis, "train_loss", 1.0),
         ):
-            mean = scale * np.asarray(result[metric]["mean"])
-            stderr = scale * np.asarray(result[metric]["stderr"])
-            (line,) = axis.plot(epochs, mean, marker="o", ms=2.5, lw=1.2, label=scheme)
+            mean = scale * np.asarray(result[metric]["mean"], float)
+            stderr = scale * np.asarray(result[metric]["stderr"], float)
+            if metric == "train_loss":  # log axis: finite, positive points only
+                epochs, mean, stderr, dropped = common.finite_curve(all_epochs, mean, stderr)
+            else:
+                keep = np.isfinite(mean) & np.isfinite(stderr)
+                epochs, mean, stderr = all_epochs[keep], mean[keep], stderr[keep]
+                dropped = int(np.sum(~keep))
+            label = common.not_shown(scheme, dropped)
+            (line,) = axis.plot(epochs, mean, marker="o", ms=2.5, lw=1.2, label=label)
             axis.fill_between(
                 epochs, mean - stderr, mean + stderr, color=line.get_color(), alpha=0.25, lw=0
             )

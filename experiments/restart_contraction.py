@@ -203,18 +203,23 @@ def format_table(config: ConfigDict, rows: list[dict[str, Any]], floor: float) -
 
 
 def draw(config: ConfigDict, rows: list[dict[str, Any]], floor: float, path: Any) -> None:
+    """TV against NFE on log-log axes: only finite, positive points are drawn; a sampler with
+    dropped (diverged) points is marked in the legend (``metrics.json`` keeps every number)."""
     fig, axis = plt.subplots(figsize=(5.5, 4))
     for name in dict.fromkeys(r["sampler"] for r in rows):
         mine = [r for r in rows if r["sampler"] == name]
-        axis.errorbar(
+        nfe, tv, se, dropped = common.finite_curve(
             [r["nfe"] for r in mine],
-            [r["tv_mean"] for r in mine],
-            [r["tv_se"] for r in mine],
-            marker="o",
-            capsize=3,
-            label=name,
+            [np.nan if r["tv_mean"] is None else r["tv_mean"] for r in mine],
+            [np.nan if r["tv_se"] is None else r["tv_se"] for r in mine],
         )
-    axis.axhline(floor, color="0.5", ls=":", label="exact draws (floor)")
+        label = common.not_shown(name, dropped)
+        if len(nfe):
+            axis.errorbar(nfe, tv, se, marker="o", capsize=3, label=label)
+        else:
+            axis.plot([], [], marker="x", ls="", label=label)
+    if np.isfinite(floor) and floor > 0:
+        axis.axhline(floor, color="0.5", ls=":", label="exact draws (floor)")
     axis.set(
         xscale="log",
         yscale="log",

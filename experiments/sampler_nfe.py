@@ -566,6 +566,8 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def draw(metrics: dict[str, Any], path) -> None:
+    """Error against NFE: only finite points (and, on a log axis, positive ones) are drawn; a
+    sampler with dropped (diverged) points says how many in its legend label."""
     g = metrics["gaussian"]
     grids = list(next(iter(g["samplers"].values()))["grids"])
     problems_ = list(metrics["mixtures"])
@@ -577,10 +579,14 @@ def draw(metrics: dict[str, Any], path) -> None:
         axis = axes[0, j]
         for name, r in g["samplers"].items():
             v = r["grids"][grid]
-            pts = [(n, k) for n, k in zip(v["nfe"], v["kl"]) if n > 0 and np.isfinite(k)]
-            if pts:
-                axis.plot(*zip(*pts), marker="o", ms=3, label=f"{name} ({_fmt(v['order'], '.2f')})")
-        axis.axhline(g["floor_kl"], color="k", ls="--", lw=0.8, label="KL(prior || p_T)")
+            run = [(n, np.nan if k is None else k) for n, k in zip(v["nfe"], v["kl"]) if n > 0]
+            nfe, kl, _, dropped = common.finite_curve(*zip(*run)) if run else ([], [], None, 0)
+            label = common.not_shown(f"{name} ({_fmt(v['order'], '.2f')})", dropped)
+            if len(nfe):
+                axis.plot(nfe, kl, marker="o", ms=3, label=label)
+            elif dropped:
+                axis.plot([], [], marker="x", ls="", label=label)
+        common.log_level(axis, g["floor_kl"], color="k", ls="--", lw=0.8, label="KL(prior || p_T)")
         axis.set(
             xscale="log",
             yscale="log",
@@ -605,12 +611,22 @@ def draw(metrics: dict[str, Any], path) -> None:
                     for r in per_budget.values()
                     if r["nfe"]
                 ]
-                if pts:
-                    nfe, mean, se = zip(*pts)
-                    axis.errorbar(nfe, mean, yerr=se, marker="o", ms=3, capsize=2, label=name)
-            axis.axhline(
-                entry["exact"][metric]["mean"], color="k", ls="--", lw=0.8, label="exact (MC floor)"
-            )
+                if not pts:
+                    continue
+                nfe, mean, se = (np.asarray(c, float) for c in zip(*pts))  # None -> NaN
+                if metric == "sliced_w2":  # log axis
+                    nfe, mean, se, dropped = common.finite_curve(nfe, mean, se)
+                else:  # linear axis: MMD² (unbiased) may be negative
+                    keep = np.isfinite(nfe) & np.isfinite(mean) & np.isfinite(se)
+                    nfe, mean, se, dropped = nfe[keep], mean[keep], se[keep], int(np.sum(~keep))
+                label = common.not_shown(name, dropped)
+                if len(nfe):
+                    axis.errorbar(nfe, mean, yerr=se, marker="o", ms=3, capsize=2, label=label)
+                else:
+                    axis.plot([], [], marker="x", ls="", label=label)
+            exact = entry["exact"][metric]["mean"]
+            if exact is not None and np.isfinite(exact) and (metric != "sliced_w2" or exact > 0):
+                axis.axhline(exact, color="k", ls="--", lw=0.8, label="exact (MC floor)")
             axis.set(
                 xscale="log",
                 xlabel="NFE",

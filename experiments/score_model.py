@@ -889,16 +889,23 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
     return "\n".join(lines)
 
 
+def _none_to_nan(value: Any) -> float:
+    return np.nan if value is None else value
+
+
 def _sampler_curves(axis: Any, per_sampler: dict[str, Any], key: str, **style: Any) -> None:
+    """NFE against ``key``'s SW2, only its finite, positive points (a log-log panel); a curve
+    with points left out (a diverged sampler) says how many in its legend label."""
     for name, per in per_sampler.items():
         pts = [
-            (r["nfe"], r[key]["mean"], r[key]["se"]) for r in per.values() if r["nfe"] is not None
+            (r["nfe"], _none_to_nan(r[key]["mean"]), _none_to_nan(r[key]["se"]))
+            for r in per.values()
+            if r["nfe"] is not None
         ]
         if pts:
-            nfe, mean, se = zip(*sorted(pts))
-            axis.errorbar(
-                nfe, mean, yerr=se, marker="o", ms=3, capsize=2, label=f"{name} ({key})", **style
-            )
+            nfe, mean, se, dropped = common.finite_curve(*zip(*sorted(pts)))
+            label = common.not_shown(f"{name} ({key})", dropped)
+            axis.errorbar(nfe, mean, yerr=se, marker="o", ms=3, capsize=2, label=label, **style)
 
 
 def draw(metrics: dict[str, Any], path: pathlib.Path) -> None:
@@ -910,16 +917,23 @@ def draw(metrics: dict[str, Any], path: pathlib.Path) -> None:
         if panel == "likelihood":
             d = metrics["digits"]
             rows = d["likelihood"]
+            nfe, bits, se = (
+                np.array([_none_to_nan(r["nfe"]) for r in rows], float),
+                np.array([_none_to_nan(r["bits_per_dim"]["mean"]) for r in rows], float),
+                np.array([_none_to_nan(r["bits_per_dim"]["se"]) for r in rows], float),
+            )
+            keep = np.isfinite(nfe) & (nfe > 0) & np.isfinite(bits) & np.isfinite(se)
+            dropped = int(np.sum(~keep))
             axis.errorbar(
-                [r["nfe"] for r in rows],
-                [r["bits_per_dim"]["mean"] for r in rows],
-                yerr=[r["bits_per_dim"]["se"] for r in rows],
+                nfe[keep],
+                bits[keep],
+                yerr=se[keep],
                 marker="o",
-                label="PF-ODE",
+                label=common.not_shown("PF-ODE", dropped),
             )
-            axis.axhline(
-                d["gaussian_bits_per_dim"]["mean"], color="C1", ls="--", label="Gaussian fit"
-            )
+            gaussian = _none_to_nan(d["gaussian_bits_per_dim"]["mean"])
+            if np.isfinite(gaussian):
+                axis.axhline(gaussian, color="C1", ls="--", label="Gaussian fit")
             axis.axhline(d["uniform_bits_per_dim"], color="k", ls=":", label="uniform on 17 levels")
             axis.set(
                 xscale="log",
@@ -933,11 +947,11 @@ def draw(metrics: dict[str, Any], path: pathlib.Path) -> None:
             if panel == "mixture_2d":
                 axis.set_prop_cycle(None)
                 _sampler_curves(axis, m["samplers"], "exact", ls="--", alpha=0.6)
-            axis.axhline(m["floor"]["mean"], color="k", ls="--", lw=0.8, label="floor")
-            axis.axhline(m["prior"]["mean"], color="k", ls=":", lw=0.8, label="prior")
+            common.log_level(axis, m["floor"]["mean"], color="k", ls="--", lw=0.8, label="floor")
+            common.log_level(axis, m["prior"]["mean"], color="k", ls=":", lw=0.8, label="prior")
             if "gaussian" in m:
-                axis.axhline(
-                    m["gaussian"]["mean"], color="C1", ls="-.", lw=0.8, label="Gaussian fit"
+                common.log_level(
+                    axis, m["gaussian"]["mean"], color="C1", ls="-.", lw=0.8, label="Gaussian fit"
                 )
             axis.set(
                 xscale="log",

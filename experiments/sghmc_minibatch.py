@@ -570,49 +570,49 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _floats(points: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([np.nan if p[key] is None else p[key] for p in points], float)
+
+
 def draw(metrics: dict[str, Any], config: ConfigDict, path) -> None:
+    """Errors against the step size on log-log axes: only finite, positive points are drawn; a
+    curve with points left out (a diverged chain) says how many in its legend label."""
     kernels = tuple(config.kernels)
     fig, axes = plt.subplots(2, len(kernels), figsize=(5.2 * len(kernels), 8.4), squeeze=False)
     for col, kernel in enumerate(kernels):
         for row, field in enumerate(("second_moment_error", "minibatch_error")):
             axis = axes[row, col]
+            drawn = []  # finite, positive (step, value) points, to place the slope guides
             for scheme in config.schemes:
                 r = metrics["runs"][f"{kernel}/{scheme}"]
-                steps = np.array([p["step_size"] for p in r["points"]])
-                values = np.array([p[field] for p in r["points"]])
-                ses = np.array([p[field + "_se"] for p in r["points"]])
-                axis.errorbar(
-                    steps,
-                    values,
-                    yerr=ses,
-                    marker="o",
-                    ms=4,
-                    capsize=2,
-                    label=f"{scheme} (order {r['orders'][field]:.2f})",
+                steps, values, ses, dropped = common.finite_curve(
+                    _floats(r["points"], "step_size"),
+                    _floats(r["points"], field),
+                    _floats(r["points"], field + "_se"),
                 )
+                drawn.extend(zip(steps, values))
+                order = r["orders"][field]
+                label = f"{scheme} (order {np.nan if order is None else order:.2f})"
+                label = common.not_shown(label, dropped)
+                axis.errorbar(steps, values, yerr=ses, marker="o", ms=4, capsize=2, label=label)
                 if field == "second_moment_error" and "exact_with_replacement" in r["orders"]:
+                    exact_steps, exact, _, _ = common.finite_curve(
+                        _floats(r["points"], "step_size"),
+                        _floats(r["points"], "exact_with_replacement"),
+                    )
+                    axis.plot(exact_steps, exact, "k--", lw=0.8, label="with replacement, exact")
+            if drawn:
+                steps = np.unique([s for s, _ in drawn])
+                top = max(v for _, v in drawn)
+                for power, style in ((1, ":"), (2, "-.")):
                     axis.plot(
                         steps,
-                        [p["exact_with_replacement"] for p in r["points"]],
-                        "k--",
+                        top * (steps / steps.max()) ** power,
+                        "0.5",
+                        ls=style,
                         lw=0.8,
-                        label="with replacement, exact",
+                        label=f"slope {power}",
                     )
-            steps = np.array(
-                [p["step_size"] for p in metrics["runs"][f"{kernel}/{config.schemes[0]}"]["points"]]
-            )
-            top = max(
-                p[field] for s in config.schemes for p in metrics["runs"][f"{kernel}/{s}"]["points"]
-            )
-            for power, style in ((1, ":"), (2, "-.")):
-                axis.plot(
-                    steps,
-                    top * (steps / steps.max()) ** power,
-                    "0.5",
-                    ls=style,
-                    lw=0.8,
-                    label=f"slope {power}",
-                )
             axis.set(
                 xscale="log",
                 yscale="log",

@@ -1,6 +1,5 @@
 r"""Finite sums with known optima, for measuring rates as slopes of ``f(x_K) - f*``.
 
-
 A :class:`FiniteSum` is :math:`f(x) = \frac1n\sum_i f_i(x)` with ``f_i(x) =
 component_loss(x, example_i)``, its minimiser ``x_star``, value ``f_star``, strong
 convexity ``mu`` and component smoothness ``L = max_i L_i``.  The optimum is computed

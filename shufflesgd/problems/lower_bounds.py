@@ -1,12 +1,14 @@
-r"""Finite sums with known optima, for measuring rates as slopes of ``f(x_K) - f*``.
+r"""The instances on which shuffling schemes attain their worst-case rates.
 
+* :func:`safran_shamir_quadratic` -- the 2-D quadratics of Safran & Shamir (COLT 2020), Eq. (1)
+  (single shuffle, :math:`\Omega(1/(nk^2))`) and Eq. (2) (random reshuffling,
+  :math:`\Omega(1/(nk)^2 + 1/(nk^3))`);
+* :func:`piecewise_quadratic` -- the 1-D piecewise quadratic, curvature :math:`L` left of the
+  optimum and :math:`\mu` right of it, on which random reshuffling is stuck at
+  :math:`\Theta(1/(nK^2))` (Rajput et al. 2020; Cha, Lee, Yun 2023).
 
-A :class:`FiniteSum` is :math:`f(x) = \frac1n\sum_i f_i(x)` with ``f_i(x) =
-component_loss(x, example_i)``, its minimiser ``x_star``, value ``f_star``, strong
-convexity ``mu`` and component smoothness ``L = max_i L_i``.  The optimum is computed
-once, in float64 NumPy, when the problem is built (closed form for least squares and
-ridge, Newton's method to a gradient norm of 1e-12 for logistic regression), so that a
-float64 run can measure suboptimality down to ~1e-14.
+Both use balanced signs :math:`\sigma_i = \pm 1` with :math:`\sum_i\sigma_i = 0` and are
+:class:`~shufflesgd.problems.finite_sums.FiniteSum`\ s with their exact optimum.
 """
 
 from __future__ import annotations

@@ -1,0 +1,246 @@
+"""The draw functions of the log-scale studies draw only finite points: metrics holding NaN,
+inf or ``None`` (a diverged run) give a PNG, no exception, and a legend label that says how
+many points were left out."""
+
+import math
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from experiments import (
+    bn_shuffling,
+    common,
+    ef21_reloaded,
+    ef_sweep,
+    grab_digits,
+    restart_contraction,
+    sampler_nfe,
+    score_model,
+    sghmc_minibatch,
+)
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.fixture
+def legend_texts(monkeypatch):
+    """Every legend label of the figures saved through :func:`common.save_figure`."""
+    texts = []
+    save = common.save_figure
+
+    def capture(fig, path):
+        for axis in fig.axes:
+            legend = axis.get_legend()
+            if legend is not None:
+                texts.extend(t.get_text() for t in legend.get_texts())
+        save(fig, path)
+
+    monkeypatch.setattr(common, "save_figure", capture)
+    return texts
+
+
+def assert_drawn(path, texts, expected):
+    assert path.is_file() and path.stat().st_size > 0
+    assert any(expected in t for t in texts), texts
+
+
+def test_restart_contraction_draws_finite_points(tmp_path, legend_texts):
+    rows = [
+        dict(sampler="restart", nfe=8, tv_mean=0.2, tv_se=0.01),
+        dict(sampler="restart", nfe=16, tv_mean=NAN, tv_se=NAN),
+        dict(sampler="restart", nfe=32, tv_mean=INF, tv_se=0.0),
+        dict(sampler="euler", nfe=8, tv_mean=None, tv_se=None),
+    ]
+    path = tmp_path / "figure.png"
+    restart_contraction.draw(ConfigDict(dict(error_above=0.5)), rows, NAN, path)
+    assert_drawn(path, legend_texts, "restart (2 diverged points not shown)")
+    assert "euler (1 diverged points not shown)" in legend_texts
+
+
+def test_ef_sweep_draws_finite_points(tmp_path, legend_texts):
+    def row(values, mean, stderr):
+        return dict(
+            curve=dict(bits=[0.0, 10.0, 20.0, 30.0], relative_grad_norm_sq=values),
+            bits_to_epsilon=dict(mean=mean, stderr=stderr),
+        )
+
+    metrics = dict(
+        compressors=dict(
+            top_k=dict(multipliers={"1": row([1.0, 0.1, 0.01, 1e-3], 25.0, 1.0)}),
+            natural=dict(multipliers={"1": row([1.0, 10.0, INF, None], None, None)}),
+        )
+    )
+    config = ConfigDict(dict(step_multipliers=(1.0,), epsilon=1e-2, spread=10.0, num_seeds=2))
+    path = tmp_path / "figure.png"
+    ef_sweep.draw(metrics, config, path)
+    assert_drawn(path, legend_texts, "×1 (2 diverged points not shown)")
+    assert "natural (1 points not shown)" in legend_texts
+
+
+def test_ef21_reloaded_draws_finite_points(tmp_path, legend_texts):
+    def method(values, mean):
+        return dict(
+            curve=dict(bits=[0.0, 10.0, 20.0], relative_grad_norm_sq=values),
+            bits_to_epsilon=dict(mean=mean),
+        )
+
+    methods = dict(
+        ef21_qm=method([1.0, 0.1, 1e-3], 15.0),
+        ef21_am=method([1.0, NAN, INF], NAN),
+        ef21_w=method([1.0, None, 1e-3], 20.0),
+    )
+    metrics = dict(
+        compressors=dict(top_k=dict(spreads={"10": dict(qm_over_am=0.5, methods=methods)}))
+    )
+    config = ConfigDict(dict(spreads=(10.0,), epsilon=1e-2))
+    path = tmp_path / "figure.png"
+    ef21_reloaded.draw(metrics, config, path)
+    assert_drawn(path, legend_texts, "EF21 (L_AM) (2 diverged points not shown)")
+    assert "EF21-W (L_AM) (1 diverged points not shown)" in legend_texts
+
+
+def test_sampler_nfe_draws_finite_points(tmp_path, legend_texts):
+    def budget(nfe, value):
+        return {
+            m: dict(mean=value, se=0.01) for m in ("sliced_w2", "mmd2", "mode_weight_error")
+        } | {"nfe": nfe}
+
+    metrics = dict(
+        gaussian=dict(
+            sde="vp",
+            floor_kl=INF,
+            samplers=dict(
+                euler=dict(
+                    grids=dict(uniform=dict(nfe=[8, 16, 32], kl=[0.5, NAN, INF], order=NAN))
+                ),
+                heun=dict(
+                    grids=dict(uniform=dict(nfe=[8, 16, 32], kl=[0.5, 0.1, 0.01], order=2.0))
+                ),
+            ),
+        ),
+        mixtures=dict(
+            ring=dict(
+                dim=2,
+                samplers=dict(
+                    euler={"8": budget(8, 0.3), "16": budget(16, NAN), "32": budget(32, INF)}
+                ),
+                exact={m: dict(mean=NAN) for m in ("sliced_w2", "mmd2", "mode_weight_error")},
+            )
+        ),
+    )
+    path = tmp_path / "figure.png"
+    sampler_nfe.draw(metrics, path)
+    assert_drawn(path, legend_texts, "euler (—) (2 diverged points not shown)")
+    assert "euler (2 diverged points not shown)" in legend_texts
+
+
+def test_bn_shuffling_draws_finite_points(tmp_path, legend_texts):
+    schemes = bn_shuffling.SCHEMES
+    risk = {name: np.array([[1.0, 0.5, 0.2], [1.0, 0.4, 0.1]]) for name in schemes}
+    risk["single_shuffle"] = np.array([[1.0, 0.5, 0.2], [1.0, NAN, INF]])
+    curves = dict(
+        regression=dict(rates=[0.1, 0.01], risk=risk, to_gd_optimum=risk),
+        classification=dict(risk={name: [[0.6, 0.5, None], [0.6, -1.0, 0.4]] for name in schemes}),
+    )
+    keys = ("ss_gd", "rr_gd", "ss_rr", "ss_to_optimum", "rr_to_optimum")
+    metrics = dict(
+        regression=dict(
+            optimal_risk=dict(gd=NAN),
+            per_rate=[
+                dict(learning_rate=lr, mean={k: m for k in keys}, std={k: 0.01 for k in keys})
+                for lr, m in ((0.1, INF), (0.01, 0.05))
+            ],
+        )
+    )
+    config = ConfigDict(dict(num_seeds=1, classification=dict(divergence_loss=INF)))
+    path = tmp_path / "figure.png"
+    bn_shuffling.draw(curves, metrics, config, path)
+    assert_drawn(path, legend_texts, "single_shuffle (2 diverged points not shown)")
+    assert "SS-GD (1 diverged points not shown)" in legend_texts
+    assert "gd (2 diverged points not shown)" in legend_texts  # classification: None and < 0
+
+
+def test_grab_digits_draws_finite_points(tmp_path, legend_texts):
+    def scheme(loss):
+        return dict(
+            test_accuracy=dict(mean=[0.5, 0.7, 0.8], stderr=[0.01, 0.01, 0.01]),
+            train_loss=dict(mean=loss, stderr=[0.01, 0.01, 0.01]),
+        )
+
+    metrics = dict(
+        num_epochs=3,
+        schemes=dict(grab=scheme([1.0, 0.5, 0.2]), random_reshuffle=scheme([1.0, NAN, None])),
+    )
+    config = ConfigDict(
+        dict(hidden=(8,), batch_norm=False, learning_rate=0.1, batch_size=16, num_seeds=2)
+    )
+    path = tmp_path / "figure.png"
+    grab_digits.draw(metrics, config, path)
+    assert_drawn(path, legend_texts, "random_reshuffle (2 diverged points not shown)")
+    assert "grab" in legend_texts
+
+
+def test_score_model_draws_finite_points(tmp_path, legend_texts):
+    def budget(nfe, network, exact=0.1):
+        return dict(nfe=nfe, network=dict(mean=network, se=0.01), exact=dict(mean=exact, se=0.01))
+
+    samplers = dict(
+        euler={"8": budget(8, 0.3), "16": budget(16, NAN), "32": budget(32, INF, None)},
+        heun={"8": budget(8, 0.2), "16": budget(16, 0.1)},
+    )
+    metrics = dict(
+        mixture_2d=dict(samplers=samplers, floor=dict(mean=NAN), prior=dict(mean=1.0)),
+        digits=dict(
+            samplers=samplers,
+            floor=dict(mean=0.05),
+            prior=dict(mean=INF),
+            gaussian=dict(mean=None),
+            likelihood=[
+                dict(nfe=50, bits_per_dim=dict(mean=3.0, se=0.1)),
+                dict(nfe=100, bits_per_dim=dict(mean=NAN, se=NAN)),
+            ],
+            gaussian_bits_per_dim=dict(mean=INF),
+            uniform_bits_per_dim=math.log2(17),
+        ),
+    )
+    path = tmp_path / "figure.png"
+    score_model.draw(metrics, path)
+    assert_drawn(path, legend_texts, "euler (network) (2 diverged points not shown)")
+    assert "euler (exact) (1 diverged points not shown)" in legend_texts
+    assert "PF-ODE (1 diverged points not shown)" in legend_texts
+
+
+def test_sghmc_minibatch_draws_finite_points(tmp_path, legend_texts):
+    fields = ("second_moment_error", "minibatch_error")
+
+    def run(values, orders):
+        points = [
+            {"step_size": h, "exact_with_replacement": 0.1 * h}
+            | {f: v for f in fields}
+            | {f + "_se": 0.001 for f in fields}
+            for h, v in zip((0.01, 0.02, 0.04), values)
+        ]
+        return dict(points=points, orders=orders)
+
+    metrics = dict(
+        runs={
+            "sghmc/random_reshuffle": run(
+                [0.01, 0.02, 0.04], {f: 1.0 for f in fields} | {"exact_with_replacement": 1.0}
+            ),
+            "sghmc/with_replacement": run([0.01, NAN, None], {f: None for f in fields}),
+        }
+    )
+    config = ConfigDict(
+        dict(
+            kernels=("sghmc",),
+            schemes=("random_reshuffle", "with_replacement"),
+            batch_size=10,
+            num_chains=4,
+            sample_epochs=2,
+        )
+    )
+    path = tmp_path / "figure.png"
+    sghmc_minibatch.draw(metrics, config, path)
+    assert_drawn(path, legend_texts, "with_replacement (order nan) (2 diverged points not shown)")
+    assert "random_reshuffle (order 1.00)" in legend_texts
