@@ -9,28 +9,7 @@ import numpy as np
 import pytest
 
 from shufflesgd import compression
-
-D = 200
-
-
-def inputs(num=6, d=D, seed=0):
-    """Gaussian, heavy-tailed and sparse-ish vectors: the cases where bounds are tight or loose."""
-    rng = np.random.default_rng(seed)
-    xs = [
-        rng.standard_normal(d),
-        rng.standard_cauchy(d),
-        rng.standard_normal(d) * (rng.uniform(size=d) < 0.1),
-    ]
-    xs += [rng.standard_normal(d) * np.geomspace(1, 1e-3, d) for _ in range(num - 3)]
-    return [jnp.asarray(x, jnp.float32) for x in xs]
-
-
-def draws(compressor, x, num=4000, seed=1):
-    """``num`` independent compressions of ``x`` (vmapped over keys)."""
-    keys = jax.random.split(jax.random.key(seed), num)
-    state = compressor.init(jax.random.key(0), x.shape)
-    return jax.jit(jax.vmap(lambda k: compressor.step(k, state, x)[1]))(keys)
-
+from support.compressor_inputs import draws, inputs
 
 DETERMINISTIC_CONTRACTIVE = [
     compression.top_k(10),
@@ -47,33 +26,6 @@ def test_contraction_holds_on_every_input(compressor):
         alpha = compressor.contraction(x.shape)
         error = float(jnp.sum((compressor.step(jax.random.key(0), None, x)[1] - x) ** 2))
         assert error <= (1 - alpha) * float(x @ x) * (1 + 1e-5)
-
-
-def test_top_k_keeps_the_largest_and_alpha_is_tight_for_flat_vectors():
-    x = jnp.asarray(
-        np.random.default_rng(0).permutation(np.arange(1.0, 11.0)) * np.array([1, -1] * 5)
-    )
-    out = compression.top_k(3).step(jax.random.key(0), None, x)[1]
-    np.testing.assert_array_equal(np.sort(np.abs(out[out != 0])), [8.0, 9.0, 10.0])
-    ones = jnp.ones(D)  # all entries equal: top-k error is exactly (1 - k/d) ||x||^2
-    err = jnp.sum((compression.top_k(10).step(jax.random.key(0), None, ones)[1] - ones) ** 2)
-    np.testing.assert_allclose(err, (1 - 10 / D) * D, rtol=1e-6)
-
-
-def test_approx_top_k_equals_top_k_on_cpu():
-    for x in inputs():
-        np.testing.assert_array_equal(
-            compression.approx_top_k(15).step(jax.random.key(0), None, x)[1],
-            compression.top_k(15).step(jax.random.key(0), None, x)[1],
-        )
-
-
-def test_unscaled_rand_k_contracts_by_k_over_d_in_expectation():
-    x = inputs()[0]
-    samples = draws(compression.rand_k(20, scaled=False), x)
-    errors = np.asarray(jnp.sum((samples - x) ** 2, axis=1))
-    expected = (1 - 20 / D) * float(x @ x)  # exact in expectation
-    assert abs(errors.mean() - expected) < 4 * errors.std() / math.sqrt(len(errors))
 
 
 UNBIASED = [
@@ -101,62 +53,6 @@ def test_unbiased_with_variance_at_most_omega(compressor):
             errors.mean()
             <= omega * float(target @ target) * (1 + 1e-4) + 4 * errors.std() / math.sqrt(n) + 1e-9
         )
-
-
-def test_scaled_rand_k_variance_is_exactly_omega():
-    x = inputs()[0]
-    errors = np.asarray(jnp.sum((draws(compression.rand_k(20), x) - x) ** 2, axis=1))
-    expected = (D / 20 - 1) * float(x @ x)
-    assert abs(errors.mean() - expected) < 4 * errors.std() / math.sqrt(len(errors))
-
-
-def test_natural_compression_attains_omega_one_eighth():
-    """At t = (4/3) 2^a the rounding variance is exactly t^2 / 8 (Horváth et al. 2019, Thm. 1)."""
-    x = jnp.full((D,), 4.0 / 3.0 * 2.0**-3)
-    errors = np.asarray(jnp.sum((draws(compression.natural_compression(), x) - x) ** 2, axis=1))
-    expected = float(x @ x) / 8
-    assert abs(errors.mean() - expected) < 4 * errors.std() / math.sqrt(len(errors))
-    powers = jnp.array([0.25, -1.0, 0.0, 8.0])  # powers of two (and zero) pass unchanged
-    np.testing.assert_array_equal(
-        compression.natural_compression().step(jax.random.key(0), None, powers)[1], powers
-    )
-
-
-def test_qsgd_outputs_lie_on_the_level_grid():
-    x = inputs()[0]
-    out = np.asarray(compression.qsgd(4).step(jax.random.key(3), None, x)[1])
-    levels = np.abs(out) / np.linalg.norm(np.asarray(x)) * 4
-    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
-
-
-def test_sign_is_the_sign():
-    x = jnp.array([-2.0, 0.0, 3.0])
-    np.testing.assert_array_equal(
-        compression.sign().step(jax.random.key(0), None, x)[1], [-1.0, 0.0, 1.0]
-    )
-    assert compression.sign().contraction is None and compression.sign().variance is None
-
-
-def test_low_rank_is_the_truncated_svd_and_power_sgd_converges_to_it():
-    rng = np.random.default_rng(0)
-    m = jnp.asarray(
-        rng.standard_normal((12, 8))
-        @ np.diag(np.geomspace(1, 0.01, 8))
-        @ rng.standard_normal((8, 8))
-    )
-    best = compression.low_rank(2).step(jax.random.key(0), None, m)[1]
-    u, s, vt = np.linalg.svd(np.asarray(m, np.float64))
-    np.testing.assert_allclose(best, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-4)
-    power = compression.power_sgd(2)
-    state = power.init(jax.random.key(1), m.shape)
-    step = jax.jit(power.step)
-    for _ in range(30):  # warm-started power steps on a fixed matrix: subspace iteration
-        state, approx = step(jax.random.key(0), state, m)
-    np.testing.assert_allclose(approx, best, atol=1e-3)
-    assert compression.matrix_shape((12,)) == (3, 4) and compression.matrix_shape((4, 3, 5)) == (
-        4,
-        15,
-    )
 
 
 @pytest.mark.parametrize(
@@ -247,15 +143,3 @@ def test_compress_tree_jits_and_vmaps_over_workers():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
-
-
-def test_top_k_indices_equal_lax_top_k_under_jit_vmap_and_scan():
-    values = jax.random.normal(jax.random.key(3), (3, 4, 50))
-    expected = jax.lax.top_k(values, 7)[1]
-    np.testing.assert_array_equal(compression.top_k_indices(values[0, 0], 7), expected[0, 0])
-    nested = jax.jit(jax.vmap(jax.vmap(lambda v: compression.top_k_indices(v, 7))))(values)
-    np.testing.assert_array_equal(nested, expected)
-    scanned = jax.lax.scan(
-        lambda c, v: (c, jax.vmap(lambda u: compression.top_k_indices(u, 7))(v)), 0, values
-    )[1]
-    np.testing.assert_array_equal(scanned, expected)

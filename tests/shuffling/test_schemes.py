@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shufflesgd import shuffling
+from support.epochs import epoch_key, epochs, is_permutation
 
 ORDER_SCHEMES = [
     "with_replacement",
@@ -21,25 +22,6 @@ ORDER_SCHEMES = [
     "flipflop",
 ]
 GRAB_SCHEMES = ["grab_mean_balance", "grab_pair_balance"]
-
-
-def epoch_key(key, k):
-    return jax.random.fold_in(key, k)
-
-
-def epochs(scheme, key, num_epochs, params=None):
-    """The orders of ``num_epochs`` epochs, drawn inside one lax.scan."""
-    params = jnp.zeros(3) if params is None else params
-
-    def body(state, k):
-        return scheme.step(epoch_key(key, k), state)
-
-    _, orders = jax.lax.scan(body, scheme.init(key, params), jnp.arange(num_epochs))
-    return np.asarray(orders)
-
-
-def is_permutation(order, n):
-    return np.array_equal(np.sort(order), np.arange(n))
 
 
 @settings(max_examples=15, deadline=None)
@@ -77,33 +59,6 @@ def test_single_shuffle_repeats_and_random_reshuffle_does_not():
 def test_incremental_is_the_identity():
     orders = epochs(shuffling.incremental(7), jax.random.key(0), 3)
     np.testing.assert_array_equal(orders, np.tile(np.arange(7), (3, 1)))
-
-
-@pytest.mark.parametrize("base", ["random_reshuffle", "single_shuffle", "incremental"])
-def test_flipflop_reverses_every_other_epoch(base):
-    orders = epochs(shuffling.flipflop(12, base=base), jax.random.key(2), 6)
-    for pair in range(3):
-        np.testing.assert_array_equal(orders[2 * pair + 1], orders[2 * pair][::-1])
-    if base == "random_reshuffle":
-        assert not np.array_equal(orders[0], orders[2])
-    else:
-        np.testing.assert_array_equal(orders[0], orders[2])
-
-
-@settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 50), ratio=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1))
-def test_rs2_subsets_cover_the_data_before_repeating(n, ratio, seed):
-    scheme = shuffling.rs2(n, ratio)
-    m = shuffling.rs2_subset_size(n, ratio)
-    assert scheme.epoch_length == m == max(1, int(np.ceil(round(ratio * n, 9))))
-    per_pass = -(-n // m)
-    orders = epochs(scheme, jax.random.key(seed), 2 * per_pass)
-    for order in orders:
-        assert len(set(order.tolist())) == m and order.min() >= 0 and order.max() < n
-    for p in range(2):
-        seen = orders[p * per_pass : (p + 1) * per_pass].ravel()
-        assert set(seen.tolist()) == set(range(n))  # every example once per pass
-        assert len(seen) - len(set(seen.tolist())) == per_pass * m - n  # only the wrap repeats
 
 
 @pytest.mark.parametrize("name", ORDER_SCHEMES + GRAB_SCHEMES + ["rs2"])
