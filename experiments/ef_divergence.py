@@ -352,10 +352,11 @@ def draw(metrics: dict[str, Any], curves: dict[str, np.ndarray], config: ConfigD
             values[~usable] = np.nan
             axis.plot(t, values, color=styles[name], lw=1.4, label=name)
             step = metrics["methods"][name]["diverged_step"][j]
-            if step >= 0:
+            finite_until = np.flatnonzero(np.isfinite(values[: step + 1]))
+            if step >= 0 and finite_until.size:
                 axis.plot(
-                    [step],
-                    [values[step]],
+                    [finite_until[-1]],
+                    [values[finite_until[-1]]],
                     "x",
                     color=styles[name],
                     ms=9,

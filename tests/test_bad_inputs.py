@@ -216,6 +216,18 @@ CASES: list[tuple[str, Callable[[Any], Any], str, Callable[[int], list[Any]]]] =
             ("step", lambda v, s=scheme: s.step(v, s.init(jax.random.key(2), X))),
         ]
     ],
+    *[
+        (
+            f"{name}.init params",
+            lambda v, s=scheme: s.init(jax.random.key(2), v),
+            "params",
+            lambda i: [jnp.zeros(D + i, jnp.int32), {}, {"w": np.arange(D + i)}, []],
+        )
+        for name, scheme in {
+            "grab_mean_balance": shuffling.grab_mean_balance(N),
+            "grab_pair_balance": shuffling.grab_pair_balance(N),
+        }.items()
+    ],
     (
         "top_k(k > d).step",
         lambda v: _compress(compression.top_k(D + 1 + v), x=X),
@@ -411,6 +423,41 @@ def test_traced_keys_and_values_pass():
     jax.vmap(lambda k: check_key("key", k))(jax.random.split(jax.random.key(1), 3))
     with pytest.raises(TypeError, match="key must be a PRNG key"):
         jax.jit(lambda k, x: top_k.step(k, None, x))(jnp.zeros(2), X)
+
+
+def _counting_model(traced: list[int]) -> diffusion.Model:
+    def fn(x, t):
+        traced.append(1)
+        return MODEL.fn(x, t)
+
+    return diffusion.Model(fn, "score")
+
+
+@pytest.mark.parametrize("name", sorted(diffusion.SAMPLERS))
+def test_sampler_errors_come_before_the_model_is_traced(name):
+    """A bad key (for a sampler that draws noise), a bad grid, a bad final step or an integer
+    x_T is named before the sampler traces its model, so nothing was compiled: the model
+    records every trace (a good call traces it: see the test below)."""
+    traced = []
+    model = _counting_model(traced)
+    spec = diffusion.SAMPLERS[name]
+    bad_calls = [
+        lambda: spec.sampler(jax.random.key(0), model, SDE, jnp.zeros(2, jnp.int32), GRID),
+        lambda: spec.sampler(jax.random.key(0), model, SDE, X_2D, GRID[::-1]),
+        lambda: spec.sampler(jax.random.key(0), model, SDE, X_2D, GRID, final="denoised"),
+    ]
+    if spec.nfe_per_step is not None and spec.cost().noise_draws_per_step > 0:
+        bad_calls.append(lambda: spec.sampler(jnp.zeros(2), model, SDE, X_2D, GRID))
+    for call in bad_calls:
+        with pytest.raises((ValueError, TypeError)):
+            call()
+    assert traced == []
+
+
+def test_a_good_sampler_call_traces_the_counting_model():
+    traced = []
+    diffusion.euler_maruyama(jax.random.key(0), _counting_model(traced), SDE, X_2D, GRID)
+    assert traced
 
 
 def test_rand_k_rejects_integer_input_that_would_truncate_its_scale():

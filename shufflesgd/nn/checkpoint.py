@@ -56,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from shufflesgd._checks import check_int
+
 PyTree = Any
 
 
@@ -164,7 +166,9 @@ class Checkpointer:
       experiment: the experiment's fingerprint, e.g. :func:`experiment_fingerprint`.
       max_to_keep: keep only the newest ``max_to_keep`` checkpoints (all when ``None``).
 
-    Raises ``ValueError`` naming ``experiment`` when ``directory`` already holds
+    Raises ``ValueError`` naming ``experiment`` when it is not a non-empty str, or
+    ``max_to_keep`` unless it is ``None`` or a positive int, before touching ``directory``;
+    ``ValueError`` naming ``experiment`` when ``directory`` already holds
     checkpoints of a different (or an unnamed) experiment; nothing is written then.  Raises
     :class:`CorruptCheckpointError` (step ``None``) when Orbax cannot read the directory's root
     metadata.
@@ -175,6 +179,8 @@ class Checkpointer:
     ):
         if not isinstance(experiment, str) or not experiment:
             raise ValueError(f"experiment must be a non-empty str, got experiment={experiment!r}")
+        if max_to_keep is not None:
+            max_to_keep = check_int("max_to_keep", max_to_keep)
         directory = os.path.abspath(os.fspath(directory))
         try:
             probe = ocp.CheckpointManager(directory)  # reads only: no metadata is passed
@@ -204,7 +210,9 @@ class Checkpointer:
 
         The arrays' digests are taken now, from ``state``; the files' digests and the
         integrity record follow once Orbax has finished writing (see the module docstring).
+        ``ValueError`` naming ``step`` unless it is a non-negative int.
         """
+        step = check_int("step", step, minimum=0)
         self._seal_pending()
         tree = _key_data(state)
         arrays = _array_digests(tree)

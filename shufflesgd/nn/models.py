@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from shufflesgd._checks import check_int, check_key
 from shufflesgd.diffusion.processes import SDE
 
 PyTree = Any
@@ -48,7 +49,9 @@ BN_MOMENTUM = 0.9
 def init_model(model: nn.Module, key: jax.Array, *inputs: jax.Array) -> tuple[PyTree, PyTree]:
     """``(params, batch_stats)`` of ``model`` initialised from ``key`` on example ``inputs``
     (``batch_stats`` is ``{}`` for models without BatchNorm).  Initialisation runs as one
-    jitted program (op-by-op it costs a dispatch per layer)."""
+    jitted program (op-by-op it costs a dispatch per layer).  ``TypeError`` naming ``key``
+    unless it is a PRNG key."""
+    check_key("key", key)
     variables = jax.jit(functools.partial(model.init, train=False))(key, *inputs)
     return variables["params"], variables.get("batch_stats", {})
 
@@ -155,8 +158,10 @@ def sinusoidal_embedding(
     :math:`e(t) = [\sin(s t \omega_k), \cos(s t \omega_k)]_{k<dim/2}` with
     :math:`\omega_k = P^{-k/(dim/2)}`, the transformer position encoding (Vaswani et al.
     2017) used as the DDPM time embedding (Ho et al. 2020, App. B); the scale :math:`s =
-    1000` maps :math:`t \in [0, 1]` to DDPM's step range.  ``dim`` must be even.
+    1000` maps :math:`t \in [0, 1]` to DDPM's step range.  ``dim`` must be a positive even
+    int (``ValueError`` naming it).
     """
+    dim = check_int("dim", dim)
     if dim % 2:
         raise ValueError(f"dim must be even, got dim={dim}")
     half = dim // 2

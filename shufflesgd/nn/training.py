@@ -46,7 +46,7 @@ import optax
 from jax.sharding import Mesh
 
 from shufflesgd import drivers, parallel
-from shufflesgd._checks import check_int
+from shufflesgd._checks import check_int, check_key
 from shufflesgd.diffusion.processes import MODEL_OUTPUTS, SDE, convert
 from shufflesgd.nn import data as data_lib
 from shufflesgd.nn.models import apply_model
@@ -238,7 +238,9 @@ def init_train_state(
     optimizer: optax.GradientTransformation,
     scheme: ShufflingScheme,
 ) -> TrainState:
-    """A fresh :class:`TrainState`; ``key`` is split into the scheme's key and the run's."""
+    """A fresh :class:`TrainState`; ``key`` is split into the scheme's key and the run's
+    (``TypeError`` naming ``key`` unless it is a PRNG key)."""
+    check_key("key", key)
     scheme_key, run_key = jax.random.split(key)
     return TrainState(
         params,

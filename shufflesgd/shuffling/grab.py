@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from shufflesgd._checks import check_float_array
 from shufflesgd.shuffling.schemes import (
     ShufflingScheme,
     _check_num_examples,
@@ -67,6 +68,14 @@ class PairBalanceState(NamedTuple):
 
 def _zeros_like_tree(params: PyTree) -> PyTree:
     return optax.tree.zeros_like(params)
+
+
+def _check_params(params: PyTree) -> None:
+    """GraB sums gradients shaped like ``params``: a non-empty pytree of float arrays
+    (an integer leaf would truncate the sums)."""
+    if not jax.tree.leaves(params):
+        raise ValueError("params must hold at least one array (GraB balances gradients like it)")
+    check_float_array("params", params)
 
 
 def _grab_order_state(key: jax.Array, n: int) -> dict[str, jax.Array]:
@@ -125,6 +134,7 @@ def grab_mean_balance(n: int) -> ShufflingScheme:
     _check_num_examples(n)
 
     def init(key: jax.Array, params: PyTree) -> MeanBalanceState:
+        _check_params(params)
         zeros = _zeros_like_tree(params)
         return MeanBalanceState(
             **_grab_order_state(key, n), run_sum=zeros, stale_mean=zeros, epoch_sum=zeros
@@ -181,6 +191,7 @@ def grab_pair_balance(n: int) -> ShufflingScheme:
     _check_num_examples(n)
 
     def init(key: jax.Array, params: PyTree) -> PairBalanceState:
+        _check_params(params)
         zeros = _zeros_like_tree(params)
         return PairBalanceState(
             **_grab_order_state(key, n),

@@ -12,6 +12,7 @@ from experiments import (
     bn_shuffling,
     common,
     ef21_reloaded,
+    ef_divergence,
     ef_sweep,
     grab_digits,
     restart_contraction,
@@ -56,6 +57,35 @@ def test_restart_contraction_draws_finite_points(tmp_path, legend_texts):
     restart_contraction.draw(ConfigDict(dict(error_above=0.5)), rows, NAN, path)
     assert_drawn(path, legend_texts, "restart (2 diverged points not shown)")
     assert "euler (1 diverged points not shown)" in legend_texts
+
+
+def test_ef_divergence_marks_the_last_finite_point(tmp_path, legend_texts, monkeypatch):
+    """A ratio curve that overflows to inf and then NaN is drawn up to its last finite point,
+    which carries the diverged_step marker; a curve that never diverges has none."""
+    marked = []
+    plot = ef_divergence.plt.Axes.plot
+
+    def record(axis, *args, **kwargs):
+        if "diverged_step" in str(kwargs.get("label", "")):
+            marked.append((list(args[0]), list(args[1])))
+        return plot(axis, *args, **kwargs)
+
+    monkeypatch.setattr(ef_divergence.plt.Axes, "plot", record)
+    steps = 6
+    growing = np.array([[1.0, 10.0, 1e3, 1e200, INF, NAN, NAN]])
+    shrinking = np.array([[1.0, 0.5, 0.25, 0.1, 0.05, 0.0, 0.01]])
+    metrics = dict(
+        step_size_multiples=[1.0],
+        step_sizes=[0.1],
+        dtype="float64",
+        methods=dict(compressed_gd=dict(diverged_step=[5]), ef21=dict(diverged_step=[-1])),
+    )
+    config = ConfigDict(dict(num_steps=steps, c=2.0))
+    path = tmp_path / "figure.png"
+    ef_divergence.draw(metrics, dict(compressed_gd=growing, ef21=shrinking), config, path)
+    assert_drawn(path, legend_texts, "compressed_gd diverged_step = 5")
+    assert marked == [([3], [200.0])]
+    assert not any("ef21 diverged_step" in t for t in legend_texts)
 
 
 def test_ef_sweep_draws_finite_points(tmp_path, legend_texts):

@@ -1,10 +1,16 @@
 """Bad inputs to the MCMC family: each a ValueError/TypeError naming the argument, raised in
 Python before anything compiles (PRNG keys, counts, targets, positions, diagnostics' draws);
-a traced key of the right kind passes."""
+a traced key of the right kind passes.  A hypothesis test throws random bad keys, step sizes
+and integer positions of random sizes at every kernel."""
+
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shufflesgd import mcmc, shuffling
 from support.gaussian_target import gaussian_logdensity
@@ -156,3 +162,40 @@ def test_every_kernel_accepts_typed_raw_and_traced_keys(name):
 def test_bad_driver_and_init_inputs_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def _bad_key(draw: int, pick: int):
+    return [
+        1 + draw,
+        float(draw),
+        jnp.zeros(2 + draw, jnp.float32),
+        np.arange(3 + draw, dtype=np.uint32),
+        jnp.zeros((2,), jnp.int32) + draw,
+    ][pick % 5]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    name=st.sampled_from(sorted(KERNELS)),
+    what=st.sampled_from(["key", "step_size", "position"]),
+    draw=st.integers(0, 5),
+    pick=st.integers(0, 10),
+)
+def test_bad_inputs_property(name, what, draw, pick):
+    """Every kernel names a bad key, a non-positive or NaN step size and an integer position
+    (of any length), from a shufflesgd frame."""
+    make, hyper, batch = KERNELS[name]
+    kernel = make()
+    if what == "key":
+        call, expected = step_with(kernel, _bad_key(draw, pick), *hyper, batch=batch), "key"
+    elif what == "step_size" and hyper:
+        bad = [0.0, -0.1 * (1 + draw), math.nan, -math.inf][pick % 4]
+        call = step_with(kernel, jax.random.key(0), bad, *hyper[1:], batch=batch)
+        expected = "step_size"
+    else:
+        call, expected = (lambda: kernel.init(jnp.zeros(1 + draw, jnp.int32))), "position"
+    with pytest.raises((ValueError, TypeError)) as excinfo:
+        call()
+    assert expected in str(excinfo.value), str(excinfo.value)
+    raised_in = str(excinfo.traceback[-1].path)
+    assert "shufflesgd" in raised_in and "/jax/" not in raised_in, raised_in
