@@ -13,7 +13,7 @@ score is exact at every noise level.  Both sides sample it with the same closed 
   :func:`model_agreement` checks that the two agree to float32 rounding, and the test suite
   asserts it.
 
-Four pairings, each with the same noise levels, the same number of model evaluations (NFE),
+Six pairings, each with the same noise levels, the same number of model evaluations (NFE),
 the same final step and the same initial points ``x_T`` on both sides:
 
 1. ``diffusers.DPMSolverMultistepScheduler`` (its defaults: 1000 training steps, linear
@@ -23,16 +23,25 @@ the same final step and the same initial points ``x_T`` on both sides:
    :math:`\tilde\sigma = \sqrt{(1-\bar\alpha)/\bar\alpha}`, the VP time with the same
    log-SNR, so :math:`(\alpha, \sigma)` agree at every step, then :math:`t = 0`.
    ``x_T ~ N(0, I)``.  N steps, N evaluations.
-2. ``diffusers.EulerDiscreteScheduler`` (same defaults) against ``pf_ode_euler`` on the EDM
+2. ``diffusers.UniPCMultistepScheduler`` (its defaults: the same schedule and timesteps,
+   UniPC-2 with the corrector, ``bh2``, data prediction, ``lower_order_final``) against
+   ``unipc`` (the same options) on the same VP grid.  N steps, N evaluations.
+3. ``diffusers.EulerDiscreteScheduler`` (same defaults) against ``pf_ode_euler`` on the EDM
    process with grid = the scheduler's sigmas (ending at 0): both are Euler steps of
    :math:`dx/d\tilde\sigma = (x - D(x;\tilde\sigma))/\tilde\sigma` on
    :math:`\tilde x = x/\alpha` (the scheduler feeds the eps model
    :math:`\tilde x/\sqrt{\tilde\sigma^2+1}`).  ``x_T = init_noise_sigma * z``.
-3. ``k_diffusion.sampling.sample_dpmpp_2m`` on ``get_sigmas_karras(N, 0.002, 80, rho=7)``
+4. ``diffusers.FlowMatchEulerDiscreteScheduler`` (``shift`` = :data:`FLOW_SHIFT`, Stable
+   Diffusion 3's) against ``pf_ode_euler`` on the rectified flow
+   (:class:`shufflesgd.diffusion.RectifiedFlow`, ``t_max = 1``) with the mixture's exact
+   flow-matching velocity (finite at :math:`t = 1`): grid = the scheduler's sigmas (its
+   "sigma" is the flow's :math:`t`), from 1 to 0; both take Euler steps
+   :math:`x \leftarrow x + (t' - t)u(x, t)`.  ``x_T ~ N(0, I)``.  N steps, N evaluations.
+5. ``k_diffusion.sampling.sample_dpmpp_2m`` on ``get_sigmas_karras(N, 0.002, 80, rho=7)``
    (N levels, then 0) against ``dpm_solver_pp_2m`` on the EDM process with grid
    ``time_grid(EDM, "karras", N - 1)`` followed by 0 and ``lower_order_final=False``
    (k-diffusion only lowers the order of the step to sigma 0).  ``x_T = 80 z``.
-4. ``k_diffusion.sampling.sample_heun`` (no churn) against ``edm_heun`` (``S_churn = 0``) on
+6. ``k_diffusion.sampling.sample_heun`` (no churn) against ``edm_heun`` (``S_churn = 0``) on
    the same grid: N steps, 2N - 1 evaluations (the step to 0 is Euler on both sides).
 
 NFE budgets are given per row (``nfe_budgets``); Heun takes the most steps that fit
@@ -49,7 +58,9 @@ Measured per pairing and budget:
   compiles there), reported as ``first_call_seconds``.
 * **error at equal NFE**: (a) RMS over samples of the distance to the same ``x_T``'s
   probability-flow ODE solution (``edm_heun`` with ``reference_steps`` Karras steps in
-  :math:`\tilde\sigma` down to 1e-4, then to 0): the discretisation error of each side;
+  :math:`\tilde\sigma` down to 1e-4, then to 0; on the flow, ``pf_ode_heun`` on
+  ``reference_steps`` uniform steps in :math:`t` from 1 to 0): the discretisation error of each
+  side;
   (b) the sliced 2-Wasserstein distance to as many exact mixture samples (``num_projections``
   random directions), with the same distance between two exact sample sets as the Monte
   Carlo floor; (c) the two sides' samples from the same ``x_T`` compared to each other.
@@ -60,7 +71,7 @@ Measured per pairing and budget:
 
 Two more parts say where the time goes:
 
-* **sampler overhead**: the four pairings again with a stand-in model whose score is a few
+* **sampler overhead**: the pairings again with a stand-in model whose score is a few
   elementwise operations (``N(0.5, 0.25 I)`` in closed form, the same on both sides), so
   that what is timed is the samplers' own machinery: a fused ``lax.scan`` against the
   peers' Python loops of tensor operations;
@@ -124,7 +135,9 @@ TARGET_SPEEDUP = 3.0
 TARGET_COMPILE_SECONDS = 3.0
 PAIRINGS = (
     "diffusers_dpm_solver_multistep",
+    "diffusers_unipc_multistep",
     "diffusers_euler_discrete",
+    "diffusers_flow_match_euler",
     "k_diffusion_dpmpp_2m",
     "k_diffusion_heun",
 )
@@ -174,6 +187,7 @@ MIXTURE = problems.gaussian_mixture(MIXTURE_WEIGHTS, MIXTURE_MEANS, MIXTURE_COVA
 VP_OPTIONS = dict(beta_min=0.1, beta_max=20.0)  # continuous limit of diffusers' linear 1e-4..0.02
 EDM_OPTIONS = dict(sigma_min=0.002, sigma_max=80.0)  # k-diffusion / EDM defaults
 KARRAS_RHO = 7.0
+FLOW_SHIFT = 3.0  # diffusers' FlowMatchEulerDiscreteScheduler shift: Stable Diffusion 3's setting
 REFERENCE_SIGMA_MIN = 1e-4
 
 
@@ -217,7 +231,11 @@ def vp_time_of_scaled_sigma(sde: diffusion.VP, scaled_sigma: np.ndarray) -> np.n
 
 
 def jax_model(mixture: problems.GaussianMixture, sde: diffusion.SDE) -> diffusion.Model:
-    """The library's closed form: the mixture diffused to ``(alpha(t), sigma(t))``, its score."""
+    """The library's closed form: the mixture diffused to ``(alpha(t), sigma(t))``, its score;
+    on an interpolant (the flow pairing) its flow-matching velocity
+    (:func:`shufflesgd.diffusion.mixture_model`), finite at :math:`t = 1`."""
+    if isinstance(sde, diffusion.Interpolant):
+        return diffusion.mixture_model(sde, mixture.eigen(), output="velocity")
 
     def fn(x, t):
         return mixture.diffuse(sde.alpha(t), sde.sigma(t)).score(x)
@@ -266,6 +284,28 @@ class TorchMixture:
         resp = torch.softmax(self.log_weights[:, None] + log_probs, dim=0)  # [K, n]
         return -(resp[..., None] * (whitened @ inverse)).sum(0)  # [n, d]
 
+    def velocity(self, x, alpha, sigma, alpha_dot, sigma_dot):
+        r"""The flow-matching velocity :math:`\sum_k r_k(\dot\alpha\mu_k + (\alpha\dot\alpha
+        \Sigma_k + \sigma\dot\sigma I)C_k^{-1}(x - \alpha\mu_k))`, the same factors as
+        :meth:`score` (:meth:`shufflesgd.problems.EigenMixture.velocity`'s formula)."""
+        torch = self.torch
+        self.calls += 1
+        cov = alpha**2 * self.covariances + sigma**2 * self.eye
+        inverse = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), self.eyes, upper=False)
+        whitened = (x[None] - alpha * self.means[:, None]) @ inverse.transpose(1, 2)
+        log_det = -2.0 * torch.log(torch.diagonal(inverse, dim1=-2, dim2=-1)).sum(-1)
+        log_probs = -0.5 * (
+            (whitened**2).sum(-1) + log_det[:, None] + self.dim * math.log(2 * math.pi)
+        )
+        resp = torch.softmax(self.log_weights[:, None] + log_probs, dim=0)
+        precision_diff = whitened @ inverse  # rows C_k^-1 (x - alpha mu_k)
+        per_component = (
+            alpha_dot * self.means[:, None]
+            + alpha * alpha_dot * precision_diff @ self.covariances
+            + sigma * sigma_dot * precision_diff
+        )
+        return (resp[..., None] * per_component).sum(0)
+
     def eps(self, x, alpha, sigma):
         return -sigma * self.score(x, alpha, sigma)
 
@@ -279,6 +319,17 @@ ISOTROPIC_MEAN, ISOTROPIC_VAR = 0.5, 0.25
 
 
 def jax_isotropic_model(sde: diffusion.SDE) -> diffusion.Model:
+    r"""The stand-in's score, or on an interpolant its velocity :math:`\dot\alpha m +
+    (\alpha\dot\alpha v + \sigma\dot\sigma)(x - \alpha m)/(\alpha^2 v + \sigma^2)`."""
+    if isinstance(sde, diffusion.Interpolant):
+
+        def velocity(x, t):
+            a, s, a_dot, s_dot = sde.alpha(t), sde.sigma(t), sde.alpha_dot(t), sde.sigma_dot(t)
+            gain = (a * a_dot * ISOTROPIC_VAR + s * s_dot) / (a**2 * ISOTROPIC_VAR + s**2)
+            return a_dot * ISOTROPIC_MEAN + gain * (x - a * ISOTROPIC_MEAN)
+
+        return diffusion.Model(velocity, "velocity")
+
     def fn(x, t):
         alpha, sigma = sde.alpha(t), sde.sigma(t)
         return -(x - alpha * ISOTROPIC_MEAN) / (alpha**2 * ISOTROPIC_VAR + sigma**2)
@@ -297,12 +348,20 @@ class TorchIsotropic(TorchMixture):
         self.calls += 1
         return -(x - alpha * ISOTROPIC_MEAN) / (alpha**2 * ISOTROPIC_VAR + sigma**2)
 
+    def velocity(self, x, alpha, sigma, alpha_dot, sigma_dot):
+        self.calls += 1
+        gain = (alpha * alpha_dot * ISOTROPIC_VAR + sigma * sigma_dot) / (
+            alpha**2 * ISOTROPIC_VAR + sigma**2
+        )
+        return alpha_dot * ISOTROPIC_MEAN + gain * (x - alpha * ISOTROPIC_MEAN)
+
 
 def model_agreement(
     mixture: problems.GaussianMixture, torch_module: Any, num: int = 256, seed: int = 0
 ) -> dict[str, float]:
-    """Largest differences between the JAX and PyTorch closed forms (score, eps and D) over
-    ``num`` points at noise levels from 1e-3 to 80, relative to the largest value (for D, to
+    """Largest differences between the JAX and PyTorch closed forms (score, eps and D over
+    ``num`` points at noise levels from 1e-3 to 80; the flow-matching velocity at rectified-flow
+    times from 0 to 1), relative to the largest value (for D, to
     the largest of ``|D|`` and ``|x| / alpha``, the size of the terms that cancel in it)."""
     torch = torch_module
     rng = np.random.default_rng(seed)
@@ -335,6 +394,16 @@ def model_agreement(
                 worst[name] = max(
                     worst[name], float(np.max(np.abs(ours[name] - theirs[name]))) / scale
                 )
+    eigen, worst["velocity"] = mixture.eigen(), 0.0
+    velocity = jax.vmap(eigen.velocity, in_axes=(0, None, None, None, None))
+    for t in (0.0, 1e-3, 0.3, 0.7, 0.999, 1.0):  # rectified flow: alpha = 1 - t, sigma = t
+        x = (rng.standard_normal((num, mixture.dim)) * (1.0 + t)).astype(np.float32)
+        a, s_, a_dot, s_dot = (np.float32(v) for v in (1.0 - t, t, -1.0, 1.0))
+        ours = np.asarray(velocity(x, a, s_, a_dot, s_dot))
+        with torch.inference_mode():
+            theirs = tm.velocity(torch.from_numpy(x), float(a), float(s_), -1.0, 1.0).numpy()
+        scale = max(float(np.max(np.abs(ours))), 1e-30)
+        worst["velocity"] = max(worst["velocity"], float(np.max(np.abs(ours - theirs))) / scale)
     return {f"max_relative_difference_{name}": value for name, value in worst.items()}
 
 
@@ -350,13 +419,25 @@ def import_torch() -> Any | str:
     return torch
 
 
-def import_diffusers_schedulers() -> tuple[Any, Any] | str:
+#: Each diffusers pairing's scheduler class.
+DIFFUSERS_SCHEDULERS = {
+    "diffusers_dpm_solver_multistep": "DPMSolverMultistepScheduler",
+    "diffusers_unipc_multistep": "UniPCMultistepScheduler",
+    "diffusers_euler_discrete": "EulerDiscreteScheduler",
+    "diffusers_flow_match_euler": "FlowMatchEulerDiscreteScheduler",
+}
+#: The diffusers pairings on the VP process (the others run on EDM's sigma = t).
+VP_MULTISTEP = ("diffusers_dpm_solver_multistep", "diffusers_unipc_multistep")
+
+
+def import_diffusers_schedulers() -> dict[str, Any] | str:
+    """Each diffusers pairing's scheduler class, or ``"not installed"``."""
     try:
-        from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+        import diffusers
     except ImportError as error:
         print(f"diffusers skipped: {error}", file=sys.stderr)
         return "not installed"
-    return DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    return {name: getattr(diffusers, cls) for name, cls in DIFFUSERS_SCHEDULERS.items()}
 
 
 def import_k_diffusion_sampling() -> tuple[types.ModuleType, str] | str:
@@ -464,15 +545,23 @@ class Pairing:
     # -- diffusers: VP, discrete linear betas
     def _diffusers(self, name: str, budget: int, diffusers: Any) -> None:
         self.num_steps = budget
+        if name == "diffusers_flow_match_euler":
+            self._flow_match(budget, diffusers)
+            return
         if name == "diffusers_dpm_solver_multistep":
             self.sampler_name, self.sde = "dpm_solver_pp_2m", diffusion.make_sde("vp", **VP_OPTIONS)
             self.options = dict(lower_order_final=True, final="none")
-            peer_name = "DPMSolverMultistepScheduler"
+        elif name == "diffusers_unipc_multistep":
+            # diffusers' defaults: UniPC-2 with the corrector, B(h) = e^h - 1 ("bh2"), data
+            # prediction, lower_order_final; ours has the same defaults
+            self.sampler_name, self.sde = "unipc", diffusion.make_sde("vp", **VP_OPTIONS)
+            self.options = dict(
+                order=2, variant="bh2", prediction="x0", corrector=True, final="none"
+            )
         else:
             self.sampler_name, self.sde = "pf_ode_euler", diffusion.make_sde("edm", **EDM_OPTIONS)
             self.options = dict(final="none")
-            peer_name = "EulerDiscreteScheduler"
-        self.peer_sampler = f"diffusers.{peer_name}"
+        self.peer_sampler = f"diffusers.{DIFFUSERS_SCHEDULERS[name]}"
         if isinstance(diffusers, str) or self.torch is None:
             self.peer_status = "not installed"
             # Without diffusers the same levels are rebuilt from its documented defaults.
@@ -480,7 +569,7 @@ class Pairing:
             init_noise_sigma = float(scaled[0]) if name == "diffusers_euler_discrete" else 1.0
             self.scheduler_config = None
         else:
-            cls = diffusers[0] if name == "diffusers_dpm_solver_multistep" else diffusers[1]
+            cls = diffusers[name]
             scheduler = cls()
             self.scheduler_config = {
                 k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
@@ -495,7 +584,7 @@ class Pairing:
                 float(t): float(s) for t, s in zip(scheduler.timesteps, scaled[:-1])
             }
         self.scaled_sigmas = np.asarray(scaled, np.float64)
-        if name == "diffusers_dpm_solver_multistep":
+        if name in VP_MULTISTEP:
             grid = np.append(vp_time_of_scaled_sigma(self.sde, self.scaled_sigmas[:-1]), 0.0)
         else:
             grid = self.scaled_sigmas.copy()
@@ -507,10 +596,41 @@ class Pairing:
             "final_sigmas_type zero; ours: "
             + (
                 "VP(beta 0.1..20) at the VP times with the scheduler's log-SNRs, then t = 0"
-                if name == "diffusers_dpm_solver_multistep"
+                if name in VP_MULTISTEP
                 else "EDM process (alpha = 1, sigma = t) with t = the scheduler's sigmas "
                 "= sigma/alpha, then 0"
             )
+        )
+
+    # -- diffusers: rectified flow, velocity model, from t = 1
+    def _flow_match(self, budget: int, diffusers: Any) -> None:
+        self.sampler_name, self.options = "pf_ode_euler", dict(final="none")
+        self.sde = diffusion.make_sde("flow", t_max=1.0)
+        name = "diffusers_flow_match_euler"
+        self.peer_sampler = f"diffusers.{DIFFUSERS_SCHEDULERS[name]} (shift {FLOW_SHIFT:g})"
+        if isinstance(diffusers, str) or self.torch is None:
+            self.peer_status = "not installed"
+            sigmas = default_flow_match_sigmas(budget)
+            self.scheduler_config = None
+        else:
+            scheduler = diffusers[name](shift=FLOW_SHIFT)
+            self.scheduler_config = {
+                k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
+            }
+            scheduler.set_timesteps(budget)
+            sigmas = scheduler.sigmas.double().numpy()
+            self.scheduler_cls = diffusers[name]
+            self.level_of_timestep = {
+                float(t): float(s) for t, s in zip(scheduler.timesteps, sigmas[:-1])
+            }
+        # the scheduler's "sigmas" are the flow's times t (alpha = 1 - t, sigma = t)
+        self.grid = np.asarray(sigmas, np.float64)
+        self.scaled_sigmas = self.grid.copy()
+        self.init_noise_sigma = 1.0
+        self.schedule = (
+            f"diffusers flow matching: t = shift s / (1 + (shift - 1) s), shift {FLOW_SHIFT:g}, s "
+            "from 1 to 1/1000 in N points, then 0; ours: RectifiedFlow (alpha = 1 - t, "
+            "sigma = t, t_max = 1) on the same times, velocity model, Euler in t"
         )
 
     def _k_diffusion(self, name: str, budget: int, kdiff: Any) -> None:
@@ -569,6 +689,24 @@ class Pairing:
         if self.peer_status != "ok":
             return None
         torch, tmix = self.torch, self.tmix
+        if self.name == "diffusers_flow_match_euler":
+            cls, num_steps = self.scheduler_cls, self.num_steps
+            level_of_timestep = self.level_of_timestep
+
+            def velocity_model(x, timestep):
+                t = level_of_timestep[float(timestep)]  # alpha = 1 - t, sigma = t
+                return tmix.velocity(x, 1.0 - t, t, -1.0, 1.0)
+
+            def run_flow(x_T):
+                with torch.inference_mode():
+                    scheduler = cls(shift=FLOW_SHIFT)
+                    scheduler.set_timesteps(num_steps)
+                    x = torch.from_numpy(x_T)
+                    for t in scheduler.timesteps:
+                        x = scheduler.step(velocity_model(x, t), t, x).prev_sample
+                    return x.numpy()
+
+            return run_flow
         if self.name.startswith("diffusers"):
             cls, num_steps = self.scheduler_cls, self.num_steps
             level_of_timestep = self.level_of_timestep
@@ -633,18 +771,39 @@ def default_diffusers_sigmas(name: str, num_steps: int) -> np.ndarray:
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float32)
     abar = np.cumprod(1.0 - betas, dtype=np.float32).astype(np.float64)  # float32, as diffusers
     train_sigmas = np.sqrt((1 - abar) / abar)
-    if name == "diffusers_dpm_solver_multistep":
+    if name in VP_MULTISTEP:
         steps = np.linspace(0, 999, num_steps + 1).round()[::-1][:-1]
     else:
         steps = np.linspace(0, 999, num_steps)[::-1]  # not rounded: levels interpolated linearly
     return np.append(np.interp(steps, np.arange(1000), train_sigmas), 0.0)
 
 
+def shift_flow(s: np.ndarray) -> np.ndarray:
+    """SD3's time shift :math:`s \\mapsto \\text{shift}\\,s/(1 + (\\text{shift}-1)s)` with
+    :data:`FLOW_SHIFT` (Esser et al. 2024, Eq. 23)."""
+    return FLOW_SHIFT * s / (1.0 + (FLOW_SHIFT - 1.0) * s)
+
+
+def default_flow_match_sigmas(num_steps: int) -> np.ndarray:
+    """The times diffusers' ``FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)`` builds
+    (used only when diffusers is absent): its training sigmas are the shifted
+    ``linspace(1, 1/1000)``, and ``set_timesteps`` spaces N points evenly between their ends and
+    shifts them again, so the grid is ``shift_flow(linspace(1, shift_flow(1/1000), N))``, then 0
+    (the low end shifted twice, as diffusers 0.42 does)."""
+    s = np.linspace(1.0, shift_flow(np.float64(1.0 / 1000)), num_steps)
+    return np.append(shift_flow(s), 0.0)
+
+
 def reference_solution(pairing: Pairing, x_T: np.ndarray, steps: int) -> np.ndarray:
     r"""The probability-flow ODE from ``x_T`` at ``grid[0]`` to :math:`\sigma = 0`, solved with
     ``edm_heun`` on ``steps`` Karras levels of :math:`\tilde\sigma = \sigma/\alpha` from the
-    pairing's first level down to 1e-4, then an Euler step to 0 (in the pairing's process)."""
+    pairing's first level down to 1e-4, then an Euler step to 0 (in the pairing's process); on an
+    interpolant, ``pf_ode_heun`` with the velocity on ``steps`` uniform steps in :math:`t` from
+    the first time to 0."""
     sde = pairing.sde
+    if isinstance(sde, diffusion.Interpolant):  # Heun on the velocity, uniform in t from 1 to 0
+        grid = np.linspace(float(pairing.grid[0]), 0.0, steps + 1)
+        return np.asarray(_flow_reference_run(sde)(jnp.asarray(x_T), jnp.asarray(grid)))
     top = float(pairing.scaled_sigmas[0])
     levels = karras_sigmas(steps, REFERENCE_SIGMA_MIN, top)
     if isinstance(sde, diffusion.VP):
@@ -661,6 +820,16 @@ def _reference_run(sde: diffusion.SDE) -> Callable:
     return jax.jit(
         lambda x, g: diffusion.sample_batch(
             diffusion.edm_heun, jax.random.key(0), model, sde, x, g, final="none"
+        )[0]
+    )
+
+
+@functools.cache
+def _flow_reference_run(sde: diffusion.SDE) -> Callable:
+    model = jax_model(MIXTURE, sde)
+    return jax.jit(
+        lambda x, g: diffusion.sample_batch(
+            diffusion.pf_ode_heun, jax.random.key(0), model, sde, x, g, final="none"
         )[0]
     )
 

@@ -1,7 +1,9 @@
 """Config for experiments/sampler_nfe.py.
 
-Variants: ``configs/sampler_nfe.py`` (the full study) and ``configs/sampler_nfe.py:quick``
-(fewer samplers, budgets, seeds and samples; the test runs it).
+Variants: ``configs/sampler_nfe.py`` (the full study, VP), ``configs/sampler_nfe.py:flow``
+(the same on the rectified flow, :class:`shufflesgd.diffusion.RectifiedFlow`) and
+``configs/sampler_nfe.py:quick`` (fewer samplers, budgets, seeds and samples; the test runs it).
+A sampler entry is a registered name or a name with options, ``"unipc(order=3)"``.
 """
 
 from ml_collections import ConfigDict
@@ -9,7 +11,8 @@ from ml_collections import ConfigDict
 
 def get_config(variant: str = "full") -> ConfigDict:
     config = ConfigDict()
-    config.sde = "vp"  # the forward process of both parts ("vp", "subvp", "ve", "edm")
+    # the forward process of both parts ("vp", "subvp", "ve", "edm", "flow", "trig")
+    config.sde = "vp"
     # Tuples, so that --config.nfe_budgets='(5,10,20)' overrides them from the command line.
     config.grids = ("uniform_time", "quadratic_time", "uniform_log_snr", "karras")
     # Part A: exact laws on one anisotropic Gaussian (every sampler affine in its inputs)
@@ -22,18 +25,19 @@ def get_config(variant: str = "full") -> ConfigDict:
         "pf_ode_heun",
         "dpm_solver_pp_2m",
         "dpm_solver_pp_3m",
+        "unipc(corrector=False)",  # UniP-2
+        "unipc",  # UniPC-2 (diffusers' default)
+        "unipc(order=3)",
+        "dpm_solver_v3",  # exact model statistics of the Gaussian (the study computes them)
+        "dpm_solver_v3(use_corrector=False)",
+        "dpm_solver_pp_hb",
+        "ghvb",
         "edm_heun",
         "restart",
     )
-    config.nfe_budgets = (
-        5,
-        10,
-        20,
-        40,
-        80,
-        160,
-        320,
-    )  # each sampler takes the most steps within each
+    config.ems_num_lambdas = 2001  # DPM-Solver-v3's statistics grid (half log-SNRs)
+    # each sampler takes the most steps within each budget
+    config.nfe_budgets = (5, 6, 8, 10, 20, 40, 80, 160, 320)
     config.gaussian_dim = 8
     config.gaussian_var_min = 0.01  # covariance eigenvalues, log-spaced, in a random rotation
     config.gaussian_var_max = 4.0
@@ -53,6 +57,8 @@ def get_config(variant: str = "full") -> ConfigDict:
         "ddim",
         "pf_ode_heun",
         "dpm_solver_pp_2m",
+        "unipc",
+        "dpm_solver_pp_hb",
         "edm_heun",
         "restart",
     )
@@ -82,6 +88,8 @@ def get_config(variant: str = "full") -> ConfigDict:
         config.num_seeds = 4
         config.num_samples = 256
         config.num_projections = 32
+    elif variant == "flow":
+        config.sde = "flow"
     elif variant != "full":
-        raise ValueError(f"config variant must be 'full' or 'quick', got {variant!r}")
+        raise ValueError(f"config variant must be 'full', 'flow' or 'quick', got {variant!r}")
     return config

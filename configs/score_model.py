@@ -56,6 +56,15 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.digits_nfe_budgets = (20, 50)
     config.png_samplers = ("euler_maruyama", "dpm_solver_pp_2m")  # digit grids in digits.png
     config.png_digits = 64
+    # exposure bias on the digits network, at equal NFE with paired seeds: each base sampler
+    # ("ddim", "ancestral") with Epsilon Scaling (eps / b, Ning et al. 2024's uniform schedule)
+    # and its Time-Shift version (Li et al. 2024; the data variance comes from the training set)
+    config.exposure_samplers = ("ddim", "ancestral")
+    config.exposure_nfe_budgets = (10, 20, 50)
+    config.epsilon_scaling_b = (1.005, 1.01, 1.02)
+    config.time_shift_window = 5  # candidate times per step (odd)
+    config.time_shift_window_width = 0.5  # fraction of the way to each neighbouring grid time
+    config.time_shift_cutoff = 0.0  # no shifting once the scheduled time is below this
     config.likelihood_points = 64  # first test images
     config.likelihood_tolerances = (1e-2, 1e-3, 1e-4)  # Dopri5 rtol = atol: NFE vs bits/dim
     config.likelihood_divergence = "exact"  # 64 JVPs an evaluation; "hutchinson" for one
@@ -82,6 +91,9 @@ def get_config(variant: str = "full") -> ConfigDict:
         config.digits_samplers = ("dpm_solver_pp_2m",)
         config.digits_nfe_budgets = (20,)
         config.png_samplers = ("dpm_solver_pp_2m",)
+        config.exposure_samplers = ("ddim",)
+        config.exposure_nfe_budgets = (20,)
+        config.epsilon_scaling_b = (1.01,)
         config.png_digits = 16
         config.likelihood_points = 16
         config.likelihood_tolerances = (1e-2,)

@@ -21,6 +21,7 @@ epochs under an Orbax :class:`shufflesgd.nn.checkpoint.Checkpointer`:
 
 from __future__ import annotations
 
+import ast
 import csv
 import datetime
 import difflib
@@ -36,6 +37,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 from tqdm.auto import tqdm
+
+from shufflesgd import diffusion
 
 if TYPE_CHECKING:
     from shufflesgd.nn import data, training
@@ -202,20 +205,67 @@ def check_positive_ints(field: str, values: Any) -> None:
         raise ValueError(f"config.{field} must be positive integers, got {values!r}")
 
 
-def sampler_options(name: str, config: ConfigDict) -> dict[str, Any]:
-    """The options of the registered sampler ``name`` that a sampler study's config sets
-    (``restart_*`` for Restart, ``pc_snr`` for predictor–corrector); library defaults for the
-    rest."""
+def parse_sampler(field: str, label: str) -> tuple[str, dict[str, Any]]:
+    """A sampler label of a study's config: a registered name, ``"unipc"``, or a name with
+    keyword options, ``"unipc(order=3, corrector=False)"`` (Python literals), so that one study
+    compares variants of one sampler.  Returns ``(name, options)``; ``ValueError`` naming
+    ``config.<field>`` when the label is not of that form."""
+    try:
+        tree = ast.parse(label.strip(), mode="eval").body if isinstance(label, str) else None
+        if isinstance(tree, ast.Name):
+            return tree.id, {}
+        if (
+            isinstance(tree, ast.Call)
+            and isinstance(tree.func, ast.Name)
+            and not tree.args
+            and all(k.arg is not None for k in tree.keywords)
+        ):
+            return tree.func.id, {k.arg: ast.literal_eval(k.value) for k in tree.keywords}
+    except (SyntaxError, ValueError):
+        pass
+    raise ValueError(
+        f"config.{field} entries must be sampler names or name(option=value, ...), got {label!r}"
+    )
+
+
+def check_samplers(field: str, labels: Any, allowed: Iterable[str]) -> list[str]:
+    """:func:`check_names` for sampler labels (:func:`parse_sampler`): each names a sampler of
+    ``allowed`` with options it takes (checked through the registry's
+    :meth:`~shufflesgd.diffusion.SamplerSpec.options`); labels are distinct."""
+    labels = list(labels)
+    if not labels:
+        raise ValueError(f"config.{field} must name at least one of {sorted(allowed)}")
+    for label in labels:
+        name, options = parse_sampler(field, label)
+        check_choice(field, name, allowed)
+        unknown = sorted(set(options) - set(diffusion.SAMPLERS[name].options()))
+        if unknown:
+            raise ValueError(
+                f"config.{field}: {name} has no option {', '.join(unknown)}; "
+                f"its options are {sorted(diffusion.SAMPLERS[name].options())}"
+            )
+    if len(labels) != len(set(labels)):
+        raise ValueError(f"config.{field} must not repeat a sampler, got {labels!r}")
+    return labels
+
+
+def sampler_options(label: str, config: ConfigDict) -> tuple[str, dict[str, Any]]:
+    """The registered name of a sampler label (:func:`parse_sampler`) and its options: those
+    a sampler study's config sets (``restart_*`` for Restart, ``pc_snr`` for
+    predictor–corrector), overridden by the label's own; library defaults for the rest."""
+    name, options = parse_sampler("samplers", label)
     if name == "restart":
-        return {
+        base = {
             "restart_k": config.restart_k,
             "restart_steps": config.restart_steps,
             "restart_t_min": config.restart_t_min,
             "restart_t_max": config.restart_t_max,
         }
-    if name == "predictor_corrector":
-        return {"snr": config.pc_snr}
-    return {}
+    elif name == "predictor_corrector":
+        base = {"snr": config.pc_snr}
+    else:
+        base = {}
+    return name, {**base, **options}
 
 
 class CheckpointFallbackWarning(UserWarning):

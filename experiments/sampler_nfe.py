@@ -26,6 +26,11 @@ Euler–Maruyama, DDIM and PF-ODE Euler first order (Song et al. 2021; Song, Men
 Heun (Karras et al. 2022, Alg. 1) and DPM-Solver++(2M) (Lu et al. 2022) second order;
 log-SNR grids (Lu et al. 2022, Sec. 3.4) far better than uniform time at low NFE on VP.
 
+DPM-Solver-v3 (Zheng et al. 2023) runs in Part A with its empirical model statistics computed
+exactly for the Gaussian (:func:`shufflesgd.diffusion.gaussian_ems` on ``ems_num_lambdas``
+half log-SNRs), unless the label gives its own ``statistics``; in Part B, with the library's
+default statistics (:math:`l = 1, s = b = 0`: DPM-Solver++ in Taylor form).
+
 Samplers excluded from Part A: those the registry marks not affine, ``predictor_corrector``
 (its Langevin step size :math:`\epsilon \propto \|z\|^2/\|s\|^2` is not affine, so the law
 is not Gaussian) and ``pf_ode_adaptive`` (the NFE is chosen by its step-size controller, not by
@@ -80,6 +85,8 @@ MIXTURE_SAMPLERS = tuple(
     name for name, spec in diffusion.SAMPLERS.items() if spec.nfe_per_step is not None
 )
 MIXTURES = ("mixture_2d", "mixture_high_dim")
+#: The table names the best sampler of Part A at each budget up to this NFE.
+LOW_NFE = 10
 
 
 # ------------------------------------------------------------------ configuration
@@ -98,9 +105,9 @@ def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
     common.check_choice("sde", config.sde, diffusion.SDES)
     common.check_names("grids", config.grids, diffusion.GRIDS)
-    common.check_names("gaussian_samplers", config.gaussian_samplers, GAUSSIAN_SAMPLERS)
+    common.check_samplers("gaussian_samplers", config.gaussian_samplers, GAUSSIAN_SAMPLERS)
     common.check_names("mixtures", config.mixtures, MIXTURES)
-    common.check_names("mixture_samplers", config.mixture_samplers, MIXTURE_SAMPLERS)
+    common.check_samplers("mixture_samplers", config.mixture_samplers, MIXTURE_SAMPLERS)
     common.check_choice("mixture_grid", config.mixture_grid, diffusion.GRIDS)
     _check_budgets("nfe_budgets", config.nfe_budgets, 2)
     _check_budgets("mixture_nfe_budgets", config.mixture_nfe_budgets, 1)
@@ -114,7 +121,7 @@ def validate(config: ConfigDict) -> None:
         "restart_steps",
     ):
         common.check_positive_ints(field, config[field])
-    for field, minimum in (("fit_points", 2), ("num_seeds", 2)):
+    for field, minimum in (("fit_points", 2), ("num_seeds", 2), ("ems_num_lambdas", 2)):
         common.check_positive_ints(field, config[field])
         if config[field] < minimum:
             raise ValueError(f"config.{field} must be at least {minimum}, got {config[field]}")
@@ -264,6 +271,9 @@ def run_gaussian(config: ConfigDict, sde: diffusion.SDE, bar: tqdm) -> dict[str,
     model = diffusion.mixture_model(sde, law.eigen())
     floor = prior_mismatch_floor(law, sde)
     budgets, grids = list(config.nfe_budgets), list(config.grids)
+    # DPM-Solver-v3's empirical model statistics, exact for this Gaussian
+    lambdas = diffusion.ems_lambdas(sde, config.ems_num_lambdas)
+    statistics = diffusion.gaussian_ems(sde, law.means[0], law.covariances[0], lambdas)
     result: dict[str, Any] = {
         "sde": config.sde,
         "dim": law.dim,
@@ -272,7 +282,10 @@ def run_gaussian(config: ConfigDict, sde: diffusion.SDE, bar: tqdm) -> dict[str,
         "samplers": {},
     }
     for name in config.gaussian_samplers:
-        spec, options = diffusion.SAMPLERS[name], common.sampler_options(name, config)
+        sampler_name, options = common.sampler_options(name, config)
+        spec = diffusion.SAMPLERS[sampler_name]
+        if sampler_name == "dpm_solver_v3" and "statistics" not in options:
+            options["statistics"] = statistics
         cost = spec.cost(**options)
         laws = gaussian_laws(spec.sampler, options, cost.noise_draws_per_step, model, sde, target)
         per_grid = {g: {"steps": [], "nfe": [], "kl": [], "w2": []} for g in grids}
@@ -409,7 +422,8 @@ def run_mixtures(
         entry["exact"] = {m: summarise(values[:, i]) for i, m in enumerate(metric_names)}
         bar.update()
         for s, name in enumerate(config.mixture_samplers):
-            spec, options = diffusion.SAMPLERS[name], common.sampler_options(name, config)
+            sampler_name, options = common.sampler_options(name, config)
+            spec = diffusion.SAMPLERS[sampler_name]
             run = mixture_sampler(spec.sampler, options, model, sde, law.dim, config)
             per_budget: dict[str, Any] = {}
             for budget in config.mixture_nfe_budgets:
@@ -439,6 +453,25 @@ def run_mixtures(
 
 
 # ------------------------------------------------------------------ output
+
+
+def best_at_low_nfe(gaussian: dict[str, Any], largest: int) -> dict[str, dict[str, Any]]:
+    """Per grid and budget up to ``largest``: the sampler of lowest exact KL (ties to the first
+    listed) and its KL; ``None`` where no sampler ran or every KL is non-finite."""
+    best: dict[str, dict[str, Any]] = {}
+    for grid in next(iter(gaussian["samplers"].values()))["grids"]:
+        best[grid] = {}
+        for i, budget in enumerate(gaussian["budgets"]):
+            if budget > largest:
+                continue
+            scored = [
+                (r["grids"][grid]["kl"][i], name)
+                for name, r in gaussian["samplers"].items()
+                if r["grids"][grid]["kl"][i] is not None and np.isfinite(r["grids"][grid]["kl"][i])
+            ]
+            kl, name = min(scored, key=lambda pair: pair[0]) if scored else (None, None)
+            best[grid][str(budget)] = None if name is None else {"sampler": name, "kl": kl}
+    return best
 
 
 def grid_ratios(gaussian: dict[str, Any]) -> dict[str, list[float]]:
@@ -525,6 +558,13 @@ def format_table(metrics: dict[str, Any]) -> str:
         )
         for name, values in ratios.items():
             lines.append(f"  {name:18s} " + " ".join(f"{_fmt(v, '.3g'):>9s}" for v in values[:3]))
+    lines.append(f"best sampler (lowest exact KL) at each NFE budget <= {LOW_NFE}:")
+    for grid, per_budget in metrics["best_at_low_nfe"].items():
+        best = [
+            f"{budget}: —" if r is None else f"{budget}: {r['sampler']} ({_fmt(r['kl'])})"
+            for budget, r in per_budget.items()
+        ]
+        lines.append(f"  {grid:16s} " + "  ".join(best))
     for problem, entry in metrics["mixtures"].items():
         lines.append(
             f"Part B: {problem} ({entry['dim']}-D, weights "
@@ -663,6 +703,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         "num_samples": config.num_samples,
         "gaussian": gaussian,
         "grid_ratio_uniform_time_over_log_snr": grid_ratios(gaussian),
+        "best_at_low_nfe": best_at_low_nfe(gaussian, LOW_NFE),
         "mixtures": mixtures,
     }
     table = format_table(metrics)

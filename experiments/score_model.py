@@ -131,9 +131,22 @@ def validate(config: ConfigDict) -> None:
     common.check_names("parts", config.parts, PARTS)
     common.check_choice("sde", config.sde, diffusion.SDES)
     common.check_choice("grid", config.grid, diffusion.GRIDS)
-    common.check_names("samplers", config.samplers, diffusion.SAMPLERS)
-    common.check_names("digits_samplers", config.digits_samplers, diffusion.SAMPLERS)
+    common.check_samplers("samplers", config.samplers, diffusion.SAMPLERS)
+    common.check_samplers("digits_samplers", config.digits_samplers, diffusion.SAMPLERS)
     common.check_names("png_samplers", config.png_samplers, config.digits_samplers)
+    common.check_names("exposure_samplers", config.exposure_samplers, TIME_SHIFTED)
+    _check_budgets("exposure_nfe_budgets", config.exposure_nfe_budgets)
+    if not list(config.epsilon_scaling_b):
+        raise ValueError("config.epsilon_scaling_b must hold at least one scale")
+    for value in config.epsilon_scaling_b:
+        common.check_positive_number("epsilon_scaling_b", value)
+    common.check_positive_ints("time_shift_window", config.time_shift_window)
+    if config.time_shift_window % 2 == 0:
+        raise ValueError(f"config.time_shift_window must be odd, got {config.time_shift_window}")
+    for field in ("time_shift_window_width", "time_shift_cutoff"):
+        value = config[field]
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ValueError(f"config.{field} must lie in [0, 1), got {value!r}")
     common.check_choice("digits_model", config.digits_model, DIGIT_MODELS)
     common.check_choice(
         "digits_preconditioning", config.digits_preconditioning, DIGIT_PRECONDITIONINGS
@@ -371,6 +384,15 @@ def make_runner(
     return jax.jit(run)
 
 
+def labelled_sampler(
+    label: str, config: ConfigDict, extra: dict[str, Any]
+) -> tuple[Callable, dict[str, Any]]:
+    """The sampler function of a config label (:func:`experiments.common.parse_sampler`) and its
+    options, ``extra`` (a run's own, e.g. the adaptive tolerances) on top."""
+    name, options = common.sampler_options(label, config)
+    return diffusion.make_sampler(name), {**options, **extra}
+
+
 def sampling_jobs(
     samplers: Any,
     budgets: Any,
@@ -386,7 +408,8 @@ def sampling_jobs(
         if name == ADAPTIVE:
             jobs.extend((name, f"tol={tol:g}", {"rtol": tol, "atol": tol}, 1) for tol in tolerances)
         else:
-            spec, options = diffusion.SAMPLERS[name], common.sampler_options(name, config)
+            sampler_name, options = common.sampler_options(name, config)
+            spec = diffusion.SAMPLERS[sampler_name]
             jobs.extend(
                 (name, str(b), {}, spec.steps_within(b, final="denoise", **options))
                 for b in budgets
@@ -512,8 +535,7 @@ def run_mixture(
         key_opts = f"{name}{sorted(extra.items())}"
         if key_opts not in runners:
             runners[key_opts] = make_runner(
-                diffusion.make_sampler(name),
-                {**common.sampler_options(name, config), **extra},
+                *labelled_sampler(name, config, extra),
                 model_for,
                 sde,
                 (law.dim,),
@@ -742,8 +764,7 @@ def run_digits(
             entry[label] = {"steps": None, "nfe": None}
             continue
         runner = make_runner(
-            diffusion.make_sampler(name),
-            {**common.sampler_options(name, config), **extra},
+            *labelled_sampler(name, config, extra),
             model_for,
             sde,
             shape,
@@ -767,9 +788,97 @@ def run_digits(
             pictures[f"{name}, NFE {entry[label]['nfe']:.0f}"] = np.asarray(
                 flat[0, : config.png_digits]
             )
+    # the data variance of Time-Shift's rule, from all dequantised training images
+    variance_key = jax.random.fold_in(key, len(keys))
+    train_all = np.asarray(dequantise(variance_key, jnp.asarray(train_levels)))
+    result["exposure_bias"] = run_exposure_bias(
+        config,
+        sde,
+        model,
+        params,
+        shape,
+        test_flat,
+        directions,
+        float(np.mean(np.var(train_all.reshape(len(train_all), -1), axis=1))),
+        jax.random.fold_in(key, len(keys) + 1),
+    )
     result["pictures"] = pictures
     result["test_pictures"] = test_x.reshape(n, -1)[: config.png_digits]
     return result
+
+
+#: Each exposure-bias base sampler and its Time-Shift version (Li et al. 2024).
+TIME_SHIFTED = {"ddim": "time_shift_ddim", "ancestral": "time_shift_ddpm"}
+
+
+def run_exposure_bias(
+    config: ConfigDict,
+    sde: diffusion.SDE,
+    network: nn.Module,
+    params: PyTree,
+    shape: tuple[int, ...],
+    test_flat: jax.Array,
+    directions: jax.Array,
+    data_variance: float,
+    key: jax.Array,
+) -> dict[str, Any]:
+    r"""Exposure bias on the trained network: each base sampler of ``exposure_samplers``, the
+    same with Epsilon Scaling (Ning et al. 2024; uniform :math:`\lambda = b`, each ``b`` of
+    ``epsilon_scaling_b``) and its Time-Shift version (Li et al. 2024; ``time_shift_*`` options,
+    the data variance estimated from the dequantised training images), at equal NFE, paired:
+    every variant of a (sampler, budget) starts from the same prior draws with the same noise,
+    and the difference of its per-seed SW2 from the base sampler's is reported with its
+    standard error over seeds."""
+    n, seeds = test_flat.shape[0], config.num_seeds
+    scales = (1.0, *config.epsilon_scaling_b)
+    scaled_for = lambda p, b: diffusion.epsilon_scaling(network_model(network, p), sde, 0.0, b)
+    plain_for = lambda p, _: network_model(network, p)
+    shift_options = {
+        "window": config.time_shift_window,
+        "window_width": config.time_shift_window_width,
+        "cutoff": config.time_shift_cutoff,
+        "data_variance": data_variance,
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    for index, base in enumerate(tqdm(config.exposure_samplers, desc=f"{NAME} exposure bias")):
+        shifted = TIME_SHIFTED[base]
+        labels = [base, *(f"{base} + ES(b={b:g})" for b in scales[1:]), shifted]
+        scaled_run = make_runner(
+            diffusion.make_sampler(base), {}, scaled_for, sde, shape, n, seeds, scales
+        )
+        shifted_run = make_runner(
+            diffusion.make_sampler(shifted), shift_options, plain_for, sde, shape, n, seeds, (0.0,)
+        )
+        for budget in config.exposure_nfe_budgets:
+            steps = diffusion.SAMPLERS[base].steps_within(budget, final="denoise")
+            if steps is None:
+                for label in labels:
+                    rows.setdefault(label, {})[str(budget)] = {"steps": None, "nfe": None}
+                continue
+            grid = jnp.asarray(diffusion.time_grid(sde, config.grid, steps))
+            run_key = jax.random.fold_in(key, 1000 * index + budget)  # shared: paired variants
+            outputs = [scaled_run(params, grid, run_key), shifted_run(params, grid, run_key)]
+            samples = jnp.concatenate([o[0] for o in outputs]).reshape(-1, seeds, n, DIGIT_DIM)
+            nfe = np.concatenate([np.asarray(o[1]) for o in outputs])
+            bad = np.concatenate([np.asarray(o[2]) for o in outputs])
+            sw2 = np.stack([np.asarray(seed_sliced_w2(x, test_flat, directions)) for x in samples])
+            clipped = np.stack(
+                [
+                    np.asarray(seed_sliced_w2(jnp.clip(x, -1.0, 1.0), test_flat, directions))
+                    for x in samples
+                ]
+            )
+            for v, label in enumerate(labels):
+                rows.setdefault(label, {})[str(budget)] = {
+                    "steps": steps,
+                    "nfe": float(np.mean(nfe[v])),
+                    "nonfinite_samples": int(np.sum(bad[v] >= 0)),
+                    "network": summarise(sw2[v]),
+                    "clipped": summarise(clipped[v]),
+                    "difference": summarise(sw2[v] - sw2[0]),
+                    "outside": float(np.mean(np.abs(np.asarray(samples[v])) > 1.0)),
+                }
+    return {"data_variance": data_variance, "time_shift": shift_options, "samplers": rows}
 
 
 # ------------------------------------------------------------------ output
@@ -886,6 +995,30 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
                     f"{_fmt(r['clipped']):>17s} {r['outside']:6.1%}"
                     + (f" ({r['nonfinite_samples']} non-finite)" if r["nonfinite_samples"] else "")
                 )
+        e = d["exposure_bias"]
+        ts = e["time_shift"]
+        lines += [
+            (
+                "exposure bias at equal NFE, paired (same prior draws and noise per seed): "
+                "Epsilon Scaling (Ning et al. 2024, eps / b) and Time-Shift (Li et al. 2024, "
+                f"window {ts['window']}, width {ts['window_width']:g}, cutoff {ts['cutoff']:g}, "
+                f"data variance {e['data_variance']:.4f}); difference = SW2 - base SW2"
+            ),
+            (
+                f"{'sampler':24s} {'budget':>6s} {'NFE':>6s} {'SW2':>17s} {'clipped SW2':>17s} "
+                f"{'difference':>17s}"
+            ),
+        ]
+        for label, per in e["samplers"].items():
+            for budget, r in per.items():
+                if r["nfe"] is None:
+                    lines.append(f"{label:24s} {budget:>6s}     — (one step exceeds the budget)")
+                    continue
+                lines.append(
+                    f"{label:24s} {budget:>6s} {r['nfe']:6.1f} {_fmt(r['network']):>17s} "
+                    f"{_fmt(r['clipped']):>17s} {_fmt(r['difference'], '+.4f'):>17s}"
+                    + (f" ({r['nonfinite_samples']} non-finite)" if r["nonfinite_samples"] else "")
+                )
     return "\n".join(lines)
 
 
@@ -911,10 +1044,25 @@ def _sampler_curves(axis: Any, per_sampler: dict[str, Any], key: str, **style: A
 def draw(metrics: dict[str, Any], path: pathlib.Path) -> None:
     """NFE against SW2 for each part (network solid, exact score dashed), and the digits' NFE
     against bits/dim."""
-    panels = [p for p in PARTS if p in metrics] + (["likelihood"] if "digits" in metrics else [])
+    panels = [p for p in PARTS if p in metrics]
+    if "digits" in metrics:
+        panels += ["likelihood"] + (
+            ["exposure_bias"] if "exposure_bias" in metrics["digits"] else []
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for axis, panel in zip(axes[0], panels):
-        if panel == "likelihood":
+        if panel == "exposure_bias":
+            d = metrics["digits"]
+            _sampler_curves(axis, d["exposure_bias"]["samplers"], "network")
+            common.log_level(axis, d["floor"]["mean"], color="k", ls="--", lw=0.8, label="floor")
+            axis.set(
+                xscale="log",
+                yscale="log",
+                xlabel="NFE",
+                ylabel="sliced W2 to test images",
+                title="digits exposure bias: base vs Epsilon Scaling vs Time-Shift",
+            )
+        elif panel == "likelihood":
             d = metrics["digits"]
             rows = d["likelihood"]
             nfe, bits, se = (
@@ -1038,6 +1186,14 @@ def run(config: ConfigDict) -> dict[str, Any]:
             folder / "digits_samplers.csv",
             columns + ["sw2", "sw2_se", "clipped_sw2", "clipped_sw2_se"],
             sampler_rows(metrics["digits"]["samplers"], ("network", "clipped")),
+        )
+        common.write_csv(
+            folder / "digits_exposure_bias.csv",
+            columns
+            + ["sw2", "sw2_se", "clipped_sw2", "clipped_sw2_se", "difference", "difference_se"],
+            sampler_rows(
+                metrics["digits"]["exposure_bias"]["samplers"], ("network", "clipped", "difference")
+            ),
         )
         common.write_csv(
             folder / "digits_likelihood.csv",

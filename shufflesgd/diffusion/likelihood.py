@@ -19,6 +19,15 @@ from :math:`t_{min}` up to :math:`t_{max}` yields
 with :math:`p_{t_{max}}` replaced by the prior
 (:meth:`~shufflesgd.diffusion.processes.VP.prior_log_prob` of the process) — exact up to
 that prior mismatch and the ODE solver's tolerance when the score is exact.
+
+On the flow-matching interpolants (:class:`~shufflesgd.diffusion.processes.RectifiedFlow`,
+:class:`~shufflesgd.diffusion.processes.TrigFlow`) the drift :math:`v` is the model's velocity
+(:func:`~shufflesgd.diffusion.samplers.base.pf_ode_drift`), finite at :math:`t = 1` for a
+velocity, :math:`x_0` or :math:`v` model.  With ``t_max=1`` (``make_sde("flow", t_max=1.0)``
+or the ``t_max`` argument) the prior :math:`N(0, I)` *is* :math:`p_1`, so there is no prior
+mismatch, and with ``t_min=0`` the result is the log-density of the data itself, the
+likelihood that Lipman et al. (2023), "Flow Matching for Generative Modeling", report for
+flow-matching models.
 The integral is solved with diffrax's adaptive Dormand–Prince 5(4) (``Dopri5`` with a
 ``PIDController(rtol, atol)``, error control on the augmented state).
 

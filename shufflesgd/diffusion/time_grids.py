@@ -6,7 +6,9 @@ uniform in :math:`t` (Song et al. 2021), quadratic in :math:`t` (Song, Meng & Er
 App. D.3), uniform in the log-SNR :math:`\lambda` (Lu et al. 2022, DPM-Solver, Sec. 3.4) and
 Karras et al.'s :math:`\rho`-spacing of the noise level (2022, Eq. 5) in
 :math:`\tilde\sigma = \sigma/\alpha = e^{-\lambda/2}`, which is what that spacing means for a
-process with :math:`\alpha \ne 1`.  :func:`time_of_sigma` inverts :math:`\sigma(t)`.
+process with :math:`\alpha \ne 1`; and the time-shifted grid of flow models (Esser et al. 2024,
+SD3, Eq. 23), which multiplies :math:`\sigma/\alpha` by a ``shift``.  :func:`time_of_sigma`
+inverts :math:`\sigma(t)`.
 
 For models trained on a discrete schedule of :math:`T` timesteps, :func:`discrete_timesteps`
 gives the ``linspace`` / ``leading`` / ``trailing`` spacings and
@@ -23,13 +25,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shufflesgd._checks import check_finite, check_int, check_positive
-from shufflesgd.diffusion.processes import EDM, SDE, VE, SubVP
+from shufflesgd._checks import check_finite, check_int, check_positive, check_positive_finite
+from shufflesgd.diffusion.processes import EDM, SDE, VE, Interpolant, RectifiedFlow, SubVP
 
 Array = jax.Array
 
 
-GRIDS = ("uniform_time", "quadratic_time", "uniform_log_snr", "karras")
+#: The spacings :func:`time_grid` builds.
+GRIDS = ("uniform_time", "quadratic_time", "uniform_log_snr", "karras", "shifted")
+
+
+def shift_time(sde: SDE, t: Any, shift: float) -> Any:
+    r"""The time at which the process's :math:`\sigma/\alpha = e^{-\lambda/2}` is ``shift``
+    times its value at ``t`` (:math:`s` = ``shift``): :math:`\lambda(t') = \lambda(t) - 2\log s`,
+    solved with the process's ``time_of_log_snr``.  Esser et al. 2024 (SD3) derive
+    the shift from the signal-to-noise ratio; Hoogeboom et al. 2023 ("simple diffusion") shift
+    the log-SNR of a noise schedule the same way.
+
+    On :class:`~shufflesgd.diffusion.processes.RectifiedFlow` this is SD3's Eq. 23,
+    :math:`t' = s t/(1 + (s - 1)t)` (computed so, in float64 for NumPy input), diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=s)``.  It fixes :math:`t = 0` and :math:`t = 1` of
+    an interpolant, is increasing in ``t``, and ``shift_time(sde, ., 1 / s)`` inverts it; for
+    processes with :math:`\alpha = 1` (VE, EDM) it scales :math:`\sigma` by ``s``."""
+    if isinstance(sde, RectifiedFlow):
+        return shift * t / (1.0 + (shift - 1.0) * t)
+    return sde.time_of_log_snr(sde.log_snr(jnp.asarray(t)) - 2.0 * math.log(shift))
 
 
 def time_grid(
@@ -40,6 +60,7 @@ def time_grid(
     t_min: float | None = None,
     t_max: float | None = None,
     rho: float = 7.0,
+    shift: float = 3.0,
 ) -> np.ndarray:
     r"""``num_steps + 1`` decreasing times from ``t_max`` to ``t_min`` (a float64 NumPy array).
 
@@ -53,9 +74,22 @@ def time_grid(
       :math:`\tilde\sigma = \sigma/\alpha = e^{-\lambda/2}` of the scaled process (their
       Table 1: for VP, :math:`\sigma(t) = \sqrt{e^{\frac12\beta_d t^2 + \beta_{min}t} - 1}`),
       mapped to t through the log-SNR; for VE and EDM :math:`\tilde\sigma = \sigma`.
+    * ``shifted``: the time-shifted grid of flow models (Esser et al. 2024, "Scaling Rectified
+      Flow Transformers for High-Resolution Image Synthesis" (SD3), Eq. 23), uniform in
+      :math:`\tau` and mapped by :func:`shift_time`, which on
+      :class:`~shufflesgd.diffusion.processes.RectifiedFlow` is
+      :math:`t = s\tau/(1 + (s-1)\tau)` with :math:`s` = ``shift``: :math:`\sigma/\alpha`
+      multiplied by :math:`s`, so :math:`s > 1` spends more steps at high noise (SD3's released
+      scheduler configuration uses :math:`s = 3`, the default here; diffusers'
+      ``FlowMatchEulerDiscreteScheduler(shift=s)`` applies the same map to its sigmas).  The
+      uniform :math:`\tau` runs between the pre-images of ``t_max`` and ``t_min``, so the ends
+      are exact; on ``[0, 1]`` the grid is
+      :math:`t_i = \mathrm{shift}(1 - i/N)`, and ``shift=1`` is ``uniform_time``.
 
     The grid is data: samplers take it as an array, so any other spacing works too.
-    ``ValueError`` naming the argument unless :math:`0 \le t_{min} < t_{max}` are finite.
+    ``ValueError`` naming the argument unless :math:`0 \le t_{min} < t_{max}` are finite and
+    ``shift`` is positive and finite; ``uniform_log_snr`` and ``karras`` also need a finite
+    log-SNR at both ends (not :math:`t = 1` of an interpolant, nor :math:`\sigma = 0`).
     """
     if kind not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, got {kind!r}")
@@ -69,19 +103,30 @@ def time_grid(
     if not lo < hi:
         raise ValueError(f"t_min must be below t_max, got t_min={lo}, t_max={hi}")
     check_positive("rho", rho)
+    check_positive_finite(shift=shift)
     u = np.linspace(0.0, 1.0, num_steps + 1)
+    if kind in ("uniform_log_snr", "karras"):
+        lam_hi, lam_lo = (float(sde.log_snr(jnp.asarray(t))) for t in (hi, lo))
+        if not (math.isfinite(lam_hi) and math.isfinite(lam_lo)):
+            raise ValueError(
+                f"grid {kind!r} needs a finite log-SNR at t_min and t_max, got "
+                f"log_snr(t_max={hi})={lam_hi} and log_snr(t_min={lo})={lam_lo}; "
+                "use 'uniform_time' or 'shifted' to reach alpha = 0 or sigma = 0"
+            )
     if kind == "uniform_time":
         grid = hi + u * (lo - hi)
     elif kind == "quadratic_time":
         grid = lo + (hi - lo) * (1.0 - u) ** 2
+    elif kind == "shifted":
+        tau_hi, tau_lo = (float(shift_time(sde, t, 1.0 / shift)) for t in (hi, lo))
+        grid = np.array(shift_time(sde, tau_hi + u * (tau_lo - tau_hi), shift), np.float64)
     elif kind == "uniform_log_snr":
-        lam_hi, lam_lo = (float(sde.log_snr(jnp.asarray(t))) for t in (hi, lo))
         grid = np.array(
             sde.time_of_log_snr(jnp.asarray(lam_hi + u * (lam_lo - lam_hi))), np.float64
         )
     else:
         # sigma/alpha = exp(-lambda/2): the EDM noise level of the scaled process
-        s_hi, s_lo = (math.exp(-0.5 * float(sde.log_snr(jnp.asarray(t)))) for t in (hi, lo))
+        s_hi, s_lo = math.exp(-0.5 * lam_hi), math.exp(-0.5 * lam_lo)
         sigmas = (s_hi ** (1 / rho) + u * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
         grid = np.array(sde.time_of_log_snr(jnp.asarray(-2.0 * np.log(sigmas))), np.float64)
     grid[0], grid[-1] = hi, lo  # exact ends despite rounding and the round trips
@@ -89,7 +134,10 @@ def time_grid(
 
 
 def time_of_sigma(sde: SDE, sigma: Array) -> Array:
-    """The time at which the process has noise level ``sigma`` (through the log-SNR)."""
+    r"""The time at which the process has noise level ``sigma`` (through the log-SNR; an
+    :class:`~shufflesgd.diffusion.processes.Interpolant` inverts :math:`\sigma` directly)."""
+    if isinstance(sde, Interpolant):
+        return sde.time_of_sigma(sigma)
     if isinstance(sde, (VE, EDM)):
         return sde.time_of_log_snr(-2.0 * jnp.log(sigma))
     if isinstance(sde, SubVP):  # sigma = 1 - alpha^2

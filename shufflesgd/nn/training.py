@@ -72,7 +72,7 @@ StepFn = Callable[
 ]
 
 
-WEIGHTINGS = ("simple", "likelihood")
+WEIGHTINGS = ("simple", "likelihood", "velocity")
 
 
 _INDICES = "__indices__"  # the batch's example indices travel (and are sharded) with it
@@ -110,7 +110,8 @@ def denoising_score_matching_loss(
 
     For each example draw :math:`t \sim U[t_{min}, t_{max}]` and :math:`\varepsilon \sim
     N(0, I)`, form :math:`x_t = \alpha(t) x_0 + \sigma(t)\varepsilon`, and read the network
-    output (``prediction`` in ``score``, ``eps``, ``x0``, ``v``) as a score
+    output (``prediction``, one of :data:`~shufflesgd.diffusion.MODEL_OUTPUTS`: ``score``,
+    ``eps``, ``x0``, ``v`` or the flow-matching ``velocity``) as a score
     :math:`s_\theta(x_t, t)` through :func:`shufflesgd.diffusion.processes.convert`.  The
     per-example loss is (Vincent 2011; Song et al. 2021, Eq. 7)
 
@@ -123,7 +124,14 @@ def denoising_score_matching_loss(
     for which Song, Durkan, Murray & Ermon (NeurIPS 2021), "Maximum Likelihood Training of
     Score-Based Diffusion Models", Thm. 1 gives
     :math:`D_{KL}(p_0\|p_\theta^{SDE}) \le \frac{t_{max}-t_{min}}{2}\,\mathbb E[\ell] +
-    D_{KL}(p_T\|\pi)` (with :math:`t` uniform as here).  The sum runs over all non-batch
+    D_{KL}(p_T\|\pi)` (with :math:`t` uniform as here).  ``weighting="velocity"`` is the
+    conditional flow-matching loss (Lipman et al. 2023, "Flow Matching for Generative
+    Modeling", Eq. 9; Liu, Gong & Liu 2023, rectified flow, Eq. 1)
+    :math:`\|\hat u_\theta(x_t, t) - (\dot\alpha x_0 + \dot\sigma\varepsilon)\|^2`, the
+    network output read as a velocity; since :math:`\hat u - u = \frac{\dot\sigma\alpha -
+    \dot\alpha\sigma}{\alpha}(\hat\varepsilon - \varepsilon)`, it is the score-matching loss with
+    :math:`\lambda = \sigma^2(\dot\sigma\alpha - \dot\alpha\sigma)^2/\alpha^2`, computed
+    directly so that it stays finite at :math:`\alpha = 0`.  The sum runs over all non-batch
     axes.  The key is split into the time and noise draws.
     """
     if prediction not in MODEL_OUTPUTS:
@@ -142,8 +150,12 @@ def denoising_score_matching_loss(
         sigma = sde.sigma(t_b)
         x_t = sde.alpha(t_b) * x0 + sigma * eps
         output, new_stats = apply_model(model, params, batch_stats, x_t, t, train=train)
-        eps_hat = convert(output, prediction, "eps", x_t, t_b, sde)
-        squared_error = jnp.sum((eps_hat - eps) ** 2, axis=tuple(range(1, x0.ndim)))
+        if weighting == "velocity":
+            target = sde.alpha_dot(t_b) * x0 + sde.sigma_dot(t_b) * eps
+            error = convert(output, prediction, "velocity", x_t, t_b, sde) - target
+        else:
+            error = convert(output, prediction, "eps", x_t, t_b, sde) - eps
+        squared_error = jnp.sum(error**2, axis=tuple(range(1, x0.ndim)))
         if weighting == "likelihood":
             squared_error = squared_error * sde.diffusion_squared(t) / sde.sigma(t) ** 2
         return squared_error, (new_stats, {})

@@ -180,6 +180,29 @@ class EigenMixture(NamedTuple):
         per_component = -jnp.einsum("kij,kj->ki", self.eigvecs, coords / scales)
         return _sum(_log_normaliser_and_probs(log_joint)[1][:, None] * per_component, 0)
 
+    def velocity(
+        self,
+        x: jax.Array,
+        alpha: jax.Array,
+        sigma: jax.Array,
+        alpha_dot: jax.Array,
+        sigma_dot: jax.Array,
+    ) -> jax.Array:
+        r"""The flow-matching velocity :math:`E[\dot\alpha x_0 + \dot\sigma\varepsilon \mid
+        \alpha x_0 + \sigma\varepsilon = x]` (Lipman et al. 2023, "Flow Matching for Generative
+        Modeling", Eq. 8's marginal field).  Component :math:`k`, with :math:`C_k = \alpha^2
+        \Sigma_k + \sigma^2 I`, contributes :math:`E[x_0 \mid x, k] = \mu_k + \alpha\Sigma_k
+        C_k^{-1}(x - \alpha\mu_k)` and :math:`E[\varepsilon \mid x, k] = \sigma C_k^{-1}(x -
+        \alpha\mu_k)`, weighted by the posterior component probabilities; every term is finite at
+        :math:`\alpha = 0` (pure noise, where a conversion from the score divides by
+        :math:`\alpha`) and at :math:`\sigma = 0`."""
+        scales, coords, log_joint = self._parts(x, alpha, sigma)
+        gains = (alpha * alpha_dot * self.eigvals + sigma * sigma_dot) / scales
+        per_component = alpha_dot * self.means + jnp.einsum(
+            "kij,kj->ki", self.eigvecs, gains * coords
+        )
+        return _sum(_log_normaliser_and_probs(log_joint)[1][:, None] * per_component, 0)
+
 
 def gaussian_mixture(weights: Any, means: Any, covariances: Any) -> GaussianMixture:
     """Build a :class:`GaussianMixture`, checking shapes, weights and positive definiteness."""

@@ -11,11 +11,14 @@ import importlib.util
 import numpy as np
 import pytest
 
+from shufflesgd import diffusion
 from support.benchmark_results import REPO, positive_finite
 
 PAIRINGS = (
     "diffusers_dpm_solver_multistep",
+    "diffusers_unipc_multistep",
     "diffusers_euler_discrete",
+    "diffusers_flow_match_euler",
     "k_diffusion_dpmpp_2m",
     "k_diffusion_heun",
 )
@@ -159,20 +162,52 @@ def test_diffusers_levels_and_vp_grid_match_ours():
     diffusers = bench.import_diffusers_schedulers()
     import torch
 
-    for name in ("diffusers_dpm_solver_multistep", "diffusers_euler_discrete"):
+    for name in (
+        "diffusers_dpm_solver_multistep",
+        "diffusers_unipc_multistep",
+        "diffusers_euler_discrete",
+    ):
         for steps in (7, 20):
             pairing = bench.Pairing(name, steps, bench.QUICK, torch, diffusers, "not installed")
             # diffusers accumulates abar in float32 (torch.cumprod): 1e-4 relative at sigma ~ 0.01
             np.testing.assert_allclose(
                 pairing.scaled_sigmas, bench.default_diffusers_sigmas(name, steps), rtol=1e-4
             )
-            if name == "diffusers_dpm_solver_multistep":
+            if name in bench.VP_MULTISTEP:
                 scaled = pairing.scaled_sigmas[:-1]
                 alpha = np.asarray(
                     pairing.sde.alpha(np.asarray(pairing.grid[:-1], np.float32)), np.float64
                 )
                 np.testing.assert_allclose(alpha, 1.0 / np.sqrt(1.0 + scaled**2), rtol=1e-5)
                 assert pairing.grid[-1] == 0.0
+
+
+def test_flow_match_pairing_runs_our_shifted_grid_from_t_one():
+    """The flow pairing's times are SD3's shifted grid from t = 1 (our "shifted" time grid with
+    the same shift and ends), then 0: without diffusers, rebuilt from diffusers' construction;
+    with it, diffusers' own sigmas (float32)."""
+    bench = _load()
+    for steps in (6, 20):
+        pairing = bench.Pairing(
+            "diffusers_flow_match_euler", steps, bench.QUICK, None, "not installed", "not installed"
+        )
+        sde = diffusion.make_sde("flow", t_max=1.0)
+        t_min = bench.shift_flow(bench.shift_flow(1e-3))  # diffusers shifts the low end twice
+        ours = diffusion.time_grid(sde, "shifted", steps - 1, t_min=t_min, shift=bench.FLOW_SHIFT)
+        np.testing.assert_allclose(pairing.grid[:-1], ours, rtol=1e-12)
+        assert pairing.grid[0] == 1.0 and pairing.grid[-1] == 0.0
+        if _installed("torch") and _installed("diffusers"):
+            import torch
+
+            real = bench.Pairing(
+                "diffusers_flow_match_euler",
+                steps,
+                bench.QUICK,
+                torch,
+                bench.import_diffusers_schedulers(),
+                "not installed",
+            )
+            np.testing.assert_allclose(real.grid, pairing.grid, rtol=1e-6)
 
 
 def test_k_diffusion_pairings_use_the_karras_sigmas_then_zero():

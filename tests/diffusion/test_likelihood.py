@@ -1,5 +1,6 @@
 """The probability-flow ODE likelihood judged against exact log-densities of Gaussian
-mixtures: exact up to the prior mismatch (and exact with the true p_T as prior), an unbiased
+mixtures: exact up to the prior mismatch (and exact with the true p_T as prior), exact with no
+mismatch at all on the flow-matching interpolants from t = 1 with a velocity model, an unbiased
 Hutchinson estimate, an exact evaluation count, jit/vmap, determinism and argument errors."""
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 from jax.experimental import io_callback
 
 from shufflesgd import diffusion, problems
+from support.samplers import exact_velocity_model
 
 
 def gaussian():
@@ -70,7 +72,7 @@ def exact_model(sde, law):
     return diffusion.Model(lambda x, t: marginal(sde, law, t).score(x), "score")
 
 
-@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+@pytest.mark.parametrize("sde_name", ["vp", "ve", "flow", "trig"])
 @pytest.mark.parametrize("target", ["gaussian", "mixture"])
 def test_pf_ode_log_likelihood_is_exact_up_to_the_prior_mismatch(sde_name, target, x64):
     """The flow maps p_T onto p_eps exactly, so with the exact marginal p_T as the prior the
@@ -97,8 +99,28 @@ def test_pf_ode_log_likelihood_is_exact_up_to_the_prior_mismatch(sde_name, targe
     with_prior = sde.prior_log_prob(result.latent) + result.delta_log_prob
     mismatch = jax.vmap(p_T.log_prob)(result.latent) - sde.prior_log_prob(result.latent)
     np.testing.assert_allclose(exact - with_prior, mismatch, atol=1e-6)
-    # and that mismatch is real (VE's sigma_max = 50 dwarfs the data; VP's p_T is nearly N(0, I))
+    # and that mismatch is real (VE's sigma_max = 50 dwarfs the data; VP's p_T is nearly N(0, I),
+    # and so are the interpolants' at t_max = 1 - 1e-3)
     assert np.all(np.abs(mismatch) > 1e-4)
+
+
+@pytest.mark.parametrize("sde_name", ["flow", "trig"])
+@pytest.mark.parametrize("target", ["gaussian", "mixture"])
+def test_flow_likelihood_from_noise_to_data_is_the_exact_density(sde_name, target, x64):
+    """On an interpolant with t in [0, 1] exactly, p_1 = N(0, I) is the process's own prior and
+    p_0 the data: the velocity model's ODE from t = 0 to 1 gives the data's log-density with
+    neither a prior mismatch nor a t_min offset (the drift is the velocity, finite at both
+    ends)."""
+    sde = diffusion.make_sde(sde_name, t_min=0.0, t_max=1.0)
+    law = gaussian() if target == "gaussian" else mixture()
+    model = exact_velocity_model(sde, law)
+    result = jax.jit(lambda k, xs: diffusion.log_likelihood_batch(k, model, sde, xs, **TIGHT))(
+        jax.random.key(0), jnp.asarray(POINTS)
+    )
+    exact = jax.vmap(Marginal(law, 1.0, 0.0).log_prob)(POINTS)
+    assert np.all(result.success)
+    np.testing.assert_allclose(result.log_prob_nats, exact, atol=1e-6)
+    np.testing.assert_allclose(result.prior_log_prob, sde.prior_log_prob(result.latent))
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])

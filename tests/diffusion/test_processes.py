@@ -1,5 +1,7 @@
-"""Forward processes: drift/diffusion consistent with alpha/sigma, marginals by simulation,
-log-SNR inverses, output conversions, time grids and discrete spacings."""
+"""Forward processes: drift/diffusion consistent with alpha/sigma (by differentiation and by
+integrating the mean and variance ODEs), marginals by simulation, log-SNR inverses, output
+conversions (the velocity among them: the probability-flow drift and the time derivative of the
+interpolant's conditional expectation), time grids and discrete spacings."""
 
 import math
 
@@ -9,8 +11,9 @@ import numpy as np
 import pytest
 
 from shufflesgd import diffusion, problems
+from support.samplers import exact_model, exact_velocity_model
 
-NAMES = ["vp", "subvp", "ve", "edm"]
+NAMES = ["vp", "subvp", "ve", "edm", "flow", "trig"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -32,7 +35,7 @@ def test_time_of_log_snr_inverts_log_snr(name, x64):
     np.testing.assert_allclose(diffusion.time_of_sigma(sde, sde.sigma(t)), t, rtol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "flow", "trig"])
 def test_forward_marginals_by_simulation(name, x64):
     """Euler–Maruyama on the forward SDE from x0 reproduces mean alpha x0 and variance sigma^2
     (minus the t=0 offset for VE) within Monte Carlo error."""
@@ -57,6 +60,35 @@ def test_forward_marginals_by_simulation(name, x64):
     assert abs(float(jnp.mean(x)) - mean_expected) < 4 * math.sqrt(var / paths)
     # var of the sample variance of a Gaussian: 2 sigma^4 / n; plus O(dt) discretisation
     assert abs(var - var_expected) < 4 * var_expected * math.sqrt(2 / paths) + 5e-3 * var_expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mean_and_variance_odes_integrate_to_alpha_and_sigma(name, x64):
+    """The forward SDE dx = f x dt + g dw moves the mean and variance of x_t | x_0 by
+    d alpha/dt = f alpha and d sigma^2/dt = 2 f sigma^2 + g^2; integrated numerically (RK4,
+    uniform in t) from t_min, they land on alpha(t) and sigma(t)^2 up to t_max."""
+    sde = diffusion.make_sde(name)
+    steps = 4000
+    ts = np.linspace(sde.t_min, sde.t_max, steps + 1)
+    h = (sde.t_max - sde.t_min) / steps
+
+    def rhs(t, y):
+        f, g2 = sde.drift_coefficient(t), sde.diffusion_squared(t)
+        return jnp.stack([f * y[0], 2.0 * f * y[1] + g2])
+
+    def rk4(y, t):
+        k1 = rhs(t, y)
+        k2 = rhs(t + h / 2, y + h / 2 * k1)
+        k3 = rhs(t + h / 2, y + h / 2 * k2)
+        k4 = rhs(t + h, y + h * k3)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return y, y
+
+    y0 = jnp.stack([sde.alpha(sde.t_min), sde.sigma(sde.t_min) ** 2])
+    _, ys = jax.lax.scan(rk4, y0, jnp.asarray(ts[:-1]))
+    t = jnp.asarray(ts[1:])
+    np.testing.assert_allclose(ys[:, 0], sde.alpha(t), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ys[:, 1], sde.sigma(t) ** 2, rtol=1e-6, atol=1e-9)
 
 
 def test_gaussian_mixture_diffuses_in_closed_form(x64):
@@ -98,6 +130,89 @@ def test_model_output_conversions_round_trip_and_agree_with_the_exact_score(name
     np.testing.assert_allclose(eps, -sde.sigma(t) * score, rtol=1e-9)
     x0 = diffusion.convert(output, source, "x0", x, t, sde)
     np.testing.assert_allclose(sde.alpha(t) * x0 + sde.sigma(t) * eps, x, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_velocity_is_the_pf_ode_drift_and_the_time_derivative_of_the_interpolant(name, x64):
+    """The velocity converted from the exact score of a Gaussian mixture equals (i) the
+    probability-flow drift f x - g^2 s / 2, (ii) E[d x_t / dt | x_t] by central differences of
+    alpha and sigma at the conditional expectations E[x0 | x_t], E[eps | x_t], and (iii) the
+    closed-form mixture velocity computed per component (support.samplers)."""
+    sde = diffusion.make_sde(name)
+    mixture = problems.gaussian_mixture(
+        [0.4, 0.6], [[0.0, 1.0], [2.0, -1.0]], [np.eye(2) * 0.5, [[1.0, 0.3], [0.3, 0.8]]]
+    )
+    x = jnp.array([0.7, -0.3])
+    h = 1e-5 * sde.t_max
+    for t in (jnp.asarray(0.3 * sde.t_max), jnp.asarray(0.8 * sde.t_max)):
+        score = exact_model(sde, mixture).fn(x, t)
+        velocity = diffusion.convert(score, "score", "velocity", x, t, sde)
+        drift = sde.reverse_drift(x, t, score, probability_flow=True)
+        np.testing.assert_allclose(velocity, drift, rtol=1e-10, atol=1e-12)
+        x0, eps = (diffusion.convert(score, "score", out, x, t, sde) for out in ("x0", "eps"))
+        d_alpha = (sde.alpha(t + h) - sde.alpha(t - h)) / (2 * h)
+        d_sigma = (sde.sigma(t + h) - sde.sigma(t - h)) / (2 * h)
+        np.testing.assert_allclose(velocity, d_alpha * x0 + d_sigma * eps, rtol=1e-7, atol=1e-9)
+        closed_form = exact_velocity_model(sde, mixture).fn(x, t)
+        np.testing.assert_allclose(velocity, closed_form, rtol=1e-9, atol=1e-12)
+        model = diffusion.Model(lambda x, t, u=closed_form: u, "velocity")
+        np.testing.assert_array_equal(diffusion.pf_ode_drift(model, sde, x, t), closed_form)
+
+
+def _reference_convert(output, source, target, x, t, sde):
+    """convert() between score, eps, x0 and v as it was before the velocity was added."""
+    alpha, sigma = sde.alpha(t), sde.sigma(t)
+    if source == target:
+        return output
+    if source == "score":
+        eps = -sigma * output
+    elif source == "x0":
+        eps = (x - alpha * output) / sigma
+    elif source == "v":
+        eps = (sigma * x + alpha * output) / (alpha**2 + sigma**2)
+    else:
+        eps = output
+    if target == "eps":
+        return eps
+    if target == "score":
+        return -eps / sigma
+    x0 = (x - sigma * eps) / alpha
+    if target == "x0":
+        return x0
+    return alpha * eps - sigma * x0
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "edm"])
+def test_conversions_between_the_original_outputs_are_unchanged(name, x64):
+    """Adding the velocity leaves the arithmetic of the other conversions bit for bit, and the
+    probability-flow drift of a score model is still f x - g^2 s / 2, exactly."""
+    sde = diffusion.make_sde(name)
+    x, t = jnp.array([0.7, -0.3, 1.9]), jnp.asarray(0.37 * sde.t_max)
+    output = jnp.array([0.25, -1.5, 0.8])
+    for source in ("score", "eps", "x0", "v"):
+        for target in ("score", "eps", "x0", "v"):
+            np.testing.assert_array_equal(
+                diffusion.convert(output, source, target, x, t, sde),
+                _reference_convert(output, source, target, x, t, sde),
+            )
+        model = diffusion.Model(lambda x, t, source=source: output, source)
+        score = _reference_convert(output, source, "score", x, t, sde)
+        np.testing.assert_array_equal(
+            diffusion.pf_ode_drift(model, sde, x, t),
+            sde.drift_coefficient(t) * x - 0.5 * sde.diffusion_squared(t) * score,
+        )
+
+
+def test_interpolants_validate_their_time_range():
+    assert diffusion.make_sde("flow", t_max=1.0).t_max == 1.0
+    assert diffusion.make_sde("trig", t_min=0.0, t_max=1.0).t_min == 0.0
+    for name in ("flow", "trig"):
+        with pytest.raises(ValueError, match="t_max must be at most 1"):
+            diffusion.make_sde(name, t_max=1.5)
+        with pytest.raises(ValueError, match="t_min must be below t_max"):
+            diffusion.make_sde(name, t_min=-0.1)
+        with pytest.raises(ValueError, match="t_max must be finite"):
+            diffusion.make_sde(name, t_max=float("nan"))
 
 
 @pytest.mark.parametrize(

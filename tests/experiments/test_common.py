@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from ml_collections import ConfigDict
 
 from experiments import common
-from shufflesgd import shuffling
+from shufflesgd import diffusion, shuffling
 from shufflesgd.nn import checkpoint, data, models, training
 
 
@@ -164,3 +165,43 @@ def test_no_intact_checkpoint_starts_from_scratch_saying_so(tmp_path):
     assert_same_state(again, fresh)
     assert records == fresh_records
     assert len((tmp_path / "lost.jsonl").read_text().splitlines()) == 1
+
+
+def test_sampler_labels_carry_options():
+    """A config label is a registered name or name(option=literal, ...); the study's own
+    Restart / predictor-corrector options sit under the label's."""
+    config = ConfigDict(
+        dict(restart_k=2, restart_steps=4, restart_t_min=0.1, restart_t_max=0.3, pc_snr=0.16)
+    )
+    assert common.parse_sampler("samplers", "ddim") == ("ddim", {})
+    assert common.parse_sampler("samplers", " ddim(eta=0.5, final='none') ") == (
+        "ddim",
+        {"eta": 0.5, "final": "none"},
+    )
+    name, options = common.sampler_options("restart(restart_k=5)", config)
+    assert name == "restart" and options["restart_k"] == 5 and options["restart_steps"] == 4
+    assert common.sampler_options("predictor_corrector", config) == (
+        "predictor_corrector",
+        {"snr": 0.16},
+    )
+    labels = ("ddim", "ddim(eta=1.0)", "edm_heun(S_churn=5.0)")
+    assert common.check_samplers("samplers", labels, diffusion.SAMPLERS) == list(labels)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (("ddim(0.5)",), "must be sampler names or name"),
+        (("ddim(eta=x)",), "must be sampler names or name"),
+        (("ddim(**o)",), "must be sampler names or name"),
+        (("ddim[eta=1]",), "must be sampler names or name"),
+        ((3,), "must be sampler names or name"),
+        (("dddim",), "must be one of"),
+        (("ddim(etta=0.5)",), r"config.samplers: ddim has no option etta"),
+        (("ddim", "ddim"), "must not repeat"),
+        ((), "must name at least one"),
+    ],
+)
+def test_bad_sampler_labels_name_the_field(labels, match):
+    with pytest.raises(ValueError, match=match):
+        common.check_samplers("samplers", labels, diffusion.SAMPLERS)

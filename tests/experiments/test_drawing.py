@@ -232,11 +232,19 @@ def test_score_model_draws_finite_points(tmp_path, legend_texts):
             ],
             gaussian_bits_per_dim=dict(mean=INF),
             uniform_bits_per_dim=math.log2(17),
+            exposure_bias=dict(
+                samplers={
+                    "ddim": {"10": budget(10, 0.4), "20": budget(20, None)},
+                    "time_shift_ddim": {"10": budget(10, INF), "20": budget(20, 0.3)},
+                }
+            ),
         ),
     )
     path = tmp_path / "figure.png"
     score_model.draw(metrics, path)
     assert_drawn(path, legend_texts, "euler (network) (2 diverged points not shown)")
+    assert "ddim (network) (1 diverged points not shown)" in legend_texts
+    assert "time_shift_ddim (network) (1 diverged points not shown)" in legend_texts
     assert "euler (exact) (1 diverged points not shown)" in legend_texts
     assert "PF-ODE (1 diverged points not shown)" in legend_texts
 
@@ -274,3 +282,39 @@ def test_sghmc_minibatch_draws_finite_points(tmp_path, legend_texts):
     sghmc_minibatch.draw(metrics, config, path)
     assert_drawn(path, legend_texts, "with_replacement (order nan) (2 diverged points not shown)")
     assert "random_reshuffle (order 1.00)" in legend_texts
+
+
+def test_momentum_divergence_draws_finite_points(tmp_path, legend_texts):
+    from experiments import momentum_divergence
+
+    def row(sampler, w, nfe, rms, se, fraction):
+        return dict(
+            problem="mixture_2d",
+            guidance_scale=w,
+            sampler=sampler,
+            nfe=nfe,
+            rms_mean=rms,
+            rms_se=se,
+            blown_up_fraction=fraction,
+        )
+
+    rows = [
+        row("dpm_solver_pp_2m", 7.5, 6, NAN, NAN, NAN),
+        row("dpm_solver_pp_2m", 7.5, 8, INF, 0.1, 0.5),
+        row("dpm_solver_pp_2m", 7.5, 10, 0.2, 0.01, 0.0),
+        row("dpm_solver_pp_hb(beta=0.8)", 7.5, 6, None, None, None),
+        row("dpm_solver_pp_hb(beta=0.8)", 7.5, 8, 0.3, INF, 0.0),
+        row("dpm_solver_pp_hb(beta=0.8)", 7.5, 10, 0.1, 0.01, 0.0),
+        row("ghvb(order=4, beta=0.8)", 1.0, 6, None, None, None),
+    ]
+    metrics = dict(
+        blowup_factor=NAN,
+        problems=dict(mixture_2d=dict(dim=2, rows=rows), mixture_high_dim=dict(rows=[])),
+    )
+    path = tmp_path / "figure.png"
+    momentum_divergence.draw(metrics, path)
+    assert_drawn(path, legend_texts, "DPM-Solver++(2M) (2 diverged points not shown)")
+    assert "DPM-Solver++(2M) (1 diverged points not shown)" in legend_texts  # blown-up fraction
+    assert "DPM-Solver++(2M) HB 0.8 (2 diverged points not shown)" in legend_texts
+    assert "DPM-Solver++(2M) HB 0.8 (1 diverged points not shown)" in legend_texts
+    assert "GHVB 3.8 (1 diverged points not shown)" in legend_texts

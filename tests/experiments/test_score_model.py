@@ -29,6 +29,7 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
         "mixture_2d.csv",
         "digits_samplers.csv",
         "digits_likelihood.csv",
+        "digits_exposure_bias.csv",
         "mixture_2d_epochs.csv",
         "digits_epochs.csv",
     ):
@@ -109,6 +110,23 @@ def test_quick_study_trains_samples_and_scores(tmp_path, capsys, quick_config):
             )
             assert np.isfinite(r["clipped"]["mean"]) and 0.0 <= r["outside"] <= 1.0, r
 
+    # exposure bias: the base sampler, each Epsilon Scaling and the Time-Shift version at every
+    # budget, paired with the base (its own difference is exactly 0); the data variance is that of
+    # dequantised digits in [-1, 1]
+    e = d["exposure_bias"]
+    assert 0.05 < e["data_variance"] < 1.0, e["data_variance"]
+    labels = ["ddim", "ddim + ES(b=1.01)", "time_shift_ddim"]
+    assert list(e["samplers"]) == labels
+    for label in labels:
+        for budget in config.exposure_nfe_budgets:
+            r = e["samplers"][label][str(budget)]
+            assert r["nfe"] == budget and r["nonfinite_samples"] == 0, (label, r)
+            assert r["network"]["mean"] < d["prior"]["mean"], (label, r)
+            expected = r["network"]["mean"] - e["samplers"]["ddim"][str(budget)]["network"]["mean"]
+            assert r["difference"]["mean"] == pytest.approx(expected, abs=1e-6), (label, r)
+    base = e["samplers"]["ddim"][str(config.exposure_nfe_budgets[0])]["difference"]
+    assert base["mean"] == 0.0 and base["se"] == 0.0
+
 
 def _steps(config, part):
     """Optimizer steps of a whole run: the name of the last checkpoint."""
@@ -161,6 +179,12 @@ def test_quick_config_is_valid_and_full_config_covers_every_sampler():
         ({"restart_t_min": 0.5}, r"config\.restart_t_min and config\.restart_t_max"),
         ({"checkpoint_dir": ""}, r"config\.checkpoint_dir must be None or a non-empty path"),
         ({"seed": -1}, r"config\.seed must be a non-negative integer"),
+        ({"exposure_samplers": ("dpm_solver_pp_2m",)}, r"config\.exposure_samplers must be one"),
+        ({"exposure_nfe_budgets": (20, 10)}, r"config\.exposure_nfe_budgets must be strictly"),
+        ({"epsilon_scaling_b": (1.01, 0.0)}, r"config\.epsilon_scaling_b must be a positive"),
+        ({"time_shift_window": 4}, r"config\.time_shift_window must be odd"),
+        ({"time_shift_window_width": 1.0}, r"config\.time_shift_window_width must lie in"),
+        ({"time_shift_cutoff": -0.1}, r"config\.time_shift_cutoff must lie in"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):

@@ -81,6 +81,32 @@ def test_denoising_score_matching_weightings(name, prediction):
     np.testing.assert_allclose(losses, 0.0, atol=1e-6)
 
 
+class _VelocityOracle(nn.Module):
+    """For data x0 = 0 on the rectified flow, x_t = t eps and the velocity target is eps:
+    predicts eps + offset."""
+
+    offset: float
+
+    @nn.compact
+    def __call__(self, x, t, *, train):
+        del train
+        return x / t[:, None] + self.offset
+
+
+@pytest.mark.parametrize("t_max", [0.999, 1.0])
+def test_flow_matching_loss_is_the_velocity_error(t_max):
+    """weighting="velocity": ||u_hat - (alpha' x0 + sigma' eps)||^2, finite up to t = 1."""
+    sde = diffusion.make_sde("flow", t_max=t_max)
+    batch = {"x": jnp.zeros((16, 3))}
+    for offset in (0.5, 0.0):
+        loss = training.denoising_score_matching_loss(
+            _VelocityOracle(offset), sde, prediction="velocity", weighting="velocity", input_key="x"
+        )
+        losses, _ = loss({}, {}, batch, jax.random.key(5), True)
+        assert np.all(np.isfinite(losses))
+        np.testing.assert_allclose(losses, 3 * offset**2, rtol=1e-4, atol=1e-6)
+
+
 def test_denoising_score_matching_validates():
     sde = diffusion.make_sde("vp")
     with pytest.raises(ValueError, match="prediction must be one of"):

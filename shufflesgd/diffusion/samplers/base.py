@@ -8,10 +8,11 @@ A sampler is a pure function of one sample,
 that runs ``lax.scan`` over the consecutive pairs :math:`(t_i, t_{i+1})` of a strictly
 decreasing time ``grid`` (an array: :func:`shufflesgd.diffusion.time_grid` or any other
 spacing).  ``model`` is a :class:`Model`: a function of ``(x, t)`` and the kind of output it
-predicts (score, :math:`\varepsilon`, :math:`x_0` or :math:`v`), converted as each sampler
-needs with :func:`shufflesgd.diffusion.convert`.  The probability-flow drift that several
-samplers integrate is :math:`f(t)x - \frac12 g(t)^2 s_\theta(x, t)` (Song et al. 2021,
-"Score-Based Generative Modeling through Stochastic Differential Equations", Eq. 13).
+predicts (score, :math:`\varepsilon`, :math:`x_0`, :math:`v` or the flow-matching velocity),
+converted as each sampler needs with :func:`shufflesgd.diffusion.convert`.  The
+probability-flow drift that several samplers integrate is :math:`f(t)x - \frac12 g(t)^2
+s_\theta(x, t)` (Song et al. 2021, "Score-Based Generative Modeling through Stochastic
+Differential Equations", Eq. 13), equal to the velocity (:func:`pf_ode_drift`).
 
 Noise: step ``i``'s ``j``-th Gaussian draw is ``normal(fold_in(fold_in(key, i), j))``
 (:func:`draw`), or ``noise[i, j]`` when an explicit array ``noise`` of shape
@@ -103,8 +104,21 @@ def scan_grid(
 
 
 def pf_ode_drift(model: Model, sde: SDE, x: Array, t: Array) -> Array:
-    r"""The probability-flow drift :math:`f(x, t) - \frac12 g(t)^2 s_\theta(x, t)` (Song et al.
-    2021, Eq. 13), from any kind of model output."""
+    r"""The probability-flow drift :math:`f(t)x - \frac12 g(t)^2 s_\theta(x, t)` (Song et al.
+    2021, Eq. 13), from any kind of model output.
+
+    The same drift is the velocity :math:`\dot\alpha\hat x_0 + \dot\sigma\hat\varepsilon`
+    (:func:`shufflesgd.diffusion.convert`), and it is evaluated in that form when the model
+    outputs ``"velocity"`` (its output is then the drift itself) or the process has
+    ``velocity_drift`` set (the interpolants of
+    :class:`~shufflesgd.diffusion.processes.Interpolant`, where :math:`f` and :math:`g^2` are
+    infinite at :math:`t = 1` while the velocity of an :math:`x_0`, :math:`v` or velocity model
+    is finite).  The Euler step :math:`x + (t_{next} - t)\,u(x, t)` of a velocity model on
+    :class:`~shufflesgd.diffusion.processes.RectifiedFlow` is then exactly diffusers'
+    ``FlowMatchEulerDiscreteScheduler.step``.  For the other processes and outputs the drift is
+    computed as before, :math:`f x - \frac12 g^2 s`."""
+    if model.output == "velocity" or getattr(sde, "velocity_drift", False):
+        return model.predict(sde, x, t, "velocity")
     return sde.reverse_drift(x, t, model.predict(sde, x, t, "score"), probability_flow=True)
 
 
@@ -203,9 +217,21 @@ def sample_batch(
     return jax.vmap(lambda k, x: sampler(k, model, sde, x, grid, **options))(keys, x_T)
 
 
-def mixture_model(sde: SDE, law: Any) -> Model:
-    r"""The exact score model of the forward marginals of a Gaussian mixture ``law`` (a
-    :class:`shufflesgd.problems.EigenMixture`, or anything with ``score(x, alpha, sigma)``):
-    :math:`s(x, t) = \nabla\log p_t(x)` with :math:`p_t` the law of :math:`\alpha(t)x_0 +
-    \sigma(t)\varepsilon`, the analytic test bed of every sampler."""
-    return Model(lambda x, t: law.score(x, sde.alpha(t), sde.sigma(t)), "score")
+def mixture_model(sde: SDE, law: Any, output: str = "score") -> Model:
+    r"""The exact model of the forward marginals of a Gaussian mixture ``law`` (a
+    :class:`shufflesgd.problems.EigenMixture`), the analytic test bed of every sampler:
+    ``output="score"`` gives :math:`s(x, t) = \nabla\log p_t(x)` with :math:`p_t` the law of
+    :math:`\alpha(t)x_0 + \sigma(t)\varepsilon`; ``output="velocity"`` the flow-matching
+    velocity :math:`E[\dot\alpha x_0 + \dot\sigma\varepsilon \mid x_t = x]`
+    (:meth:`~shufflesgd.problems.EigenMixture.velocity`), finite where :math:`\alpha = 0`
+    (an interpolant's :math:`t = 1`)."""
+    if output == "score":
+        return Model(lambda x, t: law.score(x, sde.alpha(t), sde.sigma(t)), "score")
+    if output == "velocity":
+        return Model(
+            lambda x, t: law.velocity(
+                x, sde.alpha(t), sde.sigma(t), sde.alpha_dot(t), sde.sigma_dot(t)
+            ),
+            "velocity",
+        )
+    raise ValueError(f"output must be 'score' or 'velocity', got output={output!r}")

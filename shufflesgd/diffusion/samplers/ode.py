@@ -19,6 +19,20 @@ learned score in place of :math:`\nabla\log p_t`:
   :math:`\eta > 0`, adds posterior noise (:math:`\eta = 1` is DDPM's ancestral step).
 
 All but DDIM with :math:`\eta > 0` are deterministic: ``key`` and ``noise`` are unused.
+
+Flow models.  The probability-flow drift equals the flow-matching velocity
+:math:`u = E[\dot\alpha x_0 + \dot\sigma\varepsilon \mid x_t]`, which is how the drift is
+evaluated for a velocity model and on the interpolants
+(:class:`~shufflesgd.diffusion.processes.RectifiedFlow`,
+:class:`~shufflesgd.diffusion.processes.TrigFlow`; see
+:func:`~shufflesgd.diffusion.samplers.base.pf_ode_drift`).  There the Euler, Heun and adaptive
+solvers, and DDIM (which uses only :math:`\hat x_0` and :math:`\hat\varepsilon`), start at
+:math:`t = 1` exactly with a velocity, :math:`x_0` or :math:`v` model
+(``make_sde("flow", t_max=1.0)``).  :func:`pf_ode_euler` with a velocity model on the rectified
+flow is the sampler of rectified flow and SD3, diffusers' ``FlowMatchEulerDiscreteScheduler``,
+:math:`x \leftarrow x + (t_{next} - t)\,u(x, t)` (with its ``shift``: the ``"shifted"`` grid of
+:func:`shufflesgd.diffusion.time_grid`); on the rectified flow, DDIM's step is that same Euler
+step.
 """
 
 from __future__ import annotations
@@ -40,6 +54,33 @@ from shufflesgd.diffusion.samplers.base import (
 )
 
 Array = jax.Array
+
+
+def ddim_step(
+    key: Array,
+    model: Model,
+    sde: SDE,
+    eta: float | Array,
+    noise: Array | None,
+    x: Array,
+    i: Array,
+    t: Array,
+    t_next: Array,
+) -> Array:
+    r"""One step of :func:`ddim` from :math:`(x, t)` to ``t_next`` (step ``i``'s draw): the
+    building block that samplers which move the time a state is coupled with (the Time-Shift
+    sampler) share with DDIM."""
+    x0 = model.predict(sde, x, t, "x0")
+    eps = (x - sde.alpha(t) * x0) / sde.sigma(t)
+    sigma_t, sigma_s = sde.sigma(t), sde.sigma(t_next)
+    ratio = sde.alpha(t) / sde.alpha(t_next)
+    posterior_var = sigma_s**2 * (sigma_t**2 - ratio**2 * sigma_s**2) / sigma_t**2
+    c2 = eta**2 * jnp.clip(posterior_var, 0.0)
+    return (
+        sde.alpha(t_next) * x0
+        + jnp.sqrt(jnp.clip(sigma_s**2 - c2, 0.0)) * eps
+        + jnp.sqrt(c2) * draw(key, noise, i, 0, x)
+    )
 
 
 def ddim(
@@ -68,17 +109,7 @@ def ddim(
         raise ValueError(f"eta must lie in [0, 1], got eta={eta}")
 
     def step(x, i, t, t_next):
-        x0 = model.predict(sde, x, t, "x0")
-        eps = (x - sde.alpha(t) * x0) / sde.sigma(t)
-        sigma_t, sigma_s = sde.sigma(t), sde.sigma(t_next)
-        ratio = sde.alpha(t) / sde.alpha(t_next)
-        posterior_var = sigma_s**2 * (sigma_t**2 - ratio**2 * sigma_s**2) / sigma_t**2
-        c2 = eta**2 * jnp.clip(posterior_var, 0.0)
-        return (
-            sde.alpha(t_next) * x0
-            + jnp.sqrt(jnp.clip(sigma_s**2 - c2, 0.0)) * eps
-            + jnp.sqrt(c2) * draw(key, noise, i, 0, x)
-        )
+        return ddim_step(key, model, sde, eta, noise, x, i, t, t_next)
 
     x, nfe, bad = scan_grid(step, x, grid, 1)
     return finish(model, sde, x, grid, final, nfe, bad)
@@ -95,8 +126,12 @@ def pf_ode_euler(
     noise: Array | None = None,
 ) -> tuple[Array, SamplerInfo]:
     r"""Euler on the probability-flow ODE :math:`dx/dt = f x - \frac12 g^2 s` (Song et al.
-    2021, Sec. 4.3), one evaluation a step; global order 1.  Defaults: ``final="denoise"``
-    (one more evaluation)."""
+    2021, Sec. 4.3), one evaluation a step; global order 1.  With a velocity model the step is
+    :math:`x + (t_{next} - t)\,u(x, t)`, the model output itself: on the rectified flow from
+    :math:`t = 1`, diffusers' ``FlowMatchEulerDiscreteScheduler`` (Liu, Gong & Liu 2023; Esser
+    et al. 2024), e.g. ``pf_ode_euler(key, Model(net, "velocity"), make_sde("flow", t_min=0.0,
+    t_max=1.0), x_T, time_grid(sde, "shifted", N, shift=3.0), final="none")``.  Defaults:
+    ``final="denoise"`` (one more evaluation)."""
     del key, noise
     check_sampler_arguments(grid, final, x=x)
 

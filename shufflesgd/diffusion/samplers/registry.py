@@ -28,7 +28,9 @@ import jax
 from shufflesgd._checks import check_int, is_concrete
 from shufflesgd.diffusion.samplers.base import SamplerInfo
 from shufflesgd.diffusion.samplers.dpm_solver import dpm_solver_pp_2m, dpm_solver_pp_3m
+from shufflesgd.diffusion.samplers.dpm_solver_v3 import dpm_solver_v3
 from shufflesgd.diffusion.samplers.edm import edm_heun
+from shufflesgd.diffusion.samplers.momentum import dpm_solver_pp_hb, ghvb, plms_hb
 from shufflesgd.diffusion.samplers.ode import (
     ddim,
     pf_ode_adaptive,
@@ -42,6 +44,8 @@ from shufflesgd.diffusion.samplers.sde import (
     predictor_corrector,
     reverse_diffusion,
 )
+from shufflesgd.diffusion.samplers.time_shift import time_shift_ddim, time_shift_ddpm
+from shufflesgd.diffusion.samplers.unipc import unipc
 
 Array = jax.Array
 Sampler = Callable[..., tuple[Array, SamplerInfo]]
@@ -195,6 +199,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
         nfe_per_step=1,
         noise_draws_per_step=0,
     ),
+    "dpm_solver_v3": SamplerSpec(
+        dpm_solver_v3,
+        "Zheng, Lu, Chen & Zhu 2023, DPM-Solver-v3: Improved Diffusion ODE Solver with "
+        "Empirical Model Statistics, Sec. 3 (multistep predictor-corrector)",
+        nfe_per_step=1,
+        noise_draws_per_step=0,
+    ),
     "edm_heun": SamplerSpec(
         edm_heun,
         "Karras, Aittala, Aila & Laine 2022, Elucidating the Design Space of Diffusion-Based "
@@ -209,11 +220,55 @@ SAMPLERS: dict[str, SamplerSpec] = {
         noise_draws_per_step=lambda restart_k: restart_k,
         nfe_fixed=lambda restart_k, restart_steps: 2 * restart_k * restart_steps,
     ),
+    "dpm_solver_pp_hb": SamplerSpec(
+        dpm_solver_pp_hb,
+        "Wizadwongsa et al. 2024, Diffusion Sampling with Momentum for Mitigating Divergence "
+        "Artifacts, Eq. 14 (heavy ball) on Lu et al. 2022, DPM-Solver++, Alg. 2",
+        nfe_per_step=1,
+        noise_draws_per_step=0,
+    ),
+    "plms_hb": SamplerSpec(
+        plms_hb,
+        "Wizadwongsa et al. 2024, Diffusion Sampling with Momentum for Mitigating Divergence "
+        "Artifacts, Alg. 1 (PLMS with heavy ball)",
+        nfe_per_step=1,
+        noise_draws_per_step=0,
+    ),
+    "ghvb": SamplerSpec(
+        ghvb,
+        "Wizadwongsa et al. 2024, Diffusion Sampling with Momentum for Mitigating Divergence "
+        "Artifacts, Alg. 2 (Generalized Heavy Ball)",
+        nfe_per_step=1,
+        noise_draws_per_step=0,
+    ),
+    "unipc": SamplerSpec(
+        unipc,
+        "Zhao, Bai, Rao, Zhou & Lu 2023, UniPC: A Unified Predictor-Corrector Framework for "
+        "Fast Sampling of Diffusion Models, Alg. 1-3 (multistep UniP-p with UniC)",
+        nfe_per_step=1,
+        noise_draws_per_step=0,
+    ),
     "pf_ode_adaptive": SamplerSpec(
         pf_ode_adaptive,
         "Dormand & Prince 1980 (Dopri5) on Song et al. 2021's probability-flow ODE, Sec. 4.3",
         nfe_per_step=None,
         noise_draws_per_step=0,
+        affine=False,
+    ),
+    "time_shift_ddim": SamplerSpec(
+        time_shift_ddim,
+        "Li, Qu, Yao, Sun & Moens 2024, Alleviating Exposure Bias in Diffusion Models through "
+        "Sampling with Shifted Time Steps, Alg. 1 (TS-DDIM)",
+        nfe_per_step=1,
+        noise_draws_per_step=1,
+        affine=False,
+    ),
+    "time_shift_ddpm": SamplerSpec(
+        time_shift_ddpm,
+        "Li, Qu, Yao, Sun & Moens 2024, Alleviating Exposure Bias in Diffusion Models through "
+        "Sampling with Shifted Time Steps, Alg. 1 (TS-DDPM)",
+        nfe_per_step=1,
+        noise_draws_per_step=1,
         affine=False,
     ),
 }
