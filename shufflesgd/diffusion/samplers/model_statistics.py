@@ -48,9 +48,10 @@ data with its exact model (affine in :math:`x`, so every expectation is a closed
 :func:`estimate_ems` estimates them for any model by Monte Carlo over data samples and noise
 with Jacobian-vector products.  The authors compute theirs as their App. C.1.1 describes; their
 repository ships no statistics code (its README's section on computing them by yourself is
-empty), and the appendix could not be read offline, so the estimator's details (Hutchinson's probe for the
-diagonal, the pathwise :math:`\dot l`, the forward marginal as the expectation's law, the
-cut-off) are this library's and are checked against :func:`gaussian_ems`, not against theirs.
+empty), and the appendix could not be read offline, so the estimator's details (Hutchinson's
+probe for the diagonal, the pathwise :math:`\dot l`, the forward marginal as the
+expectation's law, the cut-off) are this library's and are checked against
+:func:`gaussian_ems`, not against theirs.
 :func:`ems_lambdas` is the authors' statistics grid, uniform in :math:`\lambda` over the
 process's time range.
 """
