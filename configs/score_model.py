@@ -1,8 +1,8 @@
 """Config for experiments/score_model.py.
 
-Variants: ``configs/score_model.py`` (the full study: every sampler, about 10 min on 2 loaded
-CPU cores) and ``configs/score_model.py:quick`` (short training, three samplers, one budget;
-the test runs it).
+Variants: ``configs/score_model.py`` (the full study: every sampler, and a second digits network
+trained by flow matching) and ``configs/score_model.py:quick`` (short training, three samplers,
+one budget; the test runs it).
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -56,12 +56,19 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.digits_nfe_budgets = (20, 50)
     config.png_samplers = ("euler_maruyama", "dpm_solver_pp_2m")  # digit grids in digits.png
     config.png_digits = 64
+    # one digits network per process, same architecture and training settings: "vp" predicts eps
+    # (eps-MSE), "flow" (rectified flow) a velocity (flow-matching loss); bits/dim and the SW2
+    # of these samplers at digits_nfe_budgets side by side (the "sde" network is reused)
+    config.digits_processes = ("vp", "flow")
+    config.digits_process_samplers = ("pf_ode_euler", "pf_ode_heun", "dpm_solver_pp_2m", "unipc")
     # exposure bias on the digits network, at equal NFE with paired seeds: each base sampler
     # ("ddim", "ancestral") with Epsilon Scaling (eps / b, Ning et al. 2024's uniform schedule)
     # and its Time-Shift version (Li et al. 2024; the data variance comes from the training set)
     config.exposure_samplers = ("ddim", "ancestral")
     config.exposure_nfe_budgets = (10, 20, 50)
     config.epsilon_scaling_b = (1.005, 1.01, 1.02)
+    # bits/dim of the eps-scaled networks (b = 1 too) on the first of the likelihood images
+    config.exposure_likelihood_points = 64
     config.time_shift_window = 5  # candidate times per step (odd)
     config.time_shift_window_width = 0.5  # fraction of the way to each neighbouring grid time
     config.time_shift_cutoff = 0.0  # no shifting once the scheduled time is below this
@@ -94,6 +101,8 @@ def get_config(variant: str = "full") -> ConfigDict:
         config.exposure_samplers = ("ddim",)
         config.exposure_nfe_budgets = (20,)
         config.epsilon_scaling_b = (1.01,)
+        config.exposure_likelihood_points = 4
+        config.digits_process_samplers = ("dpm_solver_pp_2m",)
         config.png_digits = 16
         config.likelihood_points = 16
         config.likelihood_tolerances = (1e-2,)

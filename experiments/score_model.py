@@ -66,11 +66,49 @@ dequantised training images; baselines: the fitted Gaussian and the prior), as t
 clipped to the data range :math:`[-1, 1]` (as image pipelines clip, Ho et al. 2020), with the
 fraction of pixels outside that range; a PNG grid shows the digits of ``png_samplers``.
 
+*Exposure bias* (``exposure_samplers``): each base sampler beside its Epsilon Scaling versions
+(Ning et al. 2024, :func:`shufflesgd.diffusion.epsilon_scaling`, :math:`\hat\varepsilon/b` for
+each ``b`` of ``epsilon_scaling_b``) and its Time-Shift version (Li et al. 2024), at equal NFE
+from the same prior draws and noise, scored by :math:`SW_2`.  The :math:`\varepsilon`-scaled
+network is itself a model, whose PF-ODE defines a density: its bits/dim on the first
+``exposure_likelihood_points`` of the likelihood images (the first tolerance, the same key and
+divergence as the plain network's row) stand beside the plain network's (:math:`b = 1`, through
+the same wrapper, which returns the network's output bit for bit), with the per-image paired
+difference.  Time-Shift changes the times a sampler queries, not the model, so it has no PF-ODE
+density of its own: its bits/dim are "—".
+
+*VP against flow matching* (``digits_processes``, ``digits_process_samplers``): one network per
+process of :data:`shufflesgd.diffusion.SDES`, of the same architecture, width, depth, epochs,
+batch size, learning rate, preconditioning and seed (the same initial weights, batch order and
+training draws).  On a diffusion SDE (``"vp"``) the network predicts :math:`\varepsilon` under the
+:math:`\varepsilon`-MSE above; on an interpolant (``"flow"``, the rectified flow
+:math:`x_t = (1-t)x_0 + t\varepsilon` of Liu, Gong & Liu 2023, Eq. 1) it predicts the velocity
+:math:`u = \dot\alpha x_0 + \dot\sigma\varepsilon` (:math:`= \varepsilon - x_0`) under the
+conditional flow-matching loss :math:`E\|\hat u_\theta(x_t, t) - u\|^2` (Lipman et al. 2023,
+"Flow Matching for Generative Modeling", Eq. 9; ``weighting="velocity"`` of
+:func:`shufflesgd.nn.training.denoising_score_matching_loss`), in the velocity form of the EDM
+preconditioning (``EDMPreconditioned(output="velocity")``: the exact velocity of
+:math:`N(0, \sigma_d^2 I)` data plus a unit-variance residual).  Each process keeps its library
+default time range (VP :math:`[10^{-3}, 1]`, rectified flow :math:`[10^{-3}, 1 - 10^{-3}]`, so
+that the log-SNR samplers run), so its bits/dim are those of its own :math:`p_{t_{min}}`, whose
+noise level (:math:`\sigma(t_{min}) \approx 0.01` and :math:`10^{-3}`) is far below the
+dequantisation's cell width :math:`2/17`.  Per process: the training losses (each in its own
+units), bits/dim on the same test images at every likelihood tolerance (with the per-image
+difference from the first process's), and :math:`SW_2` of each sampler of
+``digits_process_samplers`` at each budget, paired across processes (both priors are
+:math:`N(0, I)`: the same prior draws and noise per seed), with the paired difference from the
+first process.  The network of the process ``sde`` is the digits network above (not retrained),
+and its rows for a sampler and budget that the digits samplers ran are those rows (the other
+processes then run with that row's key).
+
 Outputs in the results folder: ``metrics.json``, ``mixture_2d.csv``, ``digits_samplers.csv``,
-``digits_likelihood.csv``, ``<part>_epochs.csv``, ``table.txt``, ``figure.png`` and
+``digits_likelihood.csv``, ``digits_exposure_bias.csv``, ``digits_exposure_likelihood.csv``,
+``digits_processes.csv`` (samplers), ``digits_processes_likelihood.csv``,
+``digits_processes_epochs.csv``, ``<part>_epochs.csv``, ``table.txt``, ``figure.png`` and
 ``digits.png``; with ``checkpoint_dir`` unset the checkpoints and ``metrics.jsonl`` lie under
-``training/<part>/`` in the results folder, with it set under ``<checkpoint_dir>/<part>/``, so a
-rerun of the same config resumes there.
+``training/<part>/`` in the results folder, with it set under ``<checkpoint_dir>/<part>/``, and
+each further process's network under ``<that folder>/digits/<process>/``, so a rerun of the same
+config resumes every network there.
 
 Run: ``python -m experiments.score_model --config configs/score_model.py``
 (``:quick`` for the short variant; override any field with ``--config.<field>=<value>``).
@@ -82,7 +120,7 @@ import math
 import os
 import pathlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -134,6 +172,10 @@ def validate(config: ConfigDict) -> None:
     common.check_samplers("samplers", config.samplers, diffusion.SAMPLERS)
     common.check_samplers("digits_samplers", config.digits_samplers, diffusion.SAMPLERS)
     common.check_names("png_samplers", config.png_samplers, config.digits_samplers)
+    common.check_names("digits_processes", config.digits_processes, diffusion.SDES)
+    common.check_samplers(
+        "digits_process_samplers", config.digits_process_samplers, diffusion.SAMPLERS
+    )
     common.check_names("exposure_samplers", config.exposure_samplers, TIME_SHIFTED)
     _check_budgets("exposure_nfe_budgets", config.exposure_nfe_budgets)
     if not list(config.epsilon_scaling_b):
@@ -175,6 +217,7 @@ def validate(config: ConfigDict) -> None:
         "num_samples",
         "num_projections",
         "likelihood_points",
+        "exposure_likelihood_points",
         "likelihood_max_steps",
         "restart_k",
         "restart_steps",
@@ -216,6 +259,11 @@ def validate(config: ConfigDict) -> None:
                 f"config.{field} must be at most the {DIGITS_NUM_TEST} test images, "
                 f"got {config[field]}"
             )
+    if config.exposure_likelihood_points > config.likelihood_points:
+        raise ValueError(
+            "config.exposure_likelihood_points must be at most config.likelihood_points "
+            f"({config.likelihood_points}), got {config.exposure_likelihood_points}"
+        )
     sde = diffusion.make_sde(config.sde)
     if not sde.t_min <= config.restart_t_min < config.restart_t_max <= sde.t_max:
         raise ValueError(
@@ -223,6 +271,19 @@ def validate(config: ConfigDict) -> None:
             f"{sde.t_min} <= restart_t_min "
             f"< restart_t_max <= {sde.t_max}, got {config.restart_t_min}, {config.restart_t_max}"
         )
+    if any(
+        common.parse_sampler("digits_process_samplers", s)[0] == "restart"
+        for s in config.digits_process_samplers
+    ):
+        for name in config.digits_processes:
+            process = diffusion.make_sde(name)
+            if not process.t_min <= config.restart_t_min < config.restart_t_max <= process.t_max:
+                raise ValueError(
+                    "config.restart_t_min and config.restart_t_max must lie in the time range "
+                    f"[{process.t_min}, {process.t_max}] of every process of "
+                    f"config.digits_processes (restart is in config.digits_process_samplers), "
+                    f"got {config.restart_t_min}, {config.restart_t_max} for {name!r}"
+                )
     for field in ("checkpoint_dir", "data_dir"):
         _check_optional_path(field, config[field])
 
@@ -230,17 +291,17 @@ def validate(config: ConfigDict) -> None:
 # ------------------------------------------------------------------ networks as samplers' models
 
 
-def network_eps(model: nn.Module, params: PyTree, x: jax.Array, t: jax.Array) -> jax.Array:
-    r""":math:`\hat\varepsilon_\theta(x, t)` for ONE sample ``x`` (samplers and likelihoods vmap
-    over rows)."""
+def network_output(model: nn.Module, params: PyTree, x: jax.Array, t: jax.Array) -> jax.Array:
+    r"""The network's output (:math:`\hat\varepsilon_\theta(x, t)` or a velocity) for ONE sample
+    ``x`` (samplers and likelihoods vmap over rows)."""
     output, _ = models.apply_model(model, params, {}, x[None], jnp.reshape(t, (1,)), train=False)
     return output[0]
 
 
-def network_model(model: nn.Module, params: PyTree) -> diffusion.Model:
-    """The trained network as a :class:`shufflesgd.diffusion.Model` predicting
-    :math:`\\varepsilon`."""
-    return diffusion.Model(lambda x, t: network_eps(model, params, x, t), "eps")
+def network_model(model: nn.Module, params: PyTree, output: str = "eps") -> diffusion.Model:
+    r"""The trained network as a :class:`shufflesgd.diffusion.Model` predicting ``output``
+    (:math:`\varepsilon` by default, the flow-matching ``"velocity"`` on an interpolant)."""
+    return diffusion.Model(lambda x, t: network_output(model, params, x, t), output)
 
 
 def switched_model(
@@ -253,7 +314,8 @@ def switched_model(
     :math:`\varepsilon = -\sigma_t\nabla\log p_t` when the traced flag ``use_exact`` is true: one
     compiled sampler serves both (house rule 8)."""
     return diffusion.Model(
-        lambda x, t: jnp.where(use_exact, exact_eps(x, t), network_eps(model, params, x, t)), "eps"
+        lambda x, t: jnp.where(use_exact, exact_eps(x, t), network_output(model, params, x, t)),
+        "eps",
     )
 
 
@@ -576,22 +638,6 @@ def load_digits(config: ConfigDict) -> tuple[np.ndarray, np.ndarray]:
     return tuple(s.arrays["image"].astype(np.float32) for s in splits)
 
 
-def digits_network(config: ConfigDict, sde: diffusion.SDE) -> tuple[nn.Module, tuple[int, ...]]:
-    """The network and the per-sample shape it works on: 64-D vectors (MLP) or 8×8×1 images (U-Net),
-    in EDM's input/output scalings (:class:`shufflesgd.nn.models.EDMPreconditioned`) unless
-    ``digits_preconditioning`` is ``"none"``."""
-    if config.digits_model == "mlp":
-        network, shape = (
-            models.ScoreMLP(hidden=config.digits_hidden, num_layers=config.digits_num_layers),
-            (DIGIT_DIM,),
-        )
-    else:
-        network, shape = models.UNet(channels=tuple(config.digits_channels)), DIGIT_SHAPE
-    if config.digits_preconditioning == "edm":
-        network = models.EDMPreconditioned(network, sde, sigma_data=config.digits_sigma_data)
-    return network, shape
-
-
 def gaussian_baseline(
     train_levels: np.ndarray, test_x: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -622,29 +668,77 @@ def discrete_bits_per_dim(log_prob_nats: Any) -> np.ndarray:
     )
 
 
-def run_digits(
-    config: ConfigDict, sde: diffusion.SDE, key: jax.Array, run_dir: pathlib.Path
-) -> dict[str, Any]:
-    """Train on dequantised digits; bits/dim by the PF-ODE; SW2 of every sampler; digit grids."""
-    train_levels, test_levels = load_digits(config)
-    model, shape = digits_network(config, sde)
-    keys = {
-        name: jax.random.fold_in(key, i)
-        for i, name in enumerate(
-            (
-                "train",
-                "dequantise_test",
-                "dequantise_train",
-                "likelihood",
-                "samples",
-                "baseline",
-                "prior",
-                "directions",
-            )
+def process_output(sde: diffusion.SDE) -> str:
+    r"""What a digits network predicts under ``sde``: the flow-matching velocity
+    :math:`\dot\alpha x_0 + \dot\sigma\varepsilon` on an interpolant
+    (:class:`shufflesgd.diffusion.Interpolant`), :math:`\varepsilon` on a diffusion SDE."""
+    return "velocity" if isinstance(sde, diffusion.Interpolant) else "eps"
+
+
+def digits_network(
+    config: ConfigDict, sde: diffusion.SDE, output: str = "eps"
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """The network and the per-sample shape it works on: 64-D vectors (MLP) or 8×8×1 images (U-Net),
+    in EDM's input/output scalings for ``output`` (:class:`shufflesgd.nn.models.EDMPreconditioned`)
+    unless ``digits_preconditioning`` is ``"none"``."""
+    if config.digits_model == "mlp":
+        network, shape = (
+            models.ScoreMLP(hidden=config.digits_hidden, num_layers=config.digits_num_layers),
+            (DIGIT_DIM,),
         )
-    }
+    else:
+        network, shape = models.UNet(channels=tuple(config.digits_channels)), DIGIT_SHAPE
+    if config.digits_preconditioning == "edm":
+        network = models.EDMPreconditioned(
+            network, sde, sigma_data=config.digits_sigma_data, output=output
+        )
+    return network, shape
+
+
+def digits_loss(model: nn.Module, sde: diffusion.SDE, output: str) -> training.LossFn:
+    r"""The training loss on freshly dequantised images: the :math:`\varepsilon`-MSE (Ho et al.
+    2020, Eq. 14) for an :math:`\varepsilon` network, the conditional flow-matching loss
+    :math:`\|\hat u_\theta(x_t, t) - (\dot\alpha x_0 + \dot\sigma\varepsilon)\|^2` (Lipman et al.
+    2023, Eq. 9) for a velocity network."""
+    if output == "velocity":
+        loss = training.denoising_score_matching_loss(
+            model, sde, prediction="velocity", weighting="velocity"
+        )
+    else:
+        loss = training.denoising_score_matching_loss(model, sde, prediction="eps")
+    return dequantised_loss(loss)
+
+
+class DigitsNetwork(NamedTuple):
+    """A trained digits network: its process (name and object), module, output kind
+    (:func:`process_output`), parameters, per-epoch records, training folder and the per-sample
+    shape it works on."""
+
+    process: str
+    sde: diffusion.SDE
+    model: nn.Module
+    output: str
+    params: PyTree
+    records: list[dict[str, Any]]
+    run_dir: pathlib.Path
+    shape: tuple[int, ...]
+
+
+def train_digits(
+    config: ConfigDict,
+    process: str,
+    sde: diffusion.SDE,
+    train_levels: np.ndarray,
+    test_levels: np.ndarray,
+    key: jax.Array,
+    run_dir: pathlib.Path,
+) -> DigitsNetwork:
+    """Train (or resume) the digits network of ``process`` in ``run_dir``: the part ``"digits"``
+    for the process ``config.sde`` (the checkpoints of earlier runs keep resuming), the part
+    ``"digits/<process>"`` for any other, each guarded by its own fingerprint."""
+    output = process_output(sde)
+    model, shape = digits_network(config, sde, output)
     per_sample = lambda a: a.reshape(len(a), *shape)
-    loss_fn = dequantised_loss(training.denoising_score_matching_loss(model, sde, prediction="eps"))
     fingerprint = {
         k: config[k]
         for k in (
@@ -662,32 +756,38 @@ def run_digits(
             "digits_learning_rate",
         )
     }
+    fingerprint["sde"] = process
     passes = np.tile(
         train_levels, (config.digits_passes, 1, 1, 1)
     )  # one epoch = digits_passes passes
     params, records = train_part(
-        "digits",
+        "digits" if process == config.sde else f"digits/{process}",
         model,
-        loss_fn,
+        digits_loss(model, sde, output),
         data.ArraySource({"image": per_sample(passes)}),
         data.ArraySource({"image": per_sample(test_levels)}),
         config.digits_batch_size,
         config.digits_learning_rate,
         config.digits_epochs,
-        keys["train"],
+        key,
         fingerprint,
         run_dir,
     )
+    return DigitsNetwork(process, sde, model, output, params, records, run_dir, shape)
 
-    test_x = np.asarray(dequantise(keys["dequantise_test"], jnp.asarray(test_levels)))
-    mean, cov, gauss_log_prob = gaussian_baseline(train_levels, test_x)
-    points = jnp.asarray(per_sample(test_x[: config.likelihood_points]))
-    likelihood_rows = []
-    # one compiled solve for every tolerance: rtol / atol are traced arguments
-    solve = jax.jit(
-        lambda p, xs, k, tol: diffusion.log_likelihood_batch(
+
+def likelihood_solver(
+    config: ConfigDict,
+    sde: diffusion.SDE,
+    model_for: Callable[[PyTree, jax.Array], diffusion.Model],
+) -> Callable:
+    """A jitted ``(params, points, key, tolerance, switch) -> LikelihoodResult``: the PF-ODE
+    log-likelihood of each point under ``model_for(params, switch)``, one compiled solve for every
+    tolerance (rtol = atol) and switch (both traced arguments, house rule 8)."""
+    return jax.jit(
+        lambda p, xs, k, tol, switch: diffusion.log_likelihood_batch(
             k,
-            network_model(model, p),
+            model_for(p, switch),
             sde,
             xs,
             divergence=config.likelihood_divergence,
@@ -696,24 +796,125 @@ def run_digits(
             max_steps=config.likelihood_max_steps,
         )
     )
-    for i, tol in enumerate(tqdm(config.likelihood_tolerances, desc=f"{NAME} digits likelihood")):
+
+
+def likelihood_row(lik: Any, tolerance: float) -> dict[str, Any]:
+    """A likelihood table row: NFE, solves that succeeded and bits/dim (:func:`summarise` and the
+    per-image values) of a batched PF-ODE solve."""
+    bits = discrete_bits_per_dim(lik.log_prob_nats)
+    return {
+        "tolerance": tolerance,
+        "nfe": float(np.mean(lik.nfe)),
+        "nfe_max": int(np.max(lik.nfe)),
+        "succeeded": int(np.sum(lik.success)),
+        "bits_per_dim": summarise(bits),
+        "bits_per_dim_values": bits.tolist(),
+    }
+
+
+def likelihood_rows(
+    config: ConfigDict, network: DigitsNetwork, points: jax.Array, key: jax.Array
+) -> list[dict[str, Any]]:
+    """Bits/dim of ``points`` under ``network``'s PF-ODE at every tolerance of
+    ``likelihood_tolerances``, tolerance ``i`` with the key ``fold_in(key, i)``."""
+    solve = likelihood_solver(
+        config, network.sde, lambda p, _: network_model(network.model, p, network.output)
+    )
+    rows = []
+    for i, tol in enumerate(
+        tqdm(config.likelihood_tolerances, desc=f"{NAME} digits likelihood ({network.process})")
+    ):
         lik = solve(
-            params,
+            network.params,
             points,
-            jax.random.fold_in(keys["likelihood"], i),
+            jax.random.fold_in(key, i),
             jnp.asarray(tol, points.dtype),
+            jnp.zeros((), points.dtype),
         )
-        bits = discrete_bits_per_dim(lik.log_prob_nats)
-        likelihood_rows.append(
-            {
-                "tolerance": tol,
-                "nfe": float(np.mean(lik.nfe)),
-                "nfe_max": int(np.max(lik.nfe)),
-                "succeeded": int(np.sum(lik.success)),
-                "bits_per_dim": summarise(bits),
-                "bits_per_dim_values": bits.tolist(),
-            }
+        rows.append(likelihood_row(lik, tol))
+    return rows
+
+
+def cached_runner(
+    runners: dict[tuple[Any, ...], Callable],
+    network: DigitsNetwork,
+    name: str,
+    extra: dict[str, Any],
+    config: ConfigDict,
+    num_samples: int,
+) -> Callable:
+    """The :func:`make_runner` of ``network`` and the sampler label ``name`` with ``extra``
+    options, built once per (process, sampler, options) and kept in ``runners`` (jit compiles it
+    once per grid length): the process comparison reuses the digits samplers' programs."""
+    key = (network.process, name, tuple(sorted(extra.items())))
+    if key not in runners:
+        runners[key] = make_runner(
+            *labelled_sampler(name, config, extra),
+            lambda p, _: network_model(network.model, p, network.output),
+            network.sde,
+            network.shape,
+            num_samples,
+            config.num_seeds,
+            (False,),
         )
+    return runners[key]
+
+
+def digits_sample_row(
+    steps: int,
+    nfe: Any,
+    bad: Any,
+    flat: jax.Array,
+    test_flat: jax.Array,
+    directions: jax.Array,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """A digits sampler row (NFE, non-finite samples, SW2 as they come and clipped to
+    :math:`[-1, 1]`, the fraction of pixels outside it) of samples ``flat`` ``[S, n, 64]``, and
+    the per-seed SW2."""
+    sw2 = np.asarray(seed_sliced_w2(flat, test_flat, directions))
+    row = {
+        "steps": steps,
+        "nfe": float(np.mean(nfe)),
+        "nfe_max": int(np.max(nfe)),
+        "nonfinite_samples": int(np.sum(np.asarray(bad) >= 0)),
+        "network": summarise(sw2),
+        "clipped": summarise(seed_sliced_w2(jnp.clip(flat, -1.0, 1.0), test_flat, directions)),
+        "outside": float(np.mean(np.abs(np.asarray(flat)) > 1.0)),
+    }
+    return row, sw2
+
+
+#: The key indices of :func:`run_digits`, folded into the part's key, in this order.
+DIGIT_KEYS = (
+    "train",
+    "dequantise_test",
+    "dequantise_train",
+    "likelihood",
+    "samples",
+    "baseline",
+    "prior",
+    "directions",
+    "data_variance",
+    "exposure_bias",
+    "processes",
+)
+
+
+def run_digits(
+    config: ConfigDict, sde: diffusion.SDE, key: jax.Array, run_dir: pathlib.Path
+) -> dict[str, Any]:
+    """Train on dequantised digits; bits/dim by the PF-ODE; SW2 of every sampler; digit grids;
+    exposure bias; the network of every process of ``digits_processes`` side by side."""
+    train_levels, test_levels = load_digits(config)
+    keys = {name: jax.random.fold_in(key, i) for i, name in enumerate(DIGIT_KEYS)}
+    main = train_digits(config, config.sde, sde, train_levels, test_levels, keys["train"], run_dir)
+    model, params, shape = main.model, main.params, main.shape
+    per_sample = lambda a: a.reshape(len(a), *shape)
+
+    test_x = np.asarray(dequantise(keys["dequantise_test"], jnp.asarray(test_levels)))
+    mean, cov, gauss_log_prob = gaussian_baseline(train_levels, test_x)
+    points = jnp.asarray(per_sample(test_x[: config.likelihood_points]))
+    likelihood = likelihood_rows(config, main, points, keys["likelihood"])
 
     n, seeds = len(test_levels), config.num_seeds
     test_flat = jnp.asarray(test_x.reshape(n, -1))
@@ -726,16 +927,17 @@ def run_digits(
     result: dict[str, Any] = {
         "model": config.digits_model,
         "preconditioning": config.digits_preconditioning,
+        "process": config.sde,
         "num_test": n,
         "num_params": models.count_params(params),
         "grid": config.grid,
-        "training": training_summary(records),
+        "training": training_summary(main.records),
         "uniform_bits_per_dim": math.log2(DIGIT_LEVELS),
         "gaussian_bits_per_dim": summarise(
             discrete_bits_per_dim(gauss_log_prob[: config.likelihood_points])
         ),
         "gaussian_bits_per_dim_all_test": float(discrete_bits_per_dim(gauss_log_prob).mean()),
-        "likelihood": likelihood_rows,
+        "likelihood": likelihood,
         "floor": summarise(
             seed_sliced_w2(
                 jnp.broadcast_to(train_x.reshape(1, n, -1), (seeds, n, DIGIT_DIM)),
@@ -753,44 +955,29 @@ def run_digits(
         ),
         "samplers": {},
     }
-    model_for = lambda p, _: network_model(model, p)
     jobs = sampling_jobs(
         config.digits_samplers, config.digits_nfe_budgets, config.adaptive_tolerances, config
     )
+    runners: dict[tuple[Any, ...], Callable] = {}
+    done: dict[tuple[str, str], tuple[int, dict[str, Any], np.ndarray]] = {}
     pictures: dict[str, np.ndarray] = {}
     for index, (name, label, extra, steps) in enumerate(tqdm(jobs, desc=f"{NAME} digits samplers")):
         entry = result["samplers"].setdefault(name, {})
         if steps is None:
             entry[label] = {"steps": None, "nfe": None}
             continue
-        runner = make_runner(
-            *labelled_sampler(name, config, extra),
-            model_for,
-            sde,
-            shape,
-            n,
-            seeds,
-            (False,),
-        )
+        runner = cached_runner(runners, main, name, extra, config, n)
         grid = jnp.asarray(diffusion.time_grid(sde, config.grid, steps))
         samples, nfe, bad = runner(params, grid, jax.random.fold_in(keys["samples"], index))
         flat = samples[0].reshape(seeds, n, DIGIT_DIM)
-        entry[label] = {
-            "steps": steps,
-            "nfe": float(np.mean(nfe)),
-            "nfe_max": int(np.max(nfe)),
-            "nonfinite_samples": int(np.sum(np.asarray(bad) >= 0)),
-            "network": summarise(seed_sliced_w2(flat, test_flat, directions)),
-            "clipped": summarise(seed_sliced_w2(jnp.clip(flat, -1.0, 1.0), test_flat, directions)),
-            "outside": float(np.mean(np.abs(np.asarray(flat)) > 1.0)),
-        }
+        entry[label], sw2 = digits_sample_row(steps, nfe, bad, flat, test_flat, directions)
+        done[(name, label)] = (index, entry[label], sw2)
         if name in config.png_samplers:
             pictures[f"{name}, NFE {entry[label]['nfe']:.0f}"] = np.asarray(
                 flat[0, : config.png_digits]
             )
     # the data variance of Time-Shift's rule, from all dequantised training images
-    variance_key = jax.random.fold_in(key, len(keys))
-    train_all = np.asarray(dequantise(variance_key, jnp.asarray(train_levels)))
+    train_all = np.asarray(dequantise(keys["data_variance"], jnp.asarray(train_levels)))
     result["exposure_bias"] = run_exposure_bias(
         config,
         sde,
@@ -800,10 +987,121 @@ def run_digits(
         test_flat,
         directions,
         float(np.mean(np.var(train_all.reshape(len(train_all), -1), axis=1))),
-        jax.random.fold_in(key, len(keys) + 1),
+        keys["exposure_bias"],
+        points[: config.exposure_likelihood_points],
+        jax.random.fold_in(keys["likelihood"], 0),  # the key of the first likelihood row
+    )
+    # every process trains from the part's training key (common random numbers: the same initial
+    # weights, batch order and draws of t, noise and dequantisation), folded in afresh
+    networks = {
+        process: main
+        if process == config.sde
+        else train_digits(
+            config,
+            process,
+            diffusion.make_sde(process),
+            train_levels,
+            test_levels,
+            jax.random.fold_in(key, DIGIT_KEYS.index("train")),
+            run_dir / process,
+        )
+        for process in config.digits_processes
+    }
+    result["processes"] = run_processes(
+        config,
+        networks,
+        {config.sde: likelihood},
+        done,
+        points,
+        test_flat,
+        directions,
+        keys["likelihood"],
+        keys["samples"],
+        keys["processes"],
+        runners,
     )
     result["pictures"] = pictures
     result["test_pictures"] = test_x.reshape(n, -1)[: config.png_digits]
+    return result
+
+
+def run_processes(
+    config: ConfigDict,
+    networks: dict[str, DigitsNetwork],
+    known_likelihoods: dict[str, list[dict[str, Any]]],
+    known_runs: dict[tuple[str, str], tuple[int, dict[str, Any], np.ndarray]],
+    points: jax.Array,
+    test_flat: jax.Array,
+    directions: jax.Array,
+    likelihood_key: jax.Array,
+    known_key: jax.Array,
+    key: jax.Array,
+    runners: dict[tuple[Any, ...], Callable],
+) -> dict[str, Any]:
+    """The networks of ``digits_processes`` side by side: training losses, bits/dim of the same
+    test images (the likelihood rows of ``known_likelihoods`` reused, the same keys for the
+    others) with the per-image difference from the first process's, and SW2 of every sampler of
+    ``digits_process_samplers`` at every budget, paired: job ``j`` runs every process with the
+    key ``fold_in(key, j)`` (the same prior draws and noise), and each process's per-seed SW2
+    minus the first process's is reported with its standard error.  A (sampler, budget) that the
+    digits samplers already ran on the process ``config.sde`` (``known_runs``: its job index
+    ``i``, row and per-seed SW2) is not run again: its row is reused and the other processes run
+    with its key ``fold_in(known_key, i)``."""
+    n = test_flat.shape[0]
+    first = config.digits_processes[0]
+    result: dict[str, Any] = {"names": list(networks), "networks": {}, "samplers": {}}
+    for process, network in networks.items():
+        result["networks"][process] = {
+            "output": network.output,
+            "loss": "flow matching" if network.output == "velocity" else "eps-MSE",
+            "t_min": float(network.sde.t_min),
+            "t_max": float(network.sde.t_max),
+            "num_params": models.count_params(network.params),
+            "params_norm": float(optax.tree.norm(network.params)),
+            "checkpoints": str(network.run_dir / "checkpoints"),
+            "training": training_summary(network.records),
+            "likelihood": known_likelihoods.get(process)
+            or likelihood_rows(config, network, points, likelihood_key),
+        }
+        result["samplers"][process] = {}
+    # bits/dim paired per test image: each process's minus the first's, tolerance by tolerance
+    first_rows = result["networks"][first]["likelihood"]
+    for net in result["networks"].values():
+        net["likelihood_difference"] = [
+            summarise(np.subtract(r["bits_per_dim_values"], f["bits_per_dim_values"]))
+            for r, f in zip(net["likelihood"], first_rows)
+        ]
+    jobs = sampling_jobs(
+        config.digits_process_samplers,
+        config.digits_nfe_budgets,
+        config.adaptive_tolerances,
+        config,
+    )
+    for index, (name, label, extra, steps) in enumerate(
+        tqdm(jobs, desc=f"{NAME} digits processes")
+    ):
+        known = known_runs.get((name, label))
+        first_sw2 = None
+        for process, network in networks.items():
+            entry = result["samplers"][process].setdefault(name, {})
+            if steps is None:
+                entry[label] = {"steps": None, "nfe": None}
+                continue
+            if known is not None and process == config.sde:
+                entry[label], sw2 = dict(known[1]), known[2]
+            else:
+                runner = cached_runner(runners, network, name, extra, config, n)
+                grid = jnp.asarray(diffusion.time_grid(network.sde, config.grid, steps))
+                job_key = (
+                    jax.random.fold_in(known_key, known[0])
+                    if known is not None
+                    else jax.random.fold_in(key, index)
+                )
+                samples, nfe, bad = runner(network.params, grid, job_key)
+                flat = samples[0].reshape(config.num_seeds, n, DIGIT_DIM)
+                entry[label], sw2 = digits_sample_row(steps, nfe, bad, flat, test_flat, directions)
+            first_sw2 = sw2 if process == first else first_sw2
+            entry[label]["difference"] = summarise(sw2 - first_sw2)
     return result
 
 
@@ -821,6 +1119,8 @@ def run_exposure_bias(
     directions: jax.Array,
     data_variance: float,
     key: jax.Array,
+    points: jax.Array,
+    likelihood_key: jax.Array,
 ) -> dict[str, Any]:
     r"""Exposure bias on the trained network: each base sampler of ``exposure_samplers``, the
     same with Epsilon Scaling (Ning et al. 2024; uniform :math:`\lambda = b`, each ``b`` of
@@ -828,7 +1128,16 @@ def run_exposure_bias(
     the data variance estimated from the dequantised training images), at equal NFE, paired:
     every variant of a (sampler, budget) starts from the same prior draws with the same noise,
     and the difference of its per-seed SW2 from the base sampler's is reported with its
-    standard error over seeds."""
+    standard error over seeds.
+
+    Bits/dim of ``points`` under the PF-ODE of each :math:`\varepsilon`-scaled network
+    :math:`\hat\varepsilon/b` (a model like any other: its PF-ODE drift
+    :math:`f x + \frac12 g^2\hat\varepsilon/(b\sigma)` transports the prior onto a density),
+    :math:`b = 1` included (the plain network through the same wrapper and compiled solve, bit
+    for bit its output), at the first likelihood tolerance with the key ``likelihood_key``
+    (that of the plain network's first row), and the per-image difference from
+    :math:`b = 1`.  Time-Shift keeps the network and moves the times a sampler queries it at, so
+    it defines no density of its own (``"time_shift": None``)."""
     n, seeds = test_flat.shape[0], config.num_seeds
     scales = (1.0, *config.epsilon_scaling_b)
     scaled_for = lambda p, b: diffusion.epsilon_scaling(network_model(network, p), sde, 0.0, b)
@@ -878,7 +1187,34 @@ def run_exposure_bias(
                     "difference": summarise(sw2[v] - sw2[0]),
                     "outside": float(np.mean(np.abs(np.asarray(samples[v])) > 1.0)),
                 }
-    return {"data_variance": data_variance, "time_shift": shift_options, "samplers": rows}
+    tolerance = config.likelihood_tolerances[0]
+    solve = likelihood_solver(config, sde, scaled_for)
+    likelihood: dict[str, Any] = {
+        "tolerance": tolerance,
+        "points": int(points.shape[0]),
+        "scales": {},
+        "time_shift": None,
+    }
+    plain_bits = None
+    for b, label in zip(scales, ["network (b=1)", *(f"ES(b={b:g})" for b in scales[1:])]):
+        lik = solve(
+            params,
+            points,
+            likelihood_key,
+            jnp.asarray(tolerance, points.dtype),
+            jnp.asarray(b, points.dtype),
+        )
+        row = {"b": b, **likelihood_row(lik, tolerance)}
+        bits = np.asarray(row["bits_per_dim_values"])
+        plain_bits = bits if plain_bits is None else plain_bits
+        row["difference"] = summarise(bits - plain_bits)
+        likelihood["scales"][label] = row
+    return {
+        "data_variance": data_variance,
+        "time_shift": shift_options,
+        "samplers": rows,
+        "likelihood": likelihood,
+    }
 
 
 # ------------------------------------------------------------------ output
@@ -1019,7 +1355,116 @@ def format_table(metrics: dict[str, Any], config: ConfigDict) -> str:
                     f"{_fmt(r['clipped']):>17s} {_fmt(r['difference'], '+.4f'):>17s}"
                     + (f" ({r['nonfinite_samples']} non-finite)" if r["nonfinite_samples"] else "")
                 )
+        lines += _exposure_likelihood_lines(e, config)
+        lines += _process_lines(d, config)
     return "\n".join(lines)
+
+
+def _exposure_likelihood_lines(e: dict[str, Any], config: ConfigDict) -> list[str]:
+    """The exposure-bias bits/dim rows: the plain and each eps-scaled network, Time-Shift '—'."""
+    lik = e["likelihood"]
+    lines = [
+        (
+            "exposure bias, bits/dim of the eps-scaled network eps/b (its own PF-ODE, Dopri5, "
+            f"tolerance {lik['tolerance']:.0e}, {config.likelihood_divergence} divergence) on "
+            f"the first {lik['points']} test images; difference = bits/dim - the b=1 network's, "
+            "paired per image"
+        ),
+        f"{'model':24s} {'NFE':>7s} {'bits/dim':>17s} {'median':>7s} {'difference':>17s}",
+    ]
+    for label, r in lik["scales"].items():
+        lines.append(
+            f"{label:24s} {r['nfe']:7.1f} {_fmt(r['bits_per_dim']):>17s} "
+            f"{r['bits_per_dim']['median']:7.4f} {_fmt(r['difference'], '+.4f'):>17s}"
+            + (
+                f" ({lik['points'] - r['succeeded']} failed)"
+                if r["succeeded"] < lik["points"]
+                else ""
+            )
+        )
+    lines.append(
+        f"{'Time-Shift':24s} {'—':>7s} {'—':>17s} {'—':>7s} {'—':>17s} "
+        "(moves the sampler's query times, not the model: no PF-ODE density)"
+    )
+    return lines
+
+
+def _process_lines(d: dict[str, Any], config: ConfigDict) -> list[str]:
+    """The process comparison: training losses, bits/dim and paired SW2 per process."""
+    procs = d["processes"]
+    first = procs["names"][0]
+    lines = [
+        (
+            f"digits, one network per process ({', '.join(procs['names'])}): the same "
+            f"{d['model']} ({d['preconditioning']} preconditioning), epochs, batch, learning "
+            "rate and seed; eps-MSE on a diffusion SDE, flow-matching (velocity) loss on an "
+            "interpolant; losses per example, each in its own units"
+        ),
+        (
+            f"{'process':8s} {'output':9s} {'loss':14s} {'t range':>15s} "
+            f"{'train loss (first -> last)':>27s} {'held-out loss':>19s}"
+        ),
+    ]
+    for name, net in procs["networks"].items():
+        train, heldout = net["training"]["train_loss"], net["training"]["heldout_loss"]
+        times = "[{:g}, {:g}]".format(net["t_min"], net["t_max"])
+        train_change = f"{train[0]:.4f} -> {train[-1]:.4f}"
+        heldout_change = f"{heldout[0]:.4f} -> {heldout[-1]:.4f}"
+        lines.append(
+            f"{name:8s} {net['output']:9s} {net['loss']:14s} {times:>15s} "
+            f"{train_change:>27s} {heldout_change:>19s}"
+        )
+    lines += [
+        (
+            f"bits/dim by process: PF-ODE (Dopri5, {config.likelihood_divergence} divergence) "
+            f"of each process's p_t_min on the same {config.likelihood_points} test images; "
+            f"difference = bits/dim - {first}'s, paired per image"
+        ),
+        (
+            f"{'process':8s} {'tolerance':>9s} {'NFE':>7s} {'bits/dim':>17s} {'median':>7s} "
+            f"{'difference':>17s}"
+        ),
+    ]
+    for name, net in procs["networks"].items():
+        for r, diff in zip(net["likelihood"], net["likelihood_difference"]):
+            lines.append(
+                f"{name:8s} {r['tolerance']:>9.0e} {r['nfe']:7.1f} "
+                f"{_fmt(r['bits_per_dim']):>17s} {r['bits_per_dim']['median']:7.4f} "
+                f"{_fmt(diff, '+.4f'):>17s}"
+                + (
+                    f" ({config.likelihood_points - r['succeeded']} failed)"
+                    if r["succeeded"] < config.likelihood_points
+                    else ""
+                )
+            )
+    lines += [
+        (
+            f"samples by process: sliced W2 (64-D) to the {d['num_test']} dequantised test "
+            f"images, mean ± SE over {config.num_seeds} seeds, paired across processes (the "
+            f"same prior draws and noise); difference = SW2 - {first}'s SW2"
+        ),
+        (
+            f"{'sampler':20s} {'budget':>9s} {'steps':>5s} {'process':>8s} {'NFE':>6s} "
+            f"{'SW2':>17s} {'clipped SW2':>17s} {'|x|>1':>6s} {'difference':>17s}"
+        ),
+    ]
+    samplers = procs["samplers"]
+    for sampler, per in samplers[first].items():
+        for label in per:
+            for name in procs["names"]:
+                r = samplers[name][sampler][label]
+                if r["nfe"] is None:
+                    lines.append(
+                        f"{sampler:20s} {label:>9s}     — {name:>8s} (one step exceeds the budget)"
+                    )
+                    continue
+                lines.append(
+                    f"{sampler:20s} {label:>9s} {r['steps']:5d} {name:>8s} {r['nfe']:6.1f} "
+                    f"{_fmt(r['network']):>17s} {_fmt(r['clipped']):>17s} {r['outside']:6.1%} "
+                    f"{_fmt(r['difference'], '+.4f'):>17s}"
+                    + (f" ({r['nonfinite_samples']} non-finite)" if r["nonfinite_samples"] else "")
+                )
+    return lines
 
 
 def _none_to_nan(value: Any) -> float:
@@ -1042,13 +1487,13 @@ def _sampler_curves(axis: Any, per_sampler: dict[str, Any], key: str, **style: A
 
 
 def draw(metrics: dict[str, Any], path: pathlib.Path) -> None:
-    """NFE against SW2 for each part (network solid, exact score dashed), and the digits' NFE
-    against bits/dim."""
+    """NFE against SW2 for each part (network solid, exact score dashed), the digits' NFE
+    against bits/dim per process, the exposure-bias SW2, and NFE against SW2 per process."""
     panels = [p for p in PARTS if p in metrics]
     if "digits" in metrics:
-        panels += ["likelihood"] + (
-            ["exposure_bias"] if "exposure_bias" in metrics["digits"] else []
-        )
+        panels += ["likelihood"] + [
+            p for p in ("exposure_bias", "processes") if p in metrics["digits"]
+        ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for axis, panel in zip(axes[0], panels):
         if panel == "exposure_bias":
@@ -1062,26 +1507,44 @@ def draw(metrics: dict[str, Any], path: pathlib.Path) -> None:
                 ylabel="sliced W2 to test images",
                 title="digits exposure bias: base vs Epsilon Scaling vs Time-Shift",
             )
+        elif panel == "processes":
+            d = metrics["digits"]
+            procs = d["processes"]
+            for process, style in zip(procs["names"], ("-", "--", ":", "-.") * len(procs)):
+                axis.set_prop_cycle(None)
+                per = {f"{name}, {process}": v for name, v in procs["samplers"][process].items()}
+                _sampler_curves(axis, per, "network", ls=style)
+            common.log_level(axis, d["floor"]["mean"], color="k", ls="--", lw=0.8, label="floor")
+            axis.set(
+                xscale="log",
+                yscale="log",
+                xlabel="NFE",
+                ylabel="sliced W2 to test images",
+                title=f"digits: {' vs '.join(procs['names'])} (same network, paired seeds)",
+            )
         elif panel == "likelihood":
             d = metrics["digits"]
-            rows = d["likelihood"]
-            nfe, bits, se = (
-                np.array([_none_to_nan(r["nfe"]) for r in rows], float),
-                np.array([_none_to_nan(r["bits_per_dim"]["mean"]) for r in rows], float),
-                np.array([_none_to_nan(r["bits_per_dim"]["se"]) for r in rows], float),
-            )
-            keep = np.isfinite(nfe) & (nfe > 0) & np.isfinite(bits) & np.isfinite(se)
-            dropped = int(np.sum(~keep))
-            axis.errorbar(
-                nfe[keep],
-                bits[keep],
-                yerr=se[keep],
-                marker="o",
-                label=common.not_shown("PF-ODE", dropped),
-            )
+            curves = {d["process"]: d["likelihood"]}
+            for process, net in d.get("processes", {}).get("networks", {}).items():
+                curves.setdefault(process, net["likelihood"])
+            for process, rows in curves.items():
+                nfe, bits, se = (
+                    np.array([_none_to_nan(r["nfe"]) for r in rows], float),
+                    np.array([_none_to_nan(r["bits_per_dim"]["mean"]) for r in rows], float),
+                    np.array([_none_to_nan(r["bits_per_dim"]["se"]) for r in rows], float),
+                )
+                keep = np.isfinite(nfe) & (nfe > 0) & np.isfinite(bits) & np.isfinite(se)
+                dropped = int(np.sum(~keep))
+                axis.errorbar(
+                    nfe[keep],
+                    bits[keep],
+                    yerr=se[keep],
+                    marker="o",
+                    label=common.not_shown(f"PF-ODE, {process}", dropped),
+                )
             gaussian = _none_to_nan(d["gaussian_bits_per_dim"]["mean"])
             if np.isfinite(gaussian):
-                axis.axhline(gaussian, color="C1", ls="--", label="Gaussian fit")
+                axis.axhline(gaussian, color="C7", ls="--", label="Gaussian fit")
             axis.axhline(d["uniform_bits_per_dim"], color="k", ls=":", label="uniform on 17 levels")
             axis.set(
                 xscale="log",
@@ -1138,6 +1601,57 @@ def sampler_rows(per_sampler: dict[str, Any], stats: tuple[str, ...]) -> list[li
             values = [r[k][s] if k in r else None for k in stats for s in ("mean", "se")]
             rows.append([name, label, r["steps"], r["nfe"], *values])
     return rows
+
+
+def write_digits_comparisons(
+    folder: pathlib.Path, digits: dict[str, Any], columns: list[str]
+) -> None:
+    """The CSVs of the exposure-bias bits/dim and of the process comparison (samplers, bits/dim,
+    epochs), one row per (process or model, ...)."""
+    lik = digits["exposure_bias"]["likelihood"]
+    common.write_csv(
+        folder / "digits_exposure_likelihood.csv",
+        ["model", "b", "tolerance", "points", "nfe", "bits_per_dim", "bits_per_dim_se"]
+        + ["difference", "difference_se"],
+        [
+            [label, r["b"], r["tolerance"], lik["points"], r["nfe"]]
+            + [r[k][s] for k in ("bits_per_dim", "difference") for s in ("mean", "se")]
+            for label, r in lik["scales"].items()
+        ],
+    )
+    procs = digits["processes"]
+    common.write_csv(
+        folder / "digits_processes.csv",
+        ["process", *columns]
+        + ["sw2", "sw2_se", "clipped_sw2", "clipped_sw2_se", "difference", "difference_se"],
+        [
+            [name, *row]
+            for name in procs["names"]
+            for row in sampler_rows(procs["samplers"][name], ("network", "clipped", "difference"))
+        ],
+    )
+    common.write_csv(
+        folder / "digits_processes_likelihood.csv",
+        ["process", "tolerance", "nfe", "bits_per_dim", "bits_per_dim_se"]
+        + ["difference", "difference_se"],
+        [
+            [name, r["tolerance"], r["nfe"], r["bits_per_dim"]["mean"], r["bits_per_dim"]["se"]]
+            + [diff["mean"], diff["se"]]
+            for name, net in procs["networks"].items()
+            for r, diff in zip(net["likelihood"], net["likelihood_difference"])
+        ],
+    )
+    common.write_csv(
+        folder / "digits_processes_epochs.csv",
+        ["process", "epoch", "train_loss", "heldout_loss"],
+        [
+            [name, i + 1, a, b]
+            for name, net in procs["networks"].items()
+            for i, (a, b) in enumerate(
+                zip(net["training"]["train_loss"], net["training"]["heldout_loss"])
+            )
+        ],
+    )
 
 
 def run(config: ConfigDict) -> dict[str, Any]:
@@ -1203,6 +1717,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 for r in metrics["digits"]["likelihood"]
             ],
         )
+        write_digits_comparisons(folder, metrics["digits"], columns)
     table = format_table(metrics, config)
     return common.finish(folder, table, metrics, lambda path: draw(metrics, path))
 

@@ -117,15 +117,30 @@ def _bisect_cosine_integral(value: Array, s: Any) -> Array:
     return 0.5 * (lo + hi)
 
 
+@jax.custom_jvp
 def _cosine_inverse_integral(value: Array, s: Any) -> Array:
-    """The u in [0, 1] with ``_cosine_integral(u, s) = value``, by bisection to the last bit (the
+    r"""The u in [0, 1] with ``_cosine_integral(u, s) = value``, by bisection to the last bit (the
     integral increases on [0, 1]).  The values are padded to a multiple of 256, so the bisection
-    compiles once per dtype for every grid up to that length."""
+    compiles once per dtype for every grid up to that length.  Differentiable: the bisection's
+    own derivative is zero, so its JVP is that of the implicit function
+    :math:`I(u, s) = v`, :math:`du = (dv - \partial_s I\,ds)/\partial_u I`, with
+    :math:`\partial_u I` = :func:`_cosine_shape`."""
     value = jnp.asarray(value)
     flat = value.reshape(-1)
     size = 256 * max(1, -(-flat.shape[0] // 256))
     padded = jnp.pad(flat, (0, size - flat.shape[0]))
     return _bisect_cosine_integral(padded, s)[: flat.shape[0]].reshape(value.shape)
+
+
+@_cosine_inverse_integral.defjvp
+def _cosine_inverse_integral_jvp(
+    primals: tuple[Array, Any], tangents: tuple[Array, Any]
+) -> tuple[Array, Array]:
+    value, s = primals
+    d_value, d_s = tangents
+    u = _cosine_inverse_integral(value, s)
+    _, integral_in_s = jax.jvp(lambda shape: _cosine_integral(u, shape), (s,), (d_s,))
+    return u, (d_value - integral_in_s) / _cosine_shape(u, s)
 
 
 @struct.dataclass

@@ -23,7 +23,8 @@ Training Instability of Shuffling SGD with Batch Normalization".  Score networks
 prediction, see :mod:`shufflesgd.diffusion.processes`): :class:`ScoreMLP` for 2-D data and
 :class:`UNet` for small images, both conditioned on :func:`sinusoidal_embedding` of
 :math:`t`; :class:`EDMPreconditioned` wraps either in the input and output scalings of
-Karras et al. (2022) for a process :math:`x_t = \alpha(t) x_0 + \sigma(t)\varepsilon`.
+Karras et al. (2022) for a process :math:`x_t = \alpha(t) x_0 + \sigma(t)\varepsilon`, around
+an :math:`\varepsilon` or a flow-matching velocity output.
 """
 
 from __future__ import annotations
@@ -272,11 +273,17 @@ class UNet(nn.Module):
         return nn.Conv(x.shape[-1], (3, 3))(h)
 
 
+#: The outputs :class:`EDMPreconditioned` can be preconditioned for.
+PRECONDITIONED_OUTPUTS = ("eps", "velocity")
+
+
 class EDMPreconditioned(nn.Module):
     r"""A network wrapped in the preconditioning of Karras, Aittala, Aila & Laine (NeurIPS 2022),
     "Elucidating the Design Space of Diffusion-Based Generative Models", Table 1 and Eq. 7,
     written for a linear process :math:`x_t = \alpha x_0 + \sigma\varepsilon` of
-    :mod:`shufflesgd.diffusion.processes`; ``(x_t [B, ...], t [B]) -> \hat\varepsilon [B, ...]``.
+    :mod:`shufflesgd.diffusion.processes`; ``(x_t [B, ...], t [B]) -> [B, ...]``, an
+    :math:`\hat\varepsilon` (``output="eps"``, the default) or a flow-matching velocity
+    :math:`\hat u` (``output="velocity"``).
 
     With :math:`\tilde x = x_t/\alpha = x_0 + s\varepsilon`, :math:`s = \sigma/\alpha`, EDM's
     denoiser is :math:`D = c_{skip}\tilde x + c_{out} F(c_{in}\tilde x)` with
@@ -291,23 +298,54 @@ class EDMPreconditioned(nn.Module):
     the first term is the exact :math:`\varepsilon` of data :math:`N(0, \sigma_d^2 I)`, the
     network's input has unit variance for data of per-entry variance :math:`\sigma_d^2` at every
     :math:`t`, and its output is scaled so that its regression target has unit variance too (EDM's
-    argument for :math:`c_{in}`, :math:`c_{out}`).  ``network`` is any ``(x, t, train=...)`` score
-    network (:class:`ScoreMLP`, :class:`UNet`), conditioned on :math:`t` itself (EDM's
+    argument for :math:`c_{in}`, :math:`c_{out}`).
+
+    The same argument for the velocity :math:`u = \dot\alpha x_0 + \dot\sigma\varepsilon` of
+    flow matching (Lipman et al. 2023, "Flow Matching for Generative Modeling"; Liu, Gong & Liu
+    2023, rectified flow, whose :math:`u = \varepsilon - x_0`): for data :math:`N(0, \sigma_d^2
+    I)`, :math:`(x_t, u)` are jointly Gaussian per entry with :math:`\mathrm{Var}\,x_t = v`,
+    :math:`\mathrm{Cov}(u, x_t) = \dot\alpha\alpha\sigma_d^2 + \dot\sigma\sigma` and
+    :math:`\mathrm{Var}\,u = \dot\alpha^2\sigma_d^2 + \dot\sigma^2`, so
+    :math:`E[u \mid x_t] = c_{skip}x_t` with :math:`c_{skip} = (\dot\alpha\alpha\sigma_d^2 +
+    \dot\sigma\sigma)/v`, and the residual has variance :math:`\mathrm{Var}\,u -
+    \mathrm{Cov}^2/v = \sigma_d^2(\alpha\dot\sigma - \dot\alpha\sigma)^2/v` (expand
+    :math:`(\dot\alpha^2\sigma_d^2 + \dot\sigma^2)(\alpha^2\sigma_d^2 + \sigma^2) -
+    (\dot\alpha\alpha\sigma_d^2 + \dot\sigma\sigma)^2`).  Hence
+
+    .. math:: \hat u(x_t, t) = \frac{\dot\alpha\alpha\sigma_d^2 + \dot\sigma\sigma}{v}\,x_t
+              + \frac{\sigma_d\,|\alpha\dot\sigma - \dot\alpha\sigma|}{\sqrt v}\,
+              F\Bigl(\frac{x_t}{\sqrt v}, t\Bigr):
+
+    the first term is the exact velocity of data :math:`N(0, \sigma_d^2 I)`, the input has unit
+    variance as before and :math:`F`'s regression target unit variance; both coefficients are
+    finite at :math:`\alpha = 0` (the interpolants' :math:`t = 1`, where :math:`\hat u = x_t +
+    \sigma_d F` for rectified flow).  ``network`` is any ``(x, t, train=...)`` score network
+    (:class:`ScoreMLP`, :class:`UNet`), conditioned on :math:`t` itself (EDM's
     :math:`c_{noise}` is a choice of time embedding; these networks embed :math:`t`).
-    ``sigma_data`` :math:`= 0.5` is EDM's value for images in :math:`[-1, 1]`.
+    ``sigma_data`` :math:`= 0.5` is EDM's value for images in :math:`[-1, 1]`.  ``ValueError``
+    naming ``output`` unless it is one of :data:`PRECONDITIONED_OUTPUTS`.
     """
 
     network: nn.Module
     sde: SDE
     sigma_data: float = 0.5
+    output: str = "eps"
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.output not in PRECONDITIONED_OUTPUTS:
+            raise ValueError(
+                f"output must be one of {list(PRECONDITIONED_OUTPUTS)}, got {self.output!r}"
+            )
         t = jnp.broadcast_to(t, x.shape[:1])
         t_b = t.reshape((-1,) + (1,) * (x.ndim - 1))
         alpha, sigma = self.sde.alpha(t_b), self.sde.sigma(t_b)
         var = sigma**2 + (alpha * self.sigma_data) ** 2
         scale = jax.lax.rsqrt(var)
-        return sigma / var * x - alpha * self.sigma_data * scale * self.network(
-            x * scale, t, train=train
-        )
+        residual = self.network(x * scale, t, train=train)
+        if self.output == "eps":
+            return sigma / var * x - alpha * self.sigma_data * scale * residual
+        alpha_dot, sigma_dot = self.sde.alpha_dot(t_b), self.sde.sigma_dot(t_b)
+        c_skip = (alpha_dot * alpha * self.sigma_data**2 + sigma_dot * sigma) / var
+        c_out = self.sigma_data * jnp.abs(alpha * sigma_dot - alpha_dot * sigma) * scale
+        return c_skip * x + c_out * residual

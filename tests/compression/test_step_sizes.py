@@ -17,6 +17,12 @@ def quadratic_problem(num_workers=4, spread=100.0):
     return problems.distributed_least_squares(a, b, num_workers, l2=0.1)
 
 
+def compiled_oracles(p):
+    """``(worker_gradients, suboptimality, gradient)`` of ``p``, each one compiled program (the
+    Lyapunov checks call them at every step of a trajectory)."""
+    return jax.jit(p.worker_gradients), jax.jit(p.suboptimality), jax.jit(p.gradient)
+
+
 def constants(p):
     return float(p.smoothness), np.asarray(p.worker_smoothness, np.float64)
 
@@ -54,17 +60,18 @@ def test_bc_step_size_limits():
     assert compression.ef21_bc_step_size(50.0, worker, 1.0, 0.5) < 1 / 50
 
 
-def lyapunov_bc(p, state_before, state_after, gamma, alpha_w, alpha_m):
+def lyapunov_bc(oracles, state_before, state_after, gamma, alpha_w, alpha_m):
     """Phi^t = f(x^t) - f* + A G^t + B P^t from the state around step t (see ef21_bc_step_size)."""
     theta_w, _ = compression.ef21_theta_beta(alpha_w)
     theta_m, beta_m = compression.ef21_theta_beta(alpha_m)
     x = state_before.x
-    g = np.asarray(state_after.memory) - np.asarray(p.worker_gradients(x))
+    worker_gradients, suboptimality, _ = oracles
+    g = np.asarray(state_after.memory) - np.asarray(worker_gradients(x))
     big_g = np.mean(np.sum(g**2, axis=1))
     big_p = np.sum((np.asarray(state_after.broadcast) - np.asarray(state_after.estimate)) ** 2)
     b = gamma / theta_m
     a = gamma / theta_w * (1 + 3 * beta_m * (2 - theta_w) / theta_m)
-    return float(p.suboptimality(x)) + a * big_g + b * big_p
+    return float(suboptimality(x)) + a * big_g + b * big_p
 
 
 @pytest.mark.parametrize("k_up, k_down", [(1, 1), (2, 3), (6, 2)])
@@ -77,12 +84,16 @@ def test_bc_lyapunov_decreases_every_step_at_the_theoretical_step_size(x64, k_up
     method = compression.ef21_bc(compression.top_k(k_up), compression.top_k(k_down))
     step = jax.jit(method.step)
     state = method.init(jax.random.key(0), jnp.ones(D), p.num_workers)
+    oracles = compiled_oracles(p)
+    worker_gradients, _, gradient = oracles
     states = [state]
     for t in range(150):
-        state, _ = step(jax.random.key(t + 1), state, p.worker_gradients(state.x), gamma)
+        state, _ = step(jax.random.key(t + 1), state, worker_gradients(state.x), gamma)
         states.append(state)
-    phi = [lyapunov_bc(p, states[t], states[t + 1], gamma, alpha_w, alpha_m) for t in range(150)]
-    grad_sq = [float(jnp.sum(p.gradient(states[t].x) ** 2)) for t in range(150)]
+    phi = [
+        lyapunov_bc(oracles, states[t], states[t + 1], gamma, alpha_w, alpha_m) for t in range(150)
+    ]
+    grad_sq = [float(jnp.sum(gradient(states[t].x) ** 2)) for t in range(150)]
     for t in range(149):
         assert phi[t + 1] <= phi[t] - gamma / 2 * grad_sq[t] + 1e-12 * abs(phi[t]), t
     assert grad_sq[-1] < grad_sq[0]
@@ -99,33 +110,32 @@ def test_pp_lyapunov_decreases_in_expectation_at_the_theoretical_step_size(x64, 
     method = compression.ef21_pp(compression.top_k(k))
     step = jax.jit(method.step)
     state = method.init(jax.random.key(0), jnp.ones(D), p.num_workers)
+    worker_gradients, suboptimality, gradient = compiled_oracles(p)
     # the first step starts from g_i = 0 (not an EF21 iterate); check from the second on
-    state, _ = step(jax.random.key(1), state, p.worker_gradients(state.x), gamma, participation)
+    state, _ = step(jax.random.key(1), state, worker_gradients(state.x), gamma, participation)
     seen_partial = False
     for t in range(2, 120):
         x = state.x  # x^t; state.memory is g^{t-1}, built at x^{t-1}
-        next_state, info = step(
-            jax.random.key(t), state, p.worker_gradients(x), gamma, participation
-        )
+        next_state, info = step(jax.random.key(t), state, worker_gradients(x), gamma, participation)
         seen_partial |= 0 < int(info.participants) < p.num_workers
         # Phi^t uses g^t, the memory after this step's compression at x^t
-        grads_t = np.asarray(p.worker_gradients(x))
+        grads_t = np.asarray(worker_gradients(x))
         g_t = np.asarray(next_state.memory)
-        phi_t = float(p.suboptimality(x)) + gamma / (2 * theta_p) * np.mean(
+        phi_t = float(suboptimality(x)) + gamma / (2 * theta_p) * np.mean(
             np.sum((g_t - grads_t) ** 2, axis=1)
         )
         x_next = next_state.x
-        grads_next = np.asarray(p.worker_gradients(x_next))
+        grads_next = np.asarray(worker_gradients(x_next))
         joined = np.stack(
             [g_t[i] + numpy_top_k(grads_next[i] - g_t[i], k) for i in range(p.num_workers)]
         )
         expected_g = participation * np.sum((joined - grads_next) ** 2, axis=1) + (
             1 - participation
         ) * np.sum((g_t - grads_next) ** 2, axis=1)
-        expected_phi_next = float(p.suboptimality(x_next)) + gamma / (2 * theta_p) * np.mean(
+        expected_phi_next = float(suboptimality(x_next)) + gamma / (2 * theta_p) * np.mean(
             expected_g
         )
-        decrease = gamma / 2 * float(jnp.sum(p.gradient(x) ** 2))
+        decrease = gamma / 2 * float(jnp.sum(gradient(x) ** 2))
         assert expected_phi_next <= phi_t - decrease + 1e-12 * abs(phi_t), t
         state = next_state
     assert seen_partial

@@ -79,6 +79,20 @@ def test_log_snr_and_theta_bar_invert(options, x64):
     a, s = sde.alpha(t), sde.sigma(t)
     np.testing.assert_allclose(sde.log_snr(t), 2 * np.log(a / s), rtol=1e-12)
     np.testing.assert_allclose(s**2, 0.7**2 * (1 - a**2), rtol=1e-9)  # 1 - a^2 cancels near 0
+    # the inverses are differentiable (the cosine one is a bisection, differentiated implicitly):
+    # dt/dlog_snr = 1 / (dlog_snr/dt), and the derivative in the schedule's fields by finite
+    # differences
+    lam = sde.log_snr(t)
+    np.testing.assert_allclose(
+        jax.vmap(jax.grad(sde.time_of_log_snr))(lam),
+        1 / jax.vmap(jax.grad(sde.log_snr))(t),
+        rtol=1e-6,
+    )
+    inverse_in = lambda field, v: make(**{**options, field: v}).time_of_log_snr(lam[1])
+    for field in ("cosine_s", "terminal_alpha"):
+        v = options.get(field, {"cosine_s": 0.008, "terminal_alpha": 0.005}[field])
+        fd = (inverse_in(field, v * (1 + 1e-6)) - inverse_in(field, v * (1 - 1e-6))) / (2e-6 * v)
+        np.testing.assert_allclose(jax.grad(inverse_in, argnums=1)(field, v), fd, rtol=1e-5)
 
 
 @pytest.mark.parametrize("options", VARIANTS[::2], ids=IDS[::2])

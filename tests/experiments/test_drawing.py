@@ -226,6 +226,7 @@ def test_score_model_draws_finite_points(tmp_path, legend_texts):
             floor=dict(mean=0.05),
             prior=dict(mean=INF),
             gaussian=dict(mean=None),
+            process="vp",
             likelihood=[
                 dict(nfe=50, bits_per_dim=dict(mean=3.0, se=0.1)),
                 dict(nfe=100, bits_per_dim=dict(mean=NAN, se=NAN)),
@@ -246,7 +247,7 @@ def test_score_model_draws_finite_points(tmp_path, legend_texts):
     assert "ddim (network) (1 diverged points not shown)" in legend_texts
     assert "time_shift_ddim (network) (1 diverged points not shown)" in legend_texts
     assert "euler (exact) (1 diverged points not shown)" in legend_texts
-    assert "PF-ODE (1 diverged points not shown)" in legend_texts
+    assert "PF-ODE, vp (1 diverged points not shown)" in legend_texts
 
 
 def test_sghmc_minibatch_draws_finite_points(tmp_path, legend_texts):

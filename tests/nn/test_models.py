@@ -214,6 +214,70 @@ def test_edm_preconditioning_is_the_gaussian_eps_plus_a_scaled_network(sde_name)
     )
 
 
+@pytest.mark.parametrize("sde_name, t_max", [("flow", 1.0), ("trig", None)])
+def test_velocity_preconditioning_is_the_gaussian_velocity_plus_a_unit_variance_residual(
+    sde_name, t_max
+):
+    from shufflesgd import problems
+    from shufflesgd.nn import models
+
+    sde = diffusion.make_sde(sde_name, **({} if t_max is None else {"t_max": t_max}))
+    sigma_data, dim, n = 0.7, 3, 20_000
+    model = models.EDMPreconditioned(_Probe(), sde, sigma_data, output="velocity")
+    t = jnp.array([sde.t_min, 0.05, 0.4, 0.9, sde.t_max])
+    keys = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(keys[0], (len(t), dim)) * 2.0
+    params, stats = models.init_model(model, jax.random.key(0), x, t)
+    # F = 0: the exact velocity E[alpha_dot x0 + sigma_dot eps | x_t] of data N(0, sigma_d^2 I),
+    # the mixture's closed form (one component), finite at alpha = 0 (rectified flow's t = 1)
+    gaussian = problems.gaussian_mixture([1.0], np.zeros((1, dim)), [sigma_data**2 * np.eye(dim)])
+    exact = jax.vmap(
+        lambda xi, ti: gaussian.eigen().velocity(
+            xi, sde.alpha(ti), sde.sigma(ti), sde.alpha_dot(ti), sde.sigma_dot(ti)
+        )
+    )(x, t)
+    out = models.apply_model(model, params, stats, x, t, train=False)[0]
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, exact, rtol=2e-5, atol=1e-6)
+    # F(y) = y: the network's input x_t / sqrt(var) has unit variance for Gaussian data at every
+    # t, and so has its regression target (u - c_skip x_t) / c_out, the residual's scale being
+    # sigma_d |alpha sigma_dot - alpha_dot sigma| / sqrt(var) (Monte Carlo, n draws per time)
+    ones = jax.tree.map(jnp.ones_like, params)
+    x0 = sigma_data * jax.random.normal(keys[1], (n, len(t), dim))
+    eps = jax.random.normal(keys[2], (n, len(t), dim))
+    alpha, sigma = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+    alpha_dot, sigma_dot = sde.alpha_dot(t)[:, None], sde.sigma_dot(t)[:, None]
+    x_t = alpha * x0 + sigma * eps
+    flat = x_t.reshape(-1, dim)
+    times = jnp.tile(t, n)
+    zero_out = models.apply_model(model, params, stats, flat, times, train=False)[0]
+    network_in = models.apply_model(model, ones, stats, flat, times, train=False)[0] - zero_out
+    c_out = (
+        sigma_data
+        * jnp.abs(alpha * sigma_dot - alpha_dot * sigma)
+        / jnp.sqrt(alpha**2 * sigma_data**2 + sigma**2)
+    )
+    network_in = network_in.reshape(n, len(t), dim) / c_out
+    target = (alpha_dot * x0 + sigma_dot * eps - zero_out.reshape(n, len(t), dim)) / c_out
+    # the sample variance of m = n * dim standard normals has SE sqrt(2 / m): 5 SE
+    m = n * dim
+    for values in (network_in, target):
+        variance = np.var(np.asarray(values), axis=(0, 2))
+        np.testing.assert_allclose(variance, 1.0, atol=5 * np.sqrt(2.0 / m))
+    # and the target is uncorrelated with the input (c_skip x_t is the best linear predictor):
+    # the mean product of m independent pairs of standard normals has SE 1 / sqrt(m): 5 SE
+    correlation = np.mean(np.asarray(network_in * target), axis=(0, 2))
+    np.testing.assert_allclose(correlation, 0.0, atol=5 / np.sqrt(m))
+
+
+def test_preconditioning_rejects_an_unknown_output():
+    from shufflesgd.nn import models
+
+    model = models.EDMPreconditioned(_Probe(), diffusion.make_sde("vp"), output="x0")
+    with pytest.raises(ValueError, match="output must be one of"):
+        models.init_model(model, jax.random.key(0), jnp.zeros((2, 3)), jnp.zeros(2))
+
+
 def test_edm_preconditioned_unet_keeps_image_shapes():
     from shufflesgd.nn import models
 

@@ -14,6 +14,8 @@
 * ``time_shift.py``: the Time-Shift sampler (TS-DDIM, TS-DDPM) against exposure bias;
 * ``epsilon_scaling.py``: Epsilon Scaling, a model transform against exposure bias;
 * ``unipc.py``: UniPC, the unified predictor-corrector (UniP-p with UniC), orders 1 to 3;
+* ``dc_solver.py``: DC-Solver, UniPC with dynamic compensation, its ratio search and the
+  cascade polynomial regression of the ratios;
 * ``gaussian_law.py``: exact output laws on a Gaussian target;
 * ``registry.py``: :data:`SAMPLERS`, every sampler by name with its NFE and noise draws per step.
 """
@@ -28,6 +30,14 @@ from shufflesgd.diffusion.samplers.base import (
     mixture_model,
     pf_ode_drift,
     sample_batch,
+)
+from shufflesgd.diffusion.samplers.dc_solver import (
+    CascadePolynomial,
+    DCRatioFit,
+    dc_solver,
+    fit_cascade_polynomial,
+    fit_dc_ratios,
+    predict_dc_ratios,
 )
 from shufflesgd.diffusion.samplers.dpm_solver import (
     dpm_solver_pp_2m,
@@ -80,6 +90,8 @@ __all__ = [
     "MRS_PREDICTIONS",
     "MRS_SOLVERS",
     "SAMPLERS",
+    "CascadePolynomial",
+    "DCRatioFit",
     "GaussianSamplerLaw",
     "Model",
     "SamplerCost",
@@ -89,6 +101,7 @@ __all__ = [
     "check_final",
     "check_grid",
     "check_model_output",
+    "dc_solver",
     "ddim",
     "dpm_solver_pp_2m",
     "dpm_solver_pp_3m",
@@ -102,6 +115,8 @@ __all__ = [
     "estimate_ems",
     "euler_maruyama",
     "exact_gaussian_law",
+    "fit_cascade_polynomial",
+    "fit_dc_ratios",
     "gaussian_ems",
     "gaussian_sampler_law",
     "ghvb",
@@ -113,6 +128,7 @@ __all__ = [
     "pf_ode_euler",
     "pf_ode_heun",
     "plms_hb",
+    "predict_dc_ratios",
     "predictor_corrector",
     "restart",
     "reverse_diffusion",

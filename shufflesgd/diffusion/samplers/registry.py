@@ -27,6 +27,7 @@ import jax
 
 from shufflesgd._checks import check_int, is_concrete
 from shufflesgd.diffusion.samplers.base import SamplerInfo
+from shufflesgd.diffusion.samplers.dc_solver import dc_solver
 from shufflesgd.diffusion.samplers.dpm_solver import dpm_solver_pp_2m, dpm_solver_pp_3m
 from shufflesgd.diffusion.samplers.dpm_solver_v3 import dpm_solver_v3
 from shufflesgd.diffusion.samplers.edm import edm_heun
@@ -245,6 +246,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
         unipc,
         "Zhao, Bai, Rao, Zhou & Lu 2023, UniPC: A Unified Predictor-Corrector Framework for "
         "Fast Sampling of Diffusion Models, Alg. 1-3 (multistep UniP-p with UniC)",
+        nfe_per_step=1,
+        noise_draws_per_step=0,
+    ),
+    "dc_solver": SamplerSpec(
+        dc_solver,
+        "Zhao, Wang, Zhou & Lu 2024, DC-Solver: Improving Predictor-Corrector Diffusion Sampler "
+        "via Dynamic Compensation, Sec. 3 (UniPC with dynamic compensation; uncompensated UniPC "
+        "with ratios=None)",
         nfe_per_step=1,
         noise_draws_per_step=0,
     ),

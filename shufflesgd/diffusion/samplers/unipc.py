@@ -16,6 +16,8 @@ authors' ``uni_pc.py`` and of diffusers' ``UniPCMultistepScheduler``, with both 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -125,6 +127,132 @@ def _uni_bh_update(
     return (a_t / a0) * x - s_t * phi * m0 - s_t * b_h * residual
 
 
+class _UniPCStep(NamedTuple):
+    r"""The inputs of step ``i`` of the multistep loop (from :math:`t_i` to :math:`t_{i+1}`), one
+    array per field stacked over the steps for ``lax.scan``: times, :math:`\lambda`,
+    :math:`\alpha` and :math:`\sigma` at :math:`t_i`, at the previous points (indices clamped at
+    0 during warm-up) and at :math:`t_{i+1}`, and the step's UniP and UniC orders."""
+
+    t: Array
+    t_next: Array
+    lam: Array
+    lam_1: Array
+    lam_2: Array
+    lam_3: Array
+    lam_next: Array
+    alpha_1: Array
+    sigma_1: Array
+    alpha: Array
+    sigma: Array
+    alpha_next: Array
+    sigma_next: Array
+    predictor_order: Array
+    corrector_order: Array
+
+
+def _unipc_steps(
+    sde: SDE, grid: Array, order: int, lower_order_final: bool, corrector: bool
+) -> _UniPCStep:
+    """The stacked :class:`_UniPCStep` inputs of every step of the multistep loop on ``grid``
+    (the orders of :func:`unipc`: warm-up, ``lower_order_final``, first order to sigma = 0)."""
+    num_steps = grid.shape[0] - 1
+    lam = 0.5 * sde.log_snr(grid)  # lambda = log(alpha / sigma): +inf where sigma = 0
+    alpha, sigma = sde.alpha(grid), sde.sigma(grid)
+    index = jnp.arange(num_steps)
+    back = [jnp.maximum(index - k, 0) for k in (1, 2, 3)]
+    predictor_order = jnp.minimum(order, index + 1)
+    if lower_order_final:
+        predictor_order = jnp.minimum(predictor_order, num_steps - index)
+    predictor_order = jnp.where(sigma[1:] > 0, predictor_order, 1)  # to sigma = 0: first order
+    # step i corrects the state that step i - 1 predicted, with step i - 1's order (0: none)
+    corrector_order = jnp.where(index >= 1, predictor_order[back[0]], 0) if corrector else 0 * index
+    return _UniPCStep(
+        grid[:-1],
+        grid[1:],
+        lam[:-1],
+        lam[back[0]],
+        lam[back[1]],
+        lam[back[2]],
+        lam[1:],
+        alpha[back[0]],
+        sigma[back[0]],
+        alpha[:-1],
+        sigma[:-1],
+        alpha[1:],
+        sigma[1:],
+        predictor_order,
+        corrector_order,
+    )
+
+
+def _unipc_correct(
+    model: Model,
+    sde: SDE,
+    x: Array,
+    x_prev: Array,
+    history: tuple[Array, Array, Array],
+    step: _UniPCStep,
+    *,
+    prediction: str,
+    bh1: bool,
+) -> tuple[Array, Array]:
+    """Evaluate the model once at the predicted state ``x`` at :math:`t_i` and let that output
+    correct it (UniC with the previous step's order, from the corrected state ``x_prev`` at
+    :math:`t_{i-1}` and the ``history`` of outputs at :math:`t_{i-1}, t_{i-2}, t_{i-3}`): the
+    output and the corrected state."""
+    m1, m2, m3 = history
+    m = model.predict(sde, x, step.t, prediction)
+    correct = step.corrector_order > 0
+    lam_prev = jnp.where(correct, step.lam_1, step.lam - 1.0)  # any finite step where unused
+    corrected = _uni_bh_update(
+        x_prev,
+        m1,
+        m2,
+        m3,
+        m,
+        (lam_prev, step.lam_2, step.lam_3, step.lam),
+        (step.alpha_1, step.sigma_1, step.alpha, step.sigma),
+        step.corrector_order,
+        data=prediction == "x0",
+        bh1=bh1,
+    )
+    return m, jnp.where(correct, corrected, x)
+
+
+def _unipc_update(
+    x: Array,
+    history: tuple[Array, Array, Array],
+    step: _UniPCStep,
+    *,
+    prediction: str,
+    bh1: bool,
+    m_next: Array | None = None,
+) -> Array:
+    r"""UniP with the step's order from the corrected state ``x`` at :math:`t_i` to
+    :math:`t_{i+1}`, with the ``history`` of outputs at :math:`t_i, t_{i-1}, t_{i-2}`; given
+    ``m_next``, the output at the point so predicted, that step's UniC correction instead (what
+    the next step's :func:`_unipc_correct` computes).  A step to :math:`\sigma = 0` is
+    :math:`\alpha\hat x_0` either way."""
+    m, m1, m2 = history
+    data = prediction == "x0"
+    to_zero = ~(step.sigma_next > 0)
+    lam_next = jnp.where(to_zero, step.lam + 1.0, step.lam_next)  # any finite step where unused
+    updated = _uni_bh_update(
+        x,
+        m,
+        m1,
+        m2,
+        m_next,
+        (step.lam, step.lam_1, step.lam_2, lam_next),
+        (step.alpha, step.sigma, step.alpha_next, step.sigma_next),
+        step.predictor_order,
+        data=data,
+        bh1=bh1,
+    )
+    x0 = m if data else (x - step.sigma * m) / step.alpha
+    return jnp.where(to_zero, step.alpha_next * x0, updated)
+
+
 def unipc(
     key: Array,
     model: Model,
@@ -197,77 +325,23 @@ def unipc(
     del key, noise
     check_sampler_arguments(grid, final, x=x)
     _check_unipc_options(order, variant, prediction, corrector, lower_order_final)
-    data, bh1 = prediction == "x0", variant == "bh1"
+    bh1 = variant == "bh1"
     grid = jnp.asarray(grid)
-    num_steps = grid.shape[0] - 1
-    lam = 0.5 * sde.log_snr(grid)  # lambda = log(alpha / sigma): +inf where sigma = 0
-    alpha, sigma = sde.alpha(grid), sde.sigma(grid)
-    index = jnp.arange(num_steps)
-    back = [jnp.maximum(index - k, 0) for k in (1, 2, 3)]
-    predictor_order = jnp.minimum(order, index + 1)
-    if lower_order_final:
-        predictor_order = jnp.minimum(predictor_order, num_steps - index)
-    predictor_order = jnp.where(sigma[1:] > 0, predictor_order, 1)  # to sigma = 0: first order
-    # step i corrects the state that step i - 1 predicted, with step i - 1's order (0: none)
-    corrector_order = jnp.where(index >= 1, predictor_order[back[0]], 0) if corrector else 0 * index
+    steps = _unipc_steps(sde, grid, order, lower_order_final, corrector)
 
-    def body(carry, inputs):
+    def body(carry, step):
         # x: the state predicted at t_i; x_prev: the (corrected) state at t_{i-1}; m1, m2, m3:
         # the model outputs at t_{i-1}, t_{i-2}, t_{i-3} (zeros during warm-up)
         x, x_prev, m1, m2, m3 = carry
-        t, lam_i, lam_1, lam_2, lam_3, lam_n, a_1, s_1, a_i, s_i, a_n, s_n, p, c = inputs
-        m = model.predict(sde, x, t, prediction)
-        correct = c > 0
-        lam_prev = jnp.where(correct, lam_1, lam_i - 1.0)  # any finite step where unused
-        corrected = _uni_bh_update(
-            x_prev,
-            m1,
-            m2,
-            m3,
-            m,
-            (lam_prev, lam_2, lam_3, lam_i),
-            (a_1, s_1, a_i, s_i),
-            c,
-            data=data,
-            bh1=bh1,
+        m, x = _unipc_correct(
+            model, sde, x, x_prev, (m1, m2, m3), step, prediction=prediction, bh1=bh1
         )
-        x = jnp.where(correct, corrected, x)
-        to_zero = ~(s_n > 0)
-        lam_next = jnp.where(to_zero, lam_i + 1.0, lam_n)  # any finite step where unused
-        predicted = _uni_bh_update(
-            x,
-            m,
-            m1,
-            m2,
-            None,
-            (lam_i, lam_1, lam_2, lam_next),
-            (a_i, s_i, a_n, s_n),
-            p,
-            data=data,
-            bh1=bh1,
-        )
-        x0 = m if data else (x - s_i * m) / a_i
-        x_next = jnp.where(to_zero, a_n * x0, predicted)
+        x_next = _unipc_update(x, (m, m1, m2), step, prediction=prediction, bh1=bh1)
         return (x_next, x, m, m1, m2), jnp.all(jnp.isfinite(x_next))
 
-    inputs = (
-        grid[:-1],
-        lam[:-1],
-        lam[back[0]],
-        lam[back[1]],
-        lam[back[2]],
-        lam[1:],
-        alpha[back[0]],
-        sigma[back[0]],
-        alpha[:-1],
-        sigma[:-1],
-        alpha[1:],
-        sigma[1:],
-        predictor_order,
-        corrector_order,
-    )
     zeros = jnp.zeros_like(x)
-    (x, _, _, _, _), finite = jax.lax.scan(body, (x, zeros, zeros, zeros, zeros), inputs)
+    (x, _, _, _, _), finite = jax.lax.scan(body, (x, zeros, zeros, zeros, zeros), steps)
+    num_steps = grid.shape[0] - 1
     return finish_at_zero(
         model, sde, x, grid, final, jnp.asarray(num_steps), first_nonfinite(finite)
     )

@@ -32,13 +32,25 @@ def test_exact_law_matches_monte_carlo(x64):
     assert int(info.nfe[0]) == 20
 
 
-AFFINE = [name for name, spec in diffusion.SAMPLERS.items() if spec.affine]
 MEAN, COV = np.asarray(TARGET.means[0]), np.asarray(TARGET.covariances[0])
 
 
-# every affine sampler without a final step; the final denoising step (the same code for every
-# sampler, base.finish) with one sampler per family of update
-FOUR_OBJECT_CASES = [(name, "none") for name in AFFINE] + [
+# one sampler per family of update and of draw count (every affine sampler goes through
+# gaussian_sampler_law in tests/diffusion/test_flow_matching.py); the final denoising step (the
+# same code for every sampler, base.finish_at_zero) with four of them
+FAMILIES = (
+    "euler_maruyama",
+    "ddim",
+    "pf_ode_heun",
+    "dpm_solver_pp_2m",
+    "dpm_solver_v3",
+    "unipc",
+    "ghvb",
+    "ancestral",
+    "edm_heun",
+    "restart",
+)
+FOUR_OBJECT_CASES = [(name, "none") for name in FAMILIES] + [
     (name, "denoise") for name in ("ddim", "dpm_solver_pp_2m", "restart", "unipc")
 ]
 
