@@ -744,22 +744,13 @@ def mean_reverting_sampler(name: str) -> Callable:
     (``exact_gaussian_law`` draws :math:`\xi \sim N(0, \lambda^2 I)`, so :math:`x_T` is a prior
     draw): MRS on :math:`x`, or the house sampler ``name`` on :math:`y = x - \mu` through
     :func:`shufflesgd.diffusion.sample_centred`."""
-    if name == "mrs":
+    run = (
+        diffusion.mrs
+        if name == "mrs"
+        else functools.partial(diffusion.sample_centred, diffusion.SAMPLERS[name].sampler)
+    )
 
-        def run_mrs(
-            key: jax.Array | None,
-            model: diffusion.Model,
-            sde: diffusion.MeanReverting,
-            xi: jax.Array,
-            grid: jax.Array,
-            **options: Any,
-        ) -> tuple[jax.Array, diffusion.SamplerInfo]:
-            return diffusion.mrs(key, model, sde, sde.mu + xi, grid, **options)
-
-        return run_mrs
-    sampler = diffusion.SAMPLERS[name].sampler
-
-    def run_centred(
+    def started_at_mu(
         key: jax.Array | None,
         model: diffusion.Model,
         sde: diffusion.MeanReverting,
@@ -767,9 +758,9 @@ def mean_reverting_sampler(name: str) -> Callable:
         grid: jax.Array,
         **options: Any,
     ) -> tuple[jax.Array, diffusion.SamplerInfo]:
-        return diffusion.sample_centred(sampler, key, model, sde, sde.mu + xi, grid, **options)
+        return run(key, model, sde, sde.mu + xi, grid, **options)
 
-    return run_centred
+    return started_at_mu
 
 
 def mean_reverting_cost(name: str, options: dict[str, Any]) -> diffusion.SamplerCost:
