@@ -199,6 +199,13 @@ def check_fraction(field: str, value: Any) -> None:
         raise ValueError(f"config.{field} must lie in (0, 1], got {value!r}")
 
 
+def check_optional_path(field: str, value: Any) -> None:
+    """``ValueError`` naming ``config.<field>`` unless ``value`` is ``None`` or a non-empty
+    string (a path to read or write)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"config.{field} must be None or a non-empty path, got {value!r}")
+
+
 def check_positive_ints(field: str, values: Any) -> None:
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):

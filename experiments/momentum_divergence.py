@@ -245,20 +245,16 @@ def guided_model(
     law: problems.GaussianMixture, component: int, sde: diffusion.SDE
 ) -> Callable[[jax.Array], diffusion.Model]:
     r"""``w -> Model``: the exact classifier-free guided score
-    :math:`s_w = (1+w)\nabla\log p_t(\cdot\mid c) - w\nabla\log p_t` (``w`` may be traced)."""
-    full = law.eigen()
-    conditional = problems.gaussian_mixture(
-        [1.0], law.means[component : component + 1], law.covariances[component : component + 1]
-    ).eigen()
-
-    def model(w: jax.Array) -> diffusion.Model:
-        def score(x: jax.Array, t: jax.Array) -> jax.Array:
-            alpha, sigma = sde.alpha(t), sde.sigma(t)
-            return (1.0 + w) * conditional.score(x, alpha, sigma) - w * full.score(x, alpha, sigma)
-
-        return diffusion.Model(score, "score")
-
-    return model
+    :math:`s_w = (1+w)\nabla\log p_t(\cdot\mid c) - w\nabla\log p_t`
+    (:func:`shufflesgd.diffusion.classifier_free_guidance` at scale :math:`\gamma = 1 + w`;
+    ``w`` may be traced), the class :math:`c` being the mixture's component ``component`` and
+    the unconditional law the whole mixture."""
+    labels = np.where(np.arange(law.means.shape[0]) == component, 0, 1)
+    classes = problems.conditional_mixture(
+        np.exp(np.asarray(law.log_weights, np.float64)), law.means, law.covariances, labels
+    )
+    conditional = diffusion.conditional_mixture_model(sde, classes)
+    return lambda w: diffusion.classifier_free_guidance(conditional, 0, 1.0 + w)
 
 
 def make_runner(

@@ -159,11 +159,6 @@ def _check_budgets(field: str, budgets: Any) -> None:
         raise ValueError(f"config.{field} must be strictly increasing, got {list(budgets)}")
 
 
-def _check_optional_path(field: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"config.{field} must be None or a non-empty path, got {value!r}")
-
-
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built, written or compiled."""
     common.check_names("parts", config.parts, PARTS)
@@ -285,7 +280,7 @@ def validate(config: ConfigDict) -> None:
                     f"got {config.restart_t_min}, {config.restart_t_max} for {name!r}"
                 )
     for field in ("checkpoint_dir", "data_dir"):
-        _check_optional_path(field, config[field])
+        common.check_optional_path(field, config[field])
 
 
 # ------------------------------------------------------------------ networks as samplers' models
@@ -322,13 +317,6 @@ def switched_model(
 # ------------------------------------------------------------------ training
 
 
-def dequantise(key: jax.Array, levels: jax.Array) -> jax.Array:
-    r"""Uniform dequantisation of integer levels :math:`p \in \{0..16\}` to
-    :math:`x = 2(p + u)/17 - 1`."""
-    u = jax.random.uniform(key, levels.shape, levels.dtype)
-    return 2.0 * (levels + u) / DIGIT_LEVELS - 1.0
-
-
 def dequantised_loss(loss_fn: training.LossFn) -> training.LossFn:
     """``loss_fn`` on freshly dequantised images: ``batch["image"]`` holds levels, the step's key is
     split into the dequantisation noise and ``loss_fn``'s own draws."""
@@ -344,7 +332,7 @@ def dequantised_loss(loss_fn: training.LossFn) -> training.LossFn:
         return loss_fn(
             params,
             batch_stats,
-            {**batch, "image": dequantise(noise_key, batch["image"])},
+            {**batch, "image": data.dequantise(noise_key, batch["image"], DIGIT_LEVELS)},
             loss_key,
             train,
         )
@@ -911,7 +899,9 @@ def run_digits(
     model, params, shape = main.model, main.params, main.shape
     per_sample = lambda a: a.reshape(len(a), *shape)
 
-    test_x = np.asarray(dequantise(keys["dequantise_test"], jnp.asarray(test_levels)))
+    test_x = np.asarray(
+        data.dequantise(keys["dequantise_test"], jnp.asarray(test_levels), DIGIT_LEVELS)
+    )
     mean, cov, gauss_log_prob = gaussian_baseline(train_levels, test_x)
     points = jnp.asarray(per_sample(test_x[: config.likelihood_points]))
     likelihood = likelihood_rows(config, main, points, keys["likelihood"])
@@ -919,7 +909,9 @@ def run_digits(
     n, seeds = len(test_levels), config.num_seeds
     test_flat = jnp.asarray(test_x.reshape(n, -1))
     directions = seed_directions(keys["directions"], seeds, config.num_projections, DIGIT_DIM)
-    train_x = np.asarray(dequantise(keys["dequantise_train"], jnp.asarray(train_levels[:n])))
+    train_x = np.asarray(
+        data.dequantise(keys["dequantise_train"], jnp.asarray(train_levels[:n]), DIGIT_LEVELS)
+    )
     gauss = jax.random.multivariate_normal(
         keys["baseline"], jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32), (seeds, n)
     )
@@ -977,7 +969,9 @@ def run_digits(
                 flat[0, : config.png_digits]
             )
     # the data variance of Time-Shift's rule, from all dequantised training images
-    train_all = np.asarray(dequantise(keys["data_variance"], jnp.asarray(train_levels)))
+    train_all = np.asarray(
+        data.dequantise(keys["data_variance"], jnp.asarray(train_levels), DIGIT_LEVELS)
+    )
     result["exposure_bias"] = run_exposure_bias(
         config,
         sde,

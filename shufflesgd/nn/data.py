@@ -36,6 +36,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -140,6 +141,16 @@ def scale_images(
     diffusion models as in Ho et al. 2020); other entries are kept."""
     scaled = low + (high - low) * batch[key].astype(np.float32) / np.float32(max_value)
     return {**batch, key: scaled.astype(np.float32)}
+
+
+def dequantise(key: jax.Array, levels: jax.Array, num_levels: int) -> jax.Array:
+    r"""Uniform dequantisation of integer pixel levels :math:`p \in \{0, \dots, L - 1\}`
+    (``num_levels`` :math:`L`) to :math:`x = 2(p + u)/L - 1 \in [-1, 1]`,
+    :math:`u \sim U[0, 1)` (Theis, van den Oord & Bethge 2016, "A note on the evaluation of
+    generative models", Sec. 3.1): a continuous density on :math:`x` then bounds the discrete
+    log-likelihood of :math:`p`."""
+    u = jax.random.uniform(key, levels.shape, levels.dtype)
+    return 2.0 * (levels + u) / num_levels - 1.0
 
 
 def to_array_source(source: Source) -> ArraySource:

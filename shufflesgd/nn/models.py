@@ -22,7 +22,8 @@ Training Instability of Shuffling SGD with Batch Normalization".  Score networks
 ``(x_t, t)`` to an output shaped like ``x_t`` (an :math:`\varepsilon` or score
 prediction, see :mod:`shufflesgd.diffusion.processes`): :class:`ScoreMLP` for 2-D data and
 :class:`UNet` for small images, both conditioned on :func:`sinusoidal_embedding` of
-:math:`t`; :class:`EDMPreconditioned` wraps either in the input and output scalings of
+:math:`t`, and :class:`ConditionalScoreMLP`, a :class:`ScoreMLP` conditioned on a class label
+too; :class:`EDMPreconditioned` wraps either in the input and output scalings of
 Karras et al. (2022) for a process :math:`x_t = \alpha(t) x_0 + \sigma(t)\varepsilon`, around
 an :math:`\varepsilon` or a flow-matching velocity output.
 """
@@ -207,6 +208,41 @@ class ScoreMLP(nn.Module):
         return nn.Dense(x.shape[-1])(h)
 
 
+class ConditionalScoreMLP(nn.Module):
+    r"""Class-conditional :class:`ScoreMLP`: ``(x [B, d], t [B], label [B]) -> [B, d]``.
+
+    The layers of :class:`ScoreMLP`, with the time embedding :math:`e(t)` replaced by
+    :math:`e(t) + E_c`, :math:`E` a learned embedding (``nn.Embed``) of ``num_classes + 1``
+    tokens of width ``embed_dim``: rows ``0 .. num_classes - 1`` are the classes and row
+    ``num_classes`` is the null token of the unconditional branch, which any negative label
+    selects (:data:`shufflesgd.diffusion.guidance.NULL_LABEL` is ``-1``).  One network then
+    gives both branches of classifier-free guidance; the null token is learned by label
+    dropout, the label replaced by it with probability :math:`p_{uncond}` at each training
+    example (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Alg. 1).  ``label``
+    may be a scalar (one label for the batch).
+    """
+
+    num_classes: int = 10
+    hidden: int = 128
+    num_layers: int = 3
+    embed_dim: int = 32
+    time_scale: float = 1000.0
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, t: jax.Array, label: jax.Array, *, train: bool = False
+    ) -> jax.Array:
+        del train  # no batch statistics; accepted for the uniform interface
+        emb = TimeEmbedding(self.embed_dim, self.time_scale)(jnp.broadcast_to(t, x.shape[:1]))
+        label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), x.shape[:1])
+        token = jnp.where(label < 0, self.num_classes, label)
+        emb = emb + nn.Embed(self.num_classes + 1, self.embed_dim, name="label_embedding")(token)
+        h = nn.Dense(self.hidden)(x)
+        for _ in range(self.num_layers):
+            h = nn.silu(nn.Dense(self.hidden)(h) + nn.Dense(self.hidden)(emb))
+        return nn.Dense(x.shape[-1])(h)
+
+
 class ResBlock(nn.Module):
     r"""Residual block of a DDPM U-Net (Ho et al. 2020):
     :math:`y = S x + \mathrm{Conv}(\mathrm{SiLU}(\mathrm{GN}(\mathrm{Conv}(\mathrm{SiLU}(
@@ -322,7 +358,9 @@ class EDMPreconditioned(nn.Module):
     \sigma_d F` for rectified flow).  ``network`` is any ``(x, t, train=...)`` score network
     (:class:`ScoreMLP`, :class:`UNet`), conditioned on :math:`t` itself (EDM's
     :math:`c_{noise}` is a choice of time embedding; these networks embed :math:`t`).
-    ``sigma_data`` :math:`= 0.5` is EDM's value for images in :math:`[-1, 1]`.  ``ValueError``
+    ``sigma_data`` :math:`= 0.5` is EDM's value for images in :math:`[-1, 1]`.  Further
+    positional inputs after ``t`` (``conditions``, e.g. the class label of
+    :class:`ConditionalScoreMLP`) are passed to ``network`` unchanged.  ``ValueError``
     naming ``output`` unless it is one of :data:`PRECONDITIONED_OUTPUTS`.
     """
 
@@ -332,7 +370,9 @@ class EDMPreconditioned(nn.Module):
     output: str = "eps"
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, *conditions: jax.Array, train: bool = False
+    ) -> jax.Array:
         if self.output not in PRECONDITIONED_OUTPUTS:
             raise ValueError(
                 f"output must be one of {list(PRECONDITIONED_OUTPUTS)}, got {self.output!r}"
@@ -342,7 +382,7 @@ class EDMPreconditioned(nn.Module):
         alpha, sigma = self.sde.alpha(t_b), self.sde.sigma(t_b)
         var = sigma**2 + (alpha * self.sigma_data) ** 2
         scale = jax.lax.rsqrt(var)
-        residual = self.network(x * scale, t, train=train)
+        residual = self.network(x * scale, t, *conditions, train=train)
         if self.output == "eps":
             return sigma / var * x - alpha * self.sigma_data * scale * residual
         alpha_dot, sigma_dot = self.sde.alpha_dot(t_b), self.sde.sigma_dot(t_b)

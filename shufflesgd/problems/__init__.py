@@ -8,7 +8,7 @@ r"""The problems family: test beds whose answers are known exactly.
 * :mod:`~shufflesgd.problems.distributed_sums` -- finite sums split over workers, with each
   worker's smoothness constant;
 * :mod:`~shufflesgd.problems.mixtures` -- Gaussian mixtures with exact scores under every
-  linear forward process;
+  linear forward process, class-conditional ones too;
 * :mod:`~shufflesgd.problems.targets` -- sampling targets (Neal's funnel, Bayesian linear and
   logistic regression).
 """
@@ -33,8 +33,10 @@ from shufflesgd.problems.lower_bounds import (
 )
 from shufflesgd.problems.mixtures import (
     SHORT_AXIS,
+    ConditionalMixture,
     EigenMixture,
     GaussianMixture,
+    conditional_mixture,
     gaussian_mixture,
     random_gaussian_mixture,
     three_mode_mixture_2d,
@@ -50,6 +52,7 @@ from shufflesgd.problems.targets import (
 
 __all__ = [
     "BayesianFiniteSum",
+    "ConditionalMixture",
     "DistributedSum",
     "EigenMixture",
     "FiniteSum",
@@ -58,6 +61,7 @@ __all__ = [
     "SHORT_AXIS",
     "bayesian_linear_regression",
     "bayesian_logistic_regression",
+    "conditional_mixture",
     "distributed_least_squares",
     "distributed_logistic_regression",
     "distributed_quadratic",

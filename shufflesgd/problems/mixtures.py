@@ -12,6 +12,10 @@ in its components' eigenbases, so that :math:`p_t` at any :math:`(\alpha_t, \sig
 matrix products only, with no factorisation per point.  Builders: :func:`gaussian_mixture`
 (checked), :func:`three_mode_mixture_2d` (a fixed 2-D test bed) and
 :func:`random_gaussian_mixture` (reproducible anisotropic mixtures in any dimension).
+
+A :class:`ConditionalMixture` labels each component with a class, so that every class law
+:math:`p(x \mid c)` and the unconditional law :math:`p(x)` are mixtures with the same exact
+scores (:func:`conditional_mixture`): the test bed of guidance.
 """
 
 from __future__ import annotations
@@ -249,3 +253,75 @@ def random_gaussian_mixture(seed: int, num_components: int, dim: int) -> Gaussia
     factors = rng.standard_normal((num_components, dim, dim)) / np.sqrt(dim)
     covariances = 0.5 * factors @ np.swapaxes(factors, 1, 2) + 0.1 * np.eye(dim)
     return gaussian_mixture(weights, means, covariances)
+
+
+@struct.dataclass
+class ConditionalMixture:
+    r"""Class-conditional Gaussian mixtures: component :math:`k` of ``mixture`` belongs to class
+    ``labels[k]``, so that
+
+    .. math:: p(x \mid c) = \sum_{k:\,\ell_k = c} \frac{w_k}{\sum_{j:\,\ell_j = c} w_j}
+              N(x; \mu_k, \Sigma_k),
+
+    and the unconditional branch is the law ``unconditional``: the class marginal
+    :math:`\sum_c p(c)\,p(x \mid c)` (``mixture`` itself) by default, or any other mixture
+    (a single Gaussian keeps every guided score affine in :math:`x`, so that samplers' output
+    laws stay exactly Gaussian).  Every class law and the unconditional law diffuse as
+    mixtures (:meth:`GaussianMixture.diffuse`), so guided scores are exact at every noise
+    level.
+    """
+
+    mixture: GaussianMixture
+    labels: jax.Array  # int32[K]
+    unconditional: GaussianMixture
+    num_classes: int = struct.field(pytree_node=False)
+
+    def class_log_weights(self, label: jax.Array) -> jax.Array:
+        r"""The components' log-weights in :math:`p(x \mid c)` for ``label`` (may be traced):
+        renormalised within the class, :math:`-\infty` outside it."""
+        masked = jnp.where(self.labels == label, self.mixture.log_weights, -jnp.inf)
+        return masked - jax.scipy.special.logsumexp(masked)
+
+    def class_log_prior(self) -> jax.Array:
+        r""":math:`\log p(c)` for every class: the summed weights of its components."""
+        mass = jax.ops.segment_sum(
+            jnp.exp(self.mixture.log_weights), self.labels, num_segments=self.num_classes
+        )
+        return jnp.log(mass)
+
+    def conditional(self, label: jax.Array) -> GaussianMixture:
+        r"""The class law :math:`p(x \mid c)` as a mixture over all components (those of other
+        classes with weight zero)."""
+        return GaussianMixture(
+            self.class_log_weights(label), self.mixture.means, self.mixture.covariances
+        )
+
+
+def conditional_mixture(
+    weights: Any,
+    means: Any,
+    covariances: Any,
+    labels: Any,
+    unconditional: GaussianMixture | None = None,
+) -> ConditionalMixture:
+    """Build a :class:`ConditionalMixture`: the components as in :func:`gaussian_mixture`, each
+    with its class in ``labels`` (ints ``0 .. C - 1``, every class used), and the law of the
+    unconditional branch (default: the class marginal, the mixture of all components)."""
+    mixture = gaussian_mixture(weights, means, covariances)
+    ell = np.asarray(labels)
+    k = mixture.means.shape[0]
+    if ell.shape != (k,) or not np.issubdtype(ell.dtype, np.integer):
+        raise ValueError(f"labels must be {k} ints (one class per component), got labels={ell}")
+    num_classes = int(ell.max()) + 1 if ell.size else 0
+    if ell.min() < 0 or set(ell.tolist()) != set(range(num_classes)):
+        raise ValueError(
+            f"labels must use every class 0 .. C - 1 and nothing else, got labels={ell.tolist()}"
+        )
+    if unconditional is None:
+        unconditional = mixture
+    elif not isinstance(unconditional, GaussianMixture) or unconditional.dim != mixture.dim:
+        raise ValueError(
+            f"unconditional must be a GaussianMixture in dimension {mixture.dim} "
+            "(build it with gaussian_mixture)"
+        )
+    return ConditionalMixture(mixture, jnp.asarray(ell, jnp.int32), unconditional, num_classes)

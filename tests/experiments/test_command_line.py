@@ -22,6 +22,7 @@ STUDIES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
 # Sequence fields that may legitimately be empty (none so far): name -> reason.
 MAY_BE_EMPTY: dict[str, str] = {
     "sampler_nfe.dc_grids": "no grids: the study skips Part D (DC-Solver)",
+    "guidance_targets.mixture_corrections": "no corrections: Part B runs CFG, PCG and FK only",
 }
 
 

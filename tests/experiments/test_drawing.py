@@ -15,6 +15,7 @@ from experiments import (
     ef_divergence,
     ef_sweep,
     grab_digits,
+    guidance_targets,
     restart_contraction,
     sampler_nfe,
     score_model,
@@ -319,3 +320,111 @@ def test_momentum_divergence_draws_finite_points(tmp_path, legend_texts):
     assert "DPM-Solver++(2M) HB 0.8 (2 diverged points not shown)" in legend_texts
     assert "DPM-Solver++(2M) HB 0.8 (1 diverged points not shown)" in legend_texts
     assert "GHVB 3.8 (1 diverged points not shown)" in legend_texts
+
+
+def test_guided_digits_draws_finite_points(tmp_path, legend_texts):
+    from experiments import guided_digits
+
+    def row(scale, accuracy, diversity=0.3):
+        return dict(
+            scale=scale,
+            accuracy=dict(mean=accuracy, se=0.01),
+            diversity=dict(mean=diversity, se=0.01),
+        )
+
+    metrics = dict(
+        methods=dict(
+            conditional={"1": row(1.0, 0.9)},
+            cfg={"1": row(1.0, 0.9), "2": row(2.0, NAN), "4": row(4.0, None, INF)},
+            apg={"1": row(1.0, 0.9), "2": row(2.0, 0.95)},
+        ),
+        data_diversity=dict(mean=NAN, se=0.01),
+    )
+    path = tmp_path / "figure.png"
+    guided_digits.draw(metrics, path)
+    assert_drawn(path, legend_texts, "cfg (2 diverged points not shown)")  # accuracy panel
+    assert "cfg (1 diverged points not shown)" in legend_texts  # diversity panel
+    assert "apg" in legend_texts and "conditional" in legend_texts
+    samples = tmp_path / "samples.png"
+    pictures = {"conditional": np.zeros((10, 3, 64)), "cfg": np.full((10, 3, 64), NAN)}
+    guided_digits.draw_samples(pictures, 2.0, np.ones((10, 3, 64)), samples)
+    assert samples.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_guidance_targets_draws_finite_points(tmp_path, legend_texts):
+    config = ConfigDict(dict(budget_scale=4.0, fk_particles=(64, 512), pcg_corrector_steps=(1, 4)))
+    fk = lambda n, gamma, kl: dict(  # noqa: E731
+        method=f"fk_N{n}", particles=n, scale=gamma, kl=kl, kl_se=0.01,
+        exact_draws_kl=0.01, exact_draws_kl_se=0.001,
+    )  # fmt: skip
+    results = dict(
+        gaussian=dict(
+            rows=[
+                dict(method="cfg_ddim", scale=1.0, kl=0.02, evaluations=62),
+                dict(method="cfg_ddim", scale=4.0, kl=INF, evaluations=62),
+                dict(method="pcg_K1", scale=4.0, kl=0.02, evaluations=92),
+                dict(method="pcg_K4", scale=4.0, kl=NAN, evaluations=272),
+            ],
+            fk_rows=[fk(64, 4.0, 0.2), fk(512, 4.0, NAN), fk(512, 1.0, 0.01)],
+        ),
+        mixture=dict(
+            rows=[
+                dict(method="cfg_ddim", scale=1.0, sliced_w2=0.1),
+                dict(method="cfg_ddim", scale=4.0, sliced_w2=NAN),
+            ],
+            exact_draws_sliced_w2={"1.0": 0.05, "4.0": 0.05},
+        ),
+    )
+    pictures = {"exact": np.zeros((4, 2)), "cfg_ddim": np.ones((4, 2))}
+    path = tmp_path / "figure.png"
+    guidance_targets.draw(config, results, pictures, path)
+    assert_drawn(path, legend_texts, "cfg_ddim (1 diverged points not shown)")
+    assert "PCG (K corrector steps) (1 diverged points not shown)" in legend_texts
+
+
+def test_composition_draws_finite_points(tmp_path, legend_texts):
+    from experiments import composition
+
+    def fk_row(n, fk, naive=0.5, **labels):
+        row = dict(particles=n, **labels)
+        for role, value in (("fk", fk), ("naive", naive), ("exact", 0.02)):
+            row[f"{role}_pooled_w2"], row[f"{role}_pooled_w2_se"] = value, 0.01
+        return row
+
+    results = dict(
+        product=dict(rows=[fk_row(64, 0.2), fk_row(256, NAN), fk_row(1024, None, naive=INF)]),
+        anneal=dict(
+            rows=[
+                fk_row(64, 0.1, beta=0.5),
+                fk_row(1024, 0.05, beta=0.5),
+                fk_row(64, INF, beta=2.0),
+                fk_row(1024, 0.3, beta=2.0),
+            ]
+        ),
+        ito=dict(
+            rows=[
+                dict(steps=25, abs_error=2.0, abs_error_se=0.1),
+                dict(steps=50, abs_error=NAN, abs_error_se=0.1),
+                dict(steps=100, abs_error=1.0, abs_error_se=None),
+            ],
+            order=NAN,
+            pf_ode=dict(abs_error=0.002, evaluations=60.0),
+        ),
+        superdiff=dict(rows=[]),
+    )
+    axis = np.linspace(-4.0, 4.0, 5)
+    pictures = {
+        "contour_axis": axis,
+        "contour_log_p1": -np.add.outer(axis**2, axis**2),
+        "contour_log_p2": -np.add.outer(axis**2, (axis - 1.0) ** 2),
+        "product_exact": np.zeros((4, 2)),
+        "superdiff_and": np.full((4, 2), NAN),
+    }
+    path = tmp_path / "figure.png"
+    composition.draw(results, pictures, path)
+    assert_drawn(path, legend_texts, "FK (2 diverged points not shown)")
+    assert "naive (1 diverged points not shown)" in legend_texts
+    assert "FK β = 2 (1 diverged points not shown)" in legend_texts
+    assert "Itô estimate (2 diverged points not shown)" in legend_texts  # no order: NaN
+    assert "PF-ODE likelihood (60 evals)" in legend_texts
+    assert "SuperDiff AND" in legend_texts and "exact p1 p2" in legend_texts

@@ -68,7 +68,13 @@ def execute(path: pathlib.Path, kernel_dirs: list[str], extra_cells: list[str]):
         resources={"metadata": {"path": str(path.parent)}},
     )
     # CPU only, and key reuse is an error, as in tests/conftest.py.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEBUG_KEY_REUSE="true")
+    # XLA's backend optimisation level 0: the notebooks compile far more than they compute,
+    # and level 0 skips most LLVM passes (results stay deterministic; the checks below have
+    # tolerances, none compares bits with a run at another level).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        flags += " --xla_backend_optimization_level=0"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEBUG_KEY_REUSE="true", XLA_FLAGS=flags)
     client.execute(env=env)  # raises CellExecutionError on the first failing cell
     return nb
 
@@ -189,6 +195,46 @@ def check_networks(nb) -> None:
     assert len(images) >= 2, "the two figures were not displayed"
 
 
+def check_guidance(nb) -> None:
+    # 1. Exact KLs (no Monte Carlo) to p(x|c)^γ p(x)^(1-γ): at γ = 1 CFG-DDIM is conditional
+    # DDIM (discretisation error only); at γ = 4 it misses the target by far more than PCG, whose
+    # KL falls with every doubling of the corrector steps.
+    kl = marked_json(nb, "@@GUIDANCE@@")
+    assert set(kl) >= {"cfg_ddim", "cfg_ddpm", "pcg_K1", "pcg_K2", "pcg_K4"}, kl
+    assert kl["cfg_ddim"]["1.0"] < 1e-2 < kl["cfg_ddpm"]["4.0"] < kl["cfg_ddim"]["4.0"], kl
+    assert kl["cfg_ddim"]["4.0"] > 50 * kl["pcg_K4"]["4.0"], kl
+    for gamma in ("2.0", "4.0", "8.0"):
+        k1, k2, k4 = (kl[f"pcg_K{k}"][gamma] for k in (1, 2, 4))
+        assert k1 > 1.5 * k2 > 2.25 * k4, (gamma, k1, k2, k4)
+    # 2. Feynman-Kac at γ = 4, means over independent systems: the weights remove most of the
+    # plain guided SDE's bias (4 joint standard errors) and more particles do better.
+    fk = marked_json(nb, "@@FK@@")
+    for num in ("128", "1024"):
+        row = fk[num]["fk"]
+        assert row["nonfinite_systems"] == 0 and row["mean_resamplings"] > 0, (num, row)
+        assert 0.0 < row["min_ess_fraction"] <= 1.0, (num, row)
+    big, plain = fk["1024"]["fk"], fk["1024"]["plain_sde"]
+    assert big["kl"] + 4 * math.hypot(big["kl_se"], plain["kl_se"]) < plain["kl"], fk["1024"]
+    assert big["kl"] < 0.5 * plain["kl"], fk["1024"]
+    assert big["kl"] < fk["128"]["fk"]["kl"], fk
+    # 3. The Itô estimate's error falls with the steps, each time by 3 joint SEs, at an order
+    # near 1/2; OR reaches the Monte Carlo floor of the mixture; AND's samples sit where the
+    # experts' exact log-densities are far closer than at OR's.
+    sd = marked_json(nb, "@@SUPERDIFF@@")
+    rows = [sd["ito"][s] for s in sorted(sd["ito"], key=int)]
+    assert len(rows) >= 3, sd["ito"]
+    for a, b in zip(rows, rows[1:]):
+        margin = 3 * math.hypot(a["abs_error_se"], b["abs_error_se"])
+        assert b["abs_error"] + margin < a["abs_error"], rows
+    assert 0.3 < sd["ito_order"] < 0.9, sd["ito_order"]
+    assert sd["or"]["nonfinite"] == 0 and sd["and"]["nonfinite"] == 0, sd
+    assert sd["or"]["sliced_w2"] < sd["or"]["exact_sliced_w2"] + 0.15, sd["or"]
+    gap = sd["exact_log_density_gap"]
+    assert gap["and"]["mean"] < 0.5 * gap["or"]["mean"], gap
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 4, "the four figures were not displayed"
+
+
 CHECKS = {
     "sde_solvers.ipynb": (
         ["import json as _j\nprint('@@SDE@@' + _j.dumps(summary))"],
@@ -210,6 +256,7 @@ CHECKS = {
         ["import json as _j\nprint('@@MCMC@@' + _j.dumps(summary))"],
         check_mcmc,
     ),
+    "guidance.ipynb": ([], check_guidance),  # the notebook prints its own marker lines
 }
 
 

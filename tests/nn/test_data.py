@@ -131,3 +131,10 @@ def test_shard_batch_splits_examples_over_data_axis():
         np.testing.assert_array_equal(np.asarray(value), batch[name])
     with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
         parallel.shard_batch({"x": np.zeros((12, 2))}, mesh)
+
+
+def test_dequantise_keeps_each_level_in_its_own_cell():
+    levels = jnp.arange(17.0).repeat(50)
+    x = data.dequantise(jax.random.key(0), levels, 17)
+    assert float(x.min()) >= -1.0 and float(x.max()) < 1.0
+    np.testing.assert_array_equal(np.floor((np.asarray(x) + 1.0) * 17 / 2), np.asarray(levels))

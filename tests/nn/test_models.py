@@ -291,3 +291,34 @@ def test_edm_preconditioned_unet_keeps_image_shapes():
 
     out = jax.eval_shape(forward, jax.random.key(0), jnp.zeros((3, 8, 8, 1)), jnp.zeros(3))
     chex.assert_shape(out, (3, 8, 8, 1))
+
+
+def test_conditional_score_mlp_depends_on_each_example_label_and_has_a_null_token():
+    model = models.ConditionalScoreMLP(num_classes=3, hidden=16, num_layers=2, embed_dim=8)
+    x = jax.random.normal(jax.random.key(4), (4, 5))
+    t = jnp.full(4, 0.3)
+    labels = jnp.array([0, 1, 2, -1])
+    params, stats = models.init_model(model, jax.random.key(0), x, t, labels)
+    assert stats == {}
+    # ScoreMLP's parameters plus a (classes + null) x embed_dim label embedding
+    plain, _ = _shapes(models.ScoreMLP(hidden=16, num_layers=2, embed_dim=8), x, t)
+    assert models.count_params(params) == models.count_params(plain) + 4 * 8
+    apply = jax.jit(lambda p, x, t, c: models.apply_model(model, p, {}, x, t, c, train=False)[0])
+    out = apply(params, x, t, labels)
+    chex.assert_shape(out, (4, 5))
+    chex.assert_tree_all_finite(out)
+    # one example's output depends on its own label only; any negative label is the null token
+    # (row num_classes), a scalar label is broadcast over the batch
+    changed = apply(params, x, t, labels.at[0].set(2))
+    assert not np.allclose(out[0], changed[0], atol=1e-4)
+    np.testing.assert_allclose(out[1:], changed[1:], rtol=1e-6)
+    np.testing.assert_allclose(apply(params, x, t, labels.at[3].set(3)), out, rtol=1e-6)
+    np.testing.assert_allclose(apply(params, x, t, labels.at[3].set(-5)), out, rtol=1e-6)
+    np.testing.assert_allclose(apply(params, x, t, jnp.asarray(1))[1], out[1], rtol=1e-6)
+    # EDMPreconditioned passes the label on to the network
+    wrapped = models.EDMPreconditioned(model, diffusion.make_sde("vp"))
+    wrapped_params, _ = models.init_model(wrapped, jax.random.key(0), x, t, labels)
+    first = models.apply_model(wrapped, wrapped_params, {}, x, t, labels, train=False)[0]
+    second = models.apply_model(wrapped, wrapped_params, {}, x, t, labels[::-1], train=False)[0]
+    chex.assert_shape(first, (4, 5))
+    assert not np.allclose(first, second, atol=1e-4)

@@ -41,6 +41,17 @@ from shufflesgd.diffusion.samplers.ode import ddim
 Array = jax.Array
 
 
+def euler_maruyama_step(
+    sde: SDE, x: Array, t: Array, t_next: Array, score: Array, z: Array
+) -> Array:
+    r"""One Euler–Maruyama step of the reverse SDE from ``t`` to ``t_next`` with the score
+    ``score`` at :math:`(x, t)` and the standard Gaussian draw ``z``:
+    :math:`x + [f x - g^2 s]\Delta t + g\sqrt{|\Delta t|}\,z`, :math:`\Delta t = t_{next} - t`
+    (the building block that the samplers which weight or track their paths share)."""
+    dt = t_next - t
+    return x + sde.reverse_drift(x, t, score) * dt + jnp.sqrt(sde.diffusion_squared(t) * -dt) * z
+
+
 def euler_maruyama(
     key: Array,
     model: Model,
@@ -58,9 +69,8 @@ def euler_maruyama(
     check_sampler_arguments(grid, final, x=x, key=key, noise=noise)
 
     def step(x, i, t, t_next):
-        drift = sde.reverse_drift(x, t, model.predict(sde, x, t, "score"))
-        dt = t_next - t
-        return x + drift * dt + jnp.sqrt(sde.diffusion_squared(t) * -dt) * draw(key, noise, i, 0, x)
+        score = model.predict(sde, x, t, "score")
+        return euler_maruyama_step(sde, x, t, t_next, score, draw(key, noise, i, 0, x))
 
     x, nfe, bad = scan_grid(step, x, grid, 1)
     return finish(model, sde, x, grid, final, nfe, bad)
