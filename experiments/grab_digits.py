@@ -91,23 +91,6 @@ class EpochCurves(NamedTuple):
     orders: jax.Array
 
 
-def load_digits(data_dir: str | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(train, test)`` in memory, read through the TFDS builder into ``data_dir``.
-
-    Images are ``float32[N, 8, 8, 1]`` scaled to ``[0, 1]``, labels ``int32[N]``.
-    """
-
-    def read(split: str) -> dict[str, np.ndarray]:
-        source = data.MappedSource(
-            data.load_source("digits", split, data_dir=data_dir),
-            lambda batch: data.scale_images(batch, data.DIGITS_MAX_VALUE),
-        )
-        arrays = data.to_array_source(source).arrays
-        return {"image": arrays["image"], "label": arrays["label"].astype(np.int32)}
-
-    return read("train"), read("test")
-
-
 def make_run(
     model: nn.Module, scheme: shuffling.ShufflingScheme, *, num_epochs: int, batch_size: int
 ) -> Callable[[jax.Array, jax.Array, Arrays, Arrays], EpochCurves]:
@@ -310,7 +293,7 @@ def draw(metrics: dict[str, Any], config: ConfigDict, path: pathlib.Path) -> Non
 def run(config: ConfigDict) -> dict[str, Any]:
     """Run the study; return the metrics and write them, the tables and the figure."""
     validate(config)
-    train_np, test_np = load_digits(config.data_dir)
+    train_np, test_np = data.scaled_digits(config.data_dir)
     train = {k: jnp.asarray(v) for k, v in train_np.items()}
     test = {k: jnp.asarray(v) for k, v in test_np.items()}
     folder = common.results_folder(config, NAME)

@@ -11,7 +11,10 @@ feedback keeps, per worker, a memory of what compression lost and feeds it back:
   :math:`g_i` and sends :math:`C(\nabla f_i(x) - g_i)`; its variants EF21-W (Richtárik,
   Gasanov, Burlachenko 2024, Alg. 2), EF21-PP and EF21-BC (Fatkhullin, Sokolov, Gorbunov,
   Li, Richtárik 2021, Algs. 4-5) weight the workers, let them skip steps, or compress the
-  downlink too.
+  downlink too;
+* EF21-SGDM (Fatkhullin, Tyurin, Richtárik 2023, Alg. 1) runs EF21 on a per-worker
+  momentum average of the stochastic gradients, EF21-HB (Fatkhullin et al. 2021, Alg. 6)
+  puts heavy-ball momentum on the server's step.
 
 Each method is an :class:`ErrorFeedback` over an :class:`EFState` whose per-worker fields
 carry a leading axis ``n``:
@@ -24,10 +27,11 @@ carry a leading axis ``n``:
   and ``info`` an :class:`EFInfo` (bits sent, participants).
 
 ``hyper`` are the method's own hyper-parameters after the step size (EF21-W's ``weights``,
-EF21-PP's ``participation``; ``ErrorFeedback.hyper`` names them).  Like the step size
-they are traced arguments, so one compiled program serves a ``vmap`` over them; concrete
-values are checked by ``ErrorFeedback.check`` (:func:`check_weights`,
-:func:`check_participation`), traced ones are the caller's to check.
+EF21-PP's ``participation``, EF21-SGDM's and EF21-HB's ``momentum``;
+``ErrorFeedback.hyper`` names them).  Like the step size they are traced arguments, so one
+compiled program serves a ``vmap`` over them; concrete values are checked by
+``ErrorFeedback.check`` (:func:`check_weights`, :func:`check_participation`,
+:func:`check_momentum`), traced ones are the caller's to check.
 
 Per-worker work is ``vmap``-ped over the leading axis and the only cross-worker operation
 is the average of the compressed messages, so the same step runs on one device or with the
@@ -79,6 +83,8 @@ class EFState(NamedTuple):
       compressor_state: per-worker compressor states (PowerSGD's factor), leading axis ``n``.
       server_compressor_state: the downlink compressor's state (EF21-BC).
       step: number of steps taken.
+      momentum: EF21-SGDM's per-worker ``[n, ...]`` momentum averages :math:`v_i`, or
+        EF21-HB's heavy-ball direction :math:`v` (shaped like ``x``); else ``None``.
     """
 
     x: PyTree
@@ -88,6 +94,7 @@ class EFState(NamedTuple):
     compressor_state: PyTree
     server_compressor_state: PyTree
     step: jax.Array
+    momentum: PyTree = None
 
 
 class EFInfo(NamedTuple):
@@ -112,7 +119,8 @@ class ErrorFeedback(NamedTuple):
       init: ``(key, x0, num_workers, worker_grads=None, *hyper) -> EFState``.
       step: ``(key, state, worker_grads, step_size, *hyper) -> (EFState, EFInfo)``.
       hyper: the names of the hyper-parameters ``step`` takes after ``step_size``:
-        ``("weights",)`` for EF21-W, ``("participation",)`` for EF21-PP, else ``()``.
+        ``("weights",)`` for EF21-W, ``("participation",)`` for EF21-PP,
+        ``("momentum",)`` for EF21-SGDM and EF21-HB, else ``()``.
       check: ``(num_workers, *hyper) -> None``: ``TypeError`` for a wrong number of
         hyper-parameters, ``ValueError`` (naming it) for a bad one; values are checked only
         when concrete.
@@ -158,15 +166,33 @@ def check_weights(weights: Any, num_workers: int) -> None:
         raise ValueError(f"weights must sum to 1, got sums {totals}")
 
 
+def _check_unit_interval(name: str, value: Any, *, heavy_ball: bool = False) -> None:
+    """``ValueError`` unless every entry of a concrete ``value`` lies in :math:`(0, 1]`, or
+    in :math:`[0, 1)` with ``heavy_ball=True``; a traced value is skipped."""
+    if not is_concrete(value):
+        return
+    values = np.asarray(value, np.float64)
+    if heavy_ball:
+        inside, interval = (values >= 0.0) & (values < 1.0), "[0, 1)"
+    else:
+        inside, interval = (values > 0.0) & (values <= 1.0), "(0, 1]"
+    if not np.all(inside):
+        raise ValueError(f"{name} must lie in {interval}, got {name}={value}")
+
+
 def check_participation(participation: Any) -> None:
     """``ValueError`` unless every entry of a concrete ``participation`` (EF21-PP's
     probability :math:`p`, or a sweep's array of them) lies in :math:`(0, 1]`; a traced
     value is the caller's to check."""
-    if not is_concrete(participation):
-        return
-    values = np.asarray(participation, np.float64)
-    if not np.all((values > 0.0) & (values <= 1.0)):
-        raise ValueError(f"participation must lie in (0, 1], got participation={participation}")
+    _check_unit_interval("participation", participation)
+
+
+def check_momentum(momentum: Any, *, heavy_ball: bool = False) -> None:
+    """``ValueError`` unless every entry of a concrete ``momentum`` (or a sweep's array of
+    them) lies in :math:`(0, 1]`, EF21-SGDM's averaging weight :math:`\\eta` (``1``: no
+    averaging), or with ``heavy_ball=True`` in :math:`[0, 1)`, EF21-HB's :math:`\\eta`
+    (``0``: no momentum); a traced value is the caller's to check."""
+    _check_unit_interval("momentum", momentum, heavy_ball=heavy_ball)
 
 
 def _check_hyper_count(name: str, hyper: tuple[str, ...], values: tuple[Any, ...]) -> None:
@@ -333,7 +359,7 @@ def compressed_gd(compressor: Compressor, *, leafwise: bool = False) -> ErrorFee
         _check_init(key, x0)
         check(num_workers, *hyper)
         states = _init_compressor_states(compressor, key, x0, num_workers, leafwise)
-        return EFState(x0, None, None, None, states, None, jnp.zeros((), jnp.int32))
+        return EFState(x0, None, None, None, states, None, jnp.zeros((), jnp.int32), None)
 
     def step(
         key: jax.Array, state: EFState, grads: PyTree, step_size: jax.Array, *hyper: Any
@@ -381,6 +407,7 @@ def ef14(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
             states,
             None,
             jnp.zeros((), jnp.int32),
+            None,
         )
 
     def step(
@@ -410,13 +437,21 @@ def _ef21_family(
     weighted: bool = False,
     partial: bool = False,
     server_compressor: Compressor | None = None,
+    momentum: str | None = None,
 ) -> ErrorFeedback:
-    """EF21 and its variants share one step; the static options switch the variant on."""
+    """EF21 and its variants share one step; the static options switch the variant on
+    (``momentum``: ``"average"`` for EF21-SGDM, ``"heavy_ball"`` for EF21-HB)."""
     if initial_memory not in INITIAL_MEMORIES:
         raise ValueError(
             f"initial_memory must be one of {INITIAL_MEMORIES}, got {initial_memory!r}"
         )
-    hyper = ("weights",) if weighted else ("participation",) if partial else ()
+    hyper: tuple[str, ...] = ()
+    if weighted:
+        hyper = ("weights",)
+    elif partial:
+        hyper = ("participation",)
+    elif momentum is not None:
+        hyper = ("momentum",)
 
     def check(num_workers: int, *values: Any) -> None:
         check_int("num_workers", num_workers)
@@ -431,6 +466,9 @@ def _ef21_family(
         if partial:
             _check_scalar("participation", values[0])
             check_participation(values[0])
+        if momentum is not None:
+            _check_scalar("momentum", values[0])
+            check_momentum(values[0], heavy_ball=momentum == "heavy_ball")
 
     def initial_bits(x0: PyTree) -> int:
         if initial_memory == "gradient":
@@ -469,6 +507,11 @@ def _ef21_family(
                     compressor, worker_keys(keys[2], num_workers), states, memory, leafwise
                 )
             estimate = _mean_over_workers(memory, weights)
+        momenta = None
+        if momentum == "average":
+            momenta = _zeros_per_worker(x0, num_workers)
+        elif momentum == "heavy_ball":
+            momenta = zeros
         return EFState(
             x=x0,
             broadcast=zeros if server_compressor is not None else None,
@@ -477,6 +520,7 @@ def _ef21_family(
             compressor_state=states,
             server_compressor_state=server_state,
             step=jnp.zeros((), jnp.int32),
+            momentum=momenta,
         )
 
     def step(
@@ -489,6 +533,16 @@ def _ef21_family(
         weights = jnp.asarray(values[0]) if weighted else None
         if weighted:  # EF21-W: worker i compresses grad_i / (n w_i)
             grads = _scale_by_weights(grads, weights)
+        momenta = state.momentum
+        if momentum == "average":  # EF21-SGDM: v_i <- (1 - eta) v_i + eta grad_i, v_i^0 = grad_i
+            rate = jnp.where(state.step == 0, 1.0, values[0])
+
+            def average(v: jax.Array, g: jax.Array) -> jax.Array:
+                eta = rate.astype(g.dtype)
+                return (1 - eta) * v + eta * g
+
+            momenta = jax.tree.map(average, momenta, grads)
+            grads = momenta
         differences = optax.tree.sub(grads, state.memory)
         states, messages = _compress_each(
             compressor, worker_keys(uplink_key, n), state.compressor_state, differences, leafwise
@@ -520,7 +574,13 @@ def _ef21_family(
             )
             broadcast = optax.tree.add(state.broadcast, update)
             bits_down = tree_bits(server_compressor, state.x, leafwise)
-        x = _sgd_update(state.x, broadcast, step_size)
+        direction = broadcast
+        if momentum == "heavy_ball":  # EF21-HB: v <- eta v + g, x <- x - gamma v
+            momenta = jax.tree.map(
+                lambda v, g: jnp.asarray(values[0], g.dtype) * v + g, momenta, broadcast
+            )
+            direction = momenta
+        x = _sgd_update(state.x, direction, step_size)
         participants = jnp.sum(active)
         bits_up = participants * _uplink_bits(compressor, state.x, leafwise) / n
         new = EFState(
@@ -531,6 +591,7 @@ def _ef21_family(
             states,
             server_state,
             state.step + 1,
+            momenta,
         )
         return new, _info(bits_up, bits_down, participants)
 
@@ -633,4 +694,64 @@ def ef21_bc(
     )
 
 
-METHODS = ("compressed_gd", "ef14", "ef21", "ef21_w", "ef21_pp", "ef21_bc")
+def ef21_sgdm(
+    compressor: Compressor, *, leafwise: bool = False, initial_memory: str = "zero"
+) -> ErrorFeedback:
+    r"""EF21-SGDM (Fatkhullin, Tyurin, Richtárik, NeurIPS 2023, "Momentum Provably Improves
+    Error Feedback!", Alg. 1).
+
+    ``step(key, state, worker_grads, step_size, momentum)``: each worker keeps a Polyak
+    momentum average :math:`v_i` of its stochastic gradients ``worker_grads`` and runs
+    EF21 on it:
+
+    .. math:: v_i \leftarrow (1 - \eta) v_i + \eta\nabla f_i(x, \xi_i),\quad
+              g_i \leftarrow g_i + C(v_i - g_i),\quad
+              g = \tfrac1n\textstyle\sum_i g_i,\quad x \leftarrow x - \gamma g.
+
+    :math:`\eta` = ``momentum`` is a traced scalar in :math:`(0, 1]`
+    (:func:`check_momentum`), so one compiled program sweeps it; :math:`\eta = 1` is EF21
+    (EF21-SGD on stochastic gradients).  The averages start as in Alg. 1 at a stochastic
+    gradient at :math:`x_0`, :math:`v_i^0 = \nabla f_i(x_0, \xi_i^0)`: the first step
+    (``state.step == 0``) takes :math:`v_i` = its ``worker_grads`` (weight 1), so they carry
+    no bias towards zero.  ``initial_memory`` sets the :math:`g_i` as in :func:`ef21`.
+    Averaging the gradient noise before compressing it is what removes EF21-SGD's need for
+    large batches: EF21-SGD's estimates :math:`g_i` chase the noise of every sample, and
+    their error does not shrink with the step size; with small :math:`\eta` the
+    :math:`v_i` carry little noise.  The state's ``momentum`` holds the :math:`v_i`.
+    """
+    return _ef21_family("ef21_sgdm", compressor, leafwise, initial_memory, momentum="average")
+
+
+def ef21_hb(
+    compressor: Compressor, *, leafwise: bool = False, initial_memory: str = "zero"
+) -> ErrorFeedback:
+    r"""EF21-HB, EF21 with heavy-ball momentum (Fatkhullin, Sokolov, Gorbunov, Li, Richtárik
+    2021, "EF21 with Bells & Whistles", Alg. 6).
+
+    ``step(key, state, worker_grads, step_size, momentum)``: the workers run EF21 and the
+    model steps along a heavy-ball direction :math:`v` of the server's estimate:
+
+    .. math:: g_i \leftarrow g_i + C(\nabla f_i(x) - g_i),\quad
+              g = \tfrac1n\textstyle\sum_i g_i,\quad v \leftarrow \eta v + g,\quad
+              x \leftarrow x - \gamma v,
+
+    i.e. :math:`x_{t+1} = x_t - \gamma g_t + \eta(x_t - x_{t-1})` (Polyak 1964).  As in
+    Alg. 6, :math:`v^0 = g^0`: :math:`v` starts at zero, so the first step moves along
+    :math:`g`.  :math:`\eta` = ``momentum`` is a traced scalar in :math:`[0, 1)`
+    (:func:`check_momentum` with ``heavy_ball=True``); :math:`\eta = 0` is EF21.
+    ``initial_memory`` as in :func:`ef21`.  The state's ``momentum`` holds :math:`v`; only
+    the workers' messages cross the network, as in EF21.
+    """
+    return _ef21_family("ef21_hb", compressor, leafwise, initial_memory, momentum="heavy_ball")
+
+
+METHODS = (
+    "compressed_gd",
+    "ef14",
+    "ef21",
+    "ef21_w",
+    "ef21_pp",
+    "ef21_bc",
+    "ef21_sgdm",
+    "ef21_hb",
+)

@@ -17,6 +17,7 @@ from shufflesgd.compression.quantization import (
     sign,
 )
 from shufflesgd.compression.sparsification import approx_top_k, rand_k, top_k
+from shufflesgd.compression.threshold_top_k import sampled_threshold_top_k, threshold_top_k
 
 PyTree = Any
 
@@ -28,6 +29,8 @@ COMPRESSORS: dict[str, Callable[..., Compressor]] = {
     "identity": identity,
     "top_k": top_k,
     "approx_top_k": approx_top_k,
+    "threshold_top_k": threshold_top_k,
+    "sampled_threshold_top_k": sampled_threshold_top_k,
     "rand_k": rand_k,
     "sign": sign,
     "scaled_sign": scaled_sign,

@@ -158,6 +158,22 @@ def to_array_source(source: Source) -> ArraySource:
     return ArraySource(source[np.arange(len(source))])
 
 
+def scaled_digits(data_dir: str | os.PathLike | None = None) -> tuple[Batch, Batch]:
+    """The digits ``(train, test)`` splits in memory, read through the TFDS builder (built into
+    ``data_dir`` when missing): ``image`` ``float32[N, 8, 8, 1]`` scaled to ``[0, 1]``,
+    ``label`` ``int32[N]``."""
+
+    def read(split: str) -> Batch:
+        source = MappedSource(
+            load_source("digits", split, data_dir=data_dir),
+            lambda batch: scale_images(batch, DIGITS_MAX_VALUE),
+        )
+        arrays = to_array_source(source).arrays
+        return {"image": arrays["image"], "label": arrays["label"].astype(np.int32)}
+
+    return read("train"), read("test")
+
+
 def digits_arrays(split: str) -> Batch:
     """scikit-learn's digits split exactly as :class:`Digits` stores it.
 

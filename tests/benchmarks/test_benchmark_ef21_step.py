@@ -14,6 +14,8 @@ from support.benchmark_results import REPO, positive_finite
 
 JAX_STEPS = (
     "ef21_top_k",
+    "ef21_threshold_top_k",
+    "ef21_sampled_threshold_top_k",
     "ef21_top_k_undonated",
     "ef21_approx_top_k",
     "gd_mean",
@@ -36,7 +38,7 @@ def test_quick_benchmark_writes_expected_json(quick_benchmark, block_torch):
     peer_expected = not block_torch and importlib.util.find_spec("torch") is not None
 
     assert results["benchmark"] == "ef21_step" and results["quick"] is True
-    assert results["target_ratio"] == 2.0
+    assert results["targets"] == dict(over_gd=10.0, over_torch=0.5, over_floor=3.0)
     machine = results["machine"]
     assert machine["cpu_count"] >= 1 and machine["jax"] and machine["platform"]
     assert "torch" in machine
@@ -56,16 +58,20 @@ def test_quick_benchmark_writes_expected_json(quick_benchmark, block_torch):
         "ef21_top_k_over_gd_dot",
         "ef21_approx_top_k_over_gd",
         "ef21_approx_top_k_over_ef21_top_k",
+        "ef21_threshold_top_k_over_gd",
+        "ef21_sampled_threshold_top_k_over_ef21_top_k",
     ):
         assert positive_finite(ratios[name])
     # On CPU approx_max_k falls back to exact top-k: both runs hold the same state.
     assert steps["checks"]["approx_top_k_state_equals_top_k"] is True
+    assert steps["checks"]["threshold_top_k_state_equals_top_k"] is True
 
     if peer_expected:
         assert machine["torch"]
         _check_timing(steps["peer"]["torch_ef21"])
         assert steps["peer"]["torch_num_threads"] >= 1
-        assert positive_finite(ratios["ef21_top_k_over_torch"])
+        for name in ("ef21_top_k", "ef21_threshold_top_k", "ef21_sampled_threshold_top_k"):
+            assert positive_finite(ratios[f"{name}_over_torch"])
         assert steps["checks"]["memory_same_magnitudes_per_worker"] is True
     else:
         assert steps["peer"] == "not installed"
@@ -78,10 +84,40 @@ def test_quick_benchmark_writes_expected_json(quick_benchmark, block_torch):
     assert positive_finite(rand_k["ratios"]["ef21_rand_k_over_gd"])
 
     breakdown = results["breakdown"]
-    assert {"lax_top_k", "abs_diff", "worker_mean_reduce", "worker_mean_dot"} <= set(breakdown)
+    assert {
+        "lax_top_k",
+        "threshold_top_k",
+        "sampled_threshold_top_k",
+        "abs_diff",
+        "worker_mean_reduce",
+        "worker_mean_dot",
+    } <= set(breakdown)
     for row in breakdown.values():
         _check_timing(row)
     assert all(positive_finite(v) for v in results["breakdown_share_of_ef21_top_k_step"].values())
+    floor = results["memory_floor"]
+    _check_timing(floor["copy"]["copy_scale"])
+    n, d, k = settings["n"], settings["d"], steps["k"]
+    assert floor["ef21_step_bytes"] == 8 * n * d + 4 * n * k + 8 * d
+    assert floor["floor_seconds"] == pytest.approx(
+        floor["ef21_step_bytes"] / floor["copy_bytes_per_second"]
+    )
+    for name in ("ef21_top_k", "ef21_threshold_top_k", "ef21_sampled_threshold_top_k"):
+        assert floor[f"{name}_over_floor"] == pytest.approx(
+            steps["jax"][name]["step_seconds"]["median"] / floor["floor_seconds"]
+        )
+    demo = results["demo"]
+    for row in demo["timings"].values():
+        _check_timing(row)
+    assert set(demo["timings"]) == {"demo", "adamw"}
+    assert demo["demo_over_adamw"] == pytest.approx(
+        demo["timings"]["demo"]["step_seconds"]["median"]
+        / demo["timings"]["adamw"]["step_seconds"]["median"]
+    )
+    # chunk 64 (6 index bits); a shorter last chunk of r entries sends min(topk, r) of them
+    chunks, rest = divmod(settings["d"], demo["chunk"])
+    last = min(demo["topk"], rest) * (32 + math.ceil(math.log2(rest))) if rest > 1 else 32 * rest
+    assert demo["bits_per_worker"] == chunks * demo["topk"] * (32 + 6) + last
     assert positive_finite(results["total_seconds"])
 
 

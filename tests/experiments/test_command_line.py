@@ -41,10 +41,18 @@ def get(config, dotted):
     return config
 
 
-def override(value):
-    """A command-line spelling of a new value of the field's type."""
+def placeholder_type(config, dotted):
+    """The declared type of a field that holds ``None`` (``config_dict.placeholder``)."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    return config.get_ref(leaf).get_type()
+
+
+def override(value, kind=str):
+    """A command-line spelling of a new value of the field's type (``kind`` for ``None``)."""
     if value is None:
-        return "some/dir", "some/dir"
+        return ("3", 3) if kind is int else ("some/dir", "some/dir")
     if isinstance(value, bool):
         return str(not value), not value
     if isinstance(value, (int, float)):
@@ -71,7 +79,8 @@ def test_every_field_takes_a_command_line_override(name):
     argv = ["prog", f"--config=configs/{name}.py:quick"]
     expected = {}
     for field, value in fields(base):
-        text, expected[field] = override(value)
+        kind = placeholder_type(base, field) if value is None else type(value)
+        text, expected[field] = override(value, kind)
         argv.append(f"--config.{field}={text}")
     config = common.load_config(argv)
     for field, value in expected.items():

@@ -428,3 +428,29 @@ def test_composition_draws_finite_points(tmp_path, legend_texts):
     assert "Itô estimate (2 diverged points not shown)" in legend_texts  # no order: NaN
     assert "PF-ODE likelihood (60 evals)" in legend_texts
     assert "SuperDiff AND" in legend_texts and "exact p1 p2" in legend_texts
+
+
+def test_thin_wire_draws_finite_points(tmp_path, legend_texts):
+    from experiments import thin_wire
+
+    def method(bits, accuracy, losses):
+        return dict(
+            bits_per_worker=bits,
+            final_test_accuracy=dict(mean=accuracy, stderr=0.01),
+            eval_steps=[0, 10, 20],
+            test_loss=dict(mean=losses, stderr=[0.01, 0.01, 0.01]),
+        )
+
+    metrics = dict(
+        methods=dict(
+            dp=method(1e8, 0.9, [2.3, 1.0, 0.5]),
+            demo=method(1e6, NAN, [2.3, NAN, INF]),
+        ),
+        untrained_test_accuracy=0.1,
+        num_workers=8,
+        num_seeds=2,
+    )
+    path = tmp_path / "figure.png"
+    thin_wire.draw(metrics, path)
+    assert_drawn(path, legend_texts, "DeMo (2 diverged points not shown)")
+    assert "DP (uncompressed)" in legend_texts and "untrained" in legend_texts

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import grab_digits
+from shufflesgd.nn import data
 
 GRAB = "grab_mean_balance"
 
@@ -75,7 +76,7 @@ def test_vmapped_seeds_equal_single_seed_runs(study):
     config, _, folder = study
     per_seed = np.load(folder / "per_seed.npz")
     train, test = (
-        jax.tree.map(jnp.asarray, split) for split in grab_digits.load_digits(config.data_dir)
+        jax.tree.map(jnp.asarray, split) for split in data.scaled_digits(config.data_dir)
     )
     single = jax.jit(grab_digits.build_run(config, GRAB, len(train["label"])))
     for seed in (0, config.num_seeds - 1):

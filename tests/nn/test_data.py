@@ -138,3 +138,12 @@ def test_dequantise_keeps_each_level_in_its_own_cell():
     x = data.dequantise(jax.random.key(0), levels, 17)
     assert float(x.min()) >= -1.0 and float(x.max()) < 1.0
     np.testing.assert_array_equal(np.floor((np.asarray(x) + 1.0) * 17 / 2), np.asarray(levels))
+
+
+def test_scaled_digits_are_the_sklearn_splits_in_the_unit_interval(digits_dir):
+    train, test = data.scaled_digits(digits_dir)
+    for split, arrays in (("train", train), ("test", test)):
+        raw = data.digits_arrays(split)
+        assert arrays["image"].dtype == np.float32 and arrays["label"].dtype == np.int32
+        np.testing.assert_allclose(arrays["image"] * data.DIGITS_MAX_VALUE, raw["image"])
+        np.testing.assert_array_equal(arrays["label"], raw["label"])
