@@ -1,7 +1,8 @@
 """Config for experiments/thin_wire.py.
 
-Variants: ``configs/thin_wire.py`` (the full study, a few minutes on 2 CPU cores) and
-``configs/thin_wire.py:quick`` (a few dozen steps; the test runs it).
+Variants: ``configs/thin_wire.py`` (the full study on the MLP, a few minutes on 2 CPU cores),
+``configs/thin_wire.py:cnn`` (the same on the small CNN) and ``configs/thin_wire.py:quick``
+(a few dozen steps; the test runs it, and with ``--config.model=cnn`` the CNN).
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -11,7 +12,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config = ConfigDict()
     # Tuples, so that --config.methods='("dp","demo")' overrides them; "dp" is the reference.
     config.methods = ("dp", "ef21_sgdm_topk", "powersgd_ef14", "demo", "zeroth_order")
+    config.model = "mlp"  # or "cnn" (the :cnn variant)
     config.hidden = (64, 64)  # MLP widths
+    config.channels = (16, 32)  # CNN widths (3x3 convolutions, 2x2 average pooling)
     config.num_workers = 8  # must divide the 1536 training examples
     config.batch_size = 16  # per worker and step; must divide the worker's shard (1536 / n)
     config.num_steps = 1200  # every method except zeroth_order
@@ -44,12 +47,14 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_devices = config_dict.placeholder(int)
     config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
     config.results_dir = "results"
-    if variant == "quick":
+    if variant == "cnn":
+        config.model = "cnn"
+    elif variant == "quick":
         config.hidden = (32,)
         config.num_steps = 48
         config.eval_every = 12
         config.num_seeds = 2
         config.zo_num_steps = 96
     elif variant != "full":
-        raise ValueError(f"config variant must be 'full' or 'quick', got {variant!r}")
+        raise ValueError(f"config variant must be 'full', 'quick' or 'cnn', got {variant!r}")
     return config

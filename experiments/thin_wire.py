@@ -1,10 +1,11 @@
-r"""The thin wire: the digits MLP trained by 8 workers under communication-efficient methods.
+r"""The thin wire: digits networks trained by 8 workers under communication-efficient methods.
 
 ``n`` workers (``num_workers``, 8 by default) each hold a contiguous shard of the training set
 of scikit-learn's 8×8 digits (train 1536 / test 261 examples, read through the TFDS builder
 :func:`shufflesgd.nn.data.load_source`, pixels scaled to ``[0, 1]``; sklearn's order cycles
 through the classes, so every shard holds every digit) and minimise the mean softmax
-cross-entropy of a :class:`shufflesgd.nn.models.MLP`.  Each step every worker takes a
+cross-entropy of a :class:`shufflesgd.nn.models.MLP` (or, with ``model="cnn"``, the small
+:class:`shufflesgd.nn.models.CNN`).  Each step every worker takes a
 minibatch of ``batch_size`` examples of its own shard in **random-reshuffling** order
 (Mishchenko, Khaled, Richtárik 2020): worker :math:`i`'s order in its epoch :math:`e` is
 ``permutation(fold_in(fold_in(data_key, i), e))`` of its shard, so step :math:`t` draws the
@@ -101,6 +102,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 NAME = "thin_wire"
 REFERENCE = "dp"  # the paired differences are taken against uncompressed data parallel
 METHODS = ("dp", "ef21_sgdm_topk", "powersgd_ef14", "demo", "zeroth_order")
+MODELS = ("mlp", "cnn")
 LABELS = {
     "dp": "DP (uncompressed)",
     "ef21_sgdm_topk": "EF21-SGDM + Top-k",
@@ -138,6 +140,10 @@ def worker_shards(train: dict[str, Any], num_workers: int) -> dict[str, Any]:
 
 
 def build_model(config: ConfigDict) -> nn.Module:
+    """``config.model``: the MLP of widths ``config.hidden`` or the small CNN of
+    ``config.channels`` (3×3 convolutions, no BatchNorm: the workers share no statistics)."""
+    if config.model == "cnn":
+        return models.CNN(channels=tuple(config.channels), num_classes=10)
     return models.MLP(hidden=tuple(config.hidden), num_classes=10)
 
 
@@ -385,7 +391,9 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(
             f"config.methods must include {REFERENCE!r}, the reference of the paired differences"
         )
+    common.check_choice("model", config.model, MODELS)
     common.check_positive_ints("hidden", list(config.hidden))
+    common.check_positive_ints("channels", list(config.channels))
     for field in (
         "num_workers",
         "batch_size",
@@ -473,7 +481,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"{'test acc, %':>13s} {'Δloss vs dp':>17s} {'Δacc vs dp, pts':>15s}  diverged"
     )
     lines = [
-        f"digits MLP, {metrics['num_workers']} workers; mean ± SE over {metrics['num_seeds']} "
+        f"digits {metrics['model'].upper()}, {metrics['num_workers']} workers; mean ± SE over "
+        f"{metrics['num_seeds']} "
         "seeds (paired differences: same seed, same init and data order)",
         header,
     ]
@@ -546,7 +555,8 @@ def draw(metrics: dict[str, Any], path: pathlib.Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
     fig.suptitle(
-        f"digits MLP, {metrics['num_workers']} workers; mean ± SE over {metrics['num_seeds']} seeds"
+        f"digits {metrics['model'].upper()}, {metrics['num_workers']} workers; mean ± SE over "
+        f"{metrics['num_seeds']} seeds"
     )
     common.save_figure(fig, path)
 
@@ -559,6 +569,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     test = {k: jnp.asarray(v) for k, v in test_np.items()}
     folder = common.results_folder(config, NAME)
     metrics: dict[str, Any] = {
+        "model": config.model,
         "num_workers": config.num_workers,
         "num_seeds": config.num_seeds,
         "num_devices": devices_used(config),

@@ -447,6 +447,7 @@ def test_thin_wire_draws_finite_points(tmp_path, legend_texts):
             demo=method(1e6, NAN, [2.3, NAN, INF]),
         ),
         untrained_test_accuracy=0.1,
+        model="mlp",
         num_workers=8,
         num_seeds=2,
     )

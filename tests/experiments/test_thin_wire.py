@@ -191,6 +191,8 @@ def test_divergence_is_recorded_not_raised(study):
         ({"momentum": 1.0}, r"config.momentum must lie in \[0, 1\)"),
         ({"zo_radius": -1.0}, "config.zo_radius must be a positive"),
         ({"hidden": (32, 0)}, "config.hidden must be positive integers"),
+        ({"model": "resnet"}, "config.model"),
+        ({"channels": (4, 0)}, "config.channels must be positive integers"),
     ],
 )
 def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match, quick_config):
@@ -208,3 +210,30 @@ def test_bad_learning_rate_fails(tmp_path, quick_config):
     with pytest.raises(ValueError, match="config.learning_rate.demo must be a positive"):
         thin_wire.run(config)
     assert not (tmp_path / "results").exists()
+
+
+def test_the_cnn_trains_on_the_same_wire(tmp_path, quick_config):
+    config = quick_config(
+        "thin_wire",
+        tmp_path / "results",
+        data_dir=str(tmp_path / "tfds"),
+        num_devices=1,
+        model="cnn",
+        channels=(4, 8),
+        methods=("dp", "ef21_sgdm_topk"),
+        num_seeds=2,
+    )
+    # conv kernels 3x3x1x4 and 3x3x4x8 with biases, then Dense(8 -> 10)
+    d = 3 * 3 * 1 * 4 + 4 + 3 * 3 * 4 * 8 + 8 + 8 * 10 + 10
+    assert thin_wire.num_params(config) == d
+    metrics = thin_wire.run(config)
+    assert metrics["model"] == "cnn"
+    dp = metrics["methods"]["dp"]
+    assert dp["bits_per_worker"] == config.num_steps * 32 * d
+    ef = metrics["methods"]["ef21_sgdm_topk"]
+    assert ef["bits_per_worker"] == config.num_steps * math.ceil(0.01 * d) * (
+        32 + math.ceil(math.log2(d))
+    )
+    for result in (dp, ef):
+        loss = result["test_loss"]["mean"]
+        assert loss[-1] < loss[0], loss
