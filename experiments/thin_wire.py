@@ -89,7 +89,7 @@ from shufflesgd.compression import (
     ef14,
     ef21_sgdm,
     power_sgd,
-    top_k,
+    threshold_top_k,
     tree_bits,
     zeroth_order,
 )
@@ -181,7 +181,7 @@ def bits_per_step(config: ConfigDict, method: str) -> int:
 
 def _compressor(config: ConfigDict, method: str) -> tuple[Compressor, bool]:
     if method == "ef21_sgdm_topk":
-        return top_k(fraction=config.topk_fraction), False
+        return threshold_top_k(fraction=config.topk_fraction), False
     return power_sgd(config.powersgd_rank), True
 
 
