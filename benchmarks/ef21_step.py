@@ -92,8 +92,8 @@ FULL = dict(
     rand_k_workers=4,
     rand_k_repeats=5,
     breakdown_repeats=5,
-    demo_chunk=64,
-    demo_topk=32,
+    demo_chunk=50,  # divides d (DeMo raises on a leaf that is not a whole number of chunks)
+    demo_topk=25,
 )
 QUICK = dict(
     n=4,
@@ -105,8 +105,8 @@ QUICK = dict(
     rand_k_workers=2,
     rand_k_repeats=5,
     breakdown_repeats=5,
-    demo_chunk=64,
-    demo_topk=32,
+    demo_chunk=50,  # divides d (DeMo raises on a leaf that is not a whole number of chunks)
+    demo_topk=25,
 )
 
 

@@ -35,7 +35,7 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.ef21_momentum = 0.1  # EF21-SGDM's eta in (0, 1] (weight of the new gradient)
     config.topk_fraction = 0.01  # EF21-SGDM's Top-k, of all d parameters
     config.powersgd_rank = 2  # PowerSGD rank, leaf by leaf
-    config.demo_chunk = 64
+    config.demo_chunk = 64  # every leaf larger than a chunk must be a whole number of chunks
     config.demo_topk = 4
     config.demo_sign = False
     config.zo_num_steps = 24000  # zeroth_order's own budget (cheap steps, far smaller moves)
@@ -49,6 +49,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.results_dir = "results"
     if variant == "cnn":
         config.model = "cnn"
+        # the 3x3 kernels hold 9 x channels entries: chunks of 16, the same 1/16 sent
+        config.demo_chunk = 16
+        config.demo_topk = 1
     elif variant == "quick":
         config.hidden = (32,)
         config.num_steps = 48

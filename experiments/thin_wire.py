@@ -446,6 +446,11 @@ def validate(config: ConfigDict) -> None:
             f"config.demo_topk must be at most config.demo_chunk={config.demo_chunk}, "
             f"got {config.demo_topk}"
         )
+    if "demo" in methods:
+        try:
+            demo_bits(param_shapes(config), config.demo_chunk, config.demo_topk)
+        except ValueError as error:
+            raise ValueError(f"config.demo_chunk: {error}") from error
     if not isinstance(config.demo_sign, bool):
         raise ValueError(f"config.demo_sign must be True or False, got {config.demo_sign!r}")
     if not isinstance(config.zo_bits, int) or isinstance(config.zo_bits, bool):

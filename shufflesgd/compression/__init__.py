@@ -56,6 +56,7 @@ from shufflesgd.compression.error_feedback import (
     ef21_pp,
     ef21_sgdm,
     ef21_w,
+    mean_over_workers,
     worker_keys,
 )
 from shufflesgd.compression.low_rank import (
@@ -158,6 +159,7 @@ __all__ = [
     "init_tree",
     "low_rank",
     "magnitude_bits",
+    "mean_over_workers",
     "make_compressor",
     "make_distributed_run",
     "make_sharded_distributed_run",

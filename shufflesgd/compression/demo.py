@@ -25,10 +25,11 @@ is the orthogonal projection of :math:`m` onto :math:`k` basis vectors per chunk
 :math:`\|m - q\|^2 = \|m\|^2 - \|q\|^2`, and with ``topk == chunk`` the momentum is emptied
 every step and :math:`Q` is the mean gradient (DeMo is then SGD on the averaged gradient).
 
-A leaf whose size :math:`d` is not a multiple of ``chunk`` ends with one shorter chunk of
-:math:`r = d \bmod s` entries, transformed by the DCT of length :math:`r`, of which
-:math:`\min(k, r)` coefficients are kept: no zero padding, so the projection (and the
-energy identity) stays exact for that chunk too.
+A leaf of :math:`d \le s` entries is one chunk of its own length :math:`d`, of which
+:math:`\min(k, d)` coefficients are kept (a bias, a scalar); a larger leaf must be a
+whole number of chunks, :math:`s \mid d`, and any other size raises ``ValueError`` (naming
+``chunk``, the leaf and the divisors of :math:`d` nearest to :math:`s`) before anything is
+traced, rather than being padded or cut to other lengths behind the caller's back.
 
 One worker sends, per chunk, its kept coefficients as 32-bit floats and their positions as
 :math:`\lceil\log_2 s\rceil`-bit indices (:func:`demo_bits`); the sign, when applied, is
@@ -37,10 +38,10 @@ change what is sent.
 
 Differences from the reference implementation (github.com/bloc97/DeMo):
 
-* chunks are 1-D, over the flattened leaf; the reference cuts a matrix into
-  :math:`s_1 \times s_2` tiles and applies the DCT along both axes (a 2-D DCT, top-k over the
-  :math:`s_1 s_2` coefficients of each tile), and picks per axis the largest divisor of the
-  dimension not above ``chunk`` instead of a shorter last chunk;
+* chunks are 1-D, over the flattened leaf, as in Algorithm 1; the reference cuts a matrix
+  into :math:`s_1 \times s_2` tiles and applies the DCT along both axes (a 2-D DCT, top-k
+  over the :math:`s_1 s_2` coefficients of each tile), picking per axis the largest divisor
+  of the dimension not above ``chunk`` where this raises;
 * the momentum accumulates the gradient, :math:`m \leftarrow \beta m + g`, as in
   Algorithm 1; the reference accumulates :math:`\beta m + \eta g` (the step size inside the
   momentum, which matters when :math:`\eta` varies or without the sign);
@@ -67,7 +68,7 @@ import optax
 
 from shufflesgd._checks import check_float_array, check_int, check_like, is_concrete
 from shufflesgd.compression.base import FLOAT_BITS, _index_bits, _size
-from shufflesgd.compression.error_feedback import _mean_over_workers
+from shufflesgd.compression.error_feedback import mean_over_workers
 from shufflesgd.compression.threshold_top_k import magnitude_bits
 
 PyTree = Any
@@ -93,6 +94,25 @@ def check_chunking(chunk: Any, topk: Any) -> tuple[int, int]:
     if topk > chunk:
         raise ValueError(f"topk must be at most chunk={chunk}, got topk={topk}")
     return chunk, topk
+
+
+def _nearest_divisors(d: int, chunk: int) -> list[int]:
+    """The divisors of ``d`` just below and just above ``chunk`` (those that exist)."""
+    divisors = [q for q in range(1, d + 1) if d % q == 0]
+    below = [q for q in divisors if q < chunk][-1:]
+    above = [q for q in divisors if q > chunk][:1]
+    return below + above
+
+
+def check_leaf_size(d: int, chunk: int, where: str = "a leaf") -> None:
+    """``ValueError`` naming ``chunk`` when a leaf of ``d > chunk`` entries is not a whole
+    number of chunks."""
+    if d > chunk and d % chunk:
+        raise ValueError(
+            f"chunk={chunk} does not divide the {d} entries of {where}: a leaf larger than "
+            f"chunk must be a whole number of chunks (divisors of {d} near {chunk}: "
+            f"{_nearest_divisors(d, chunk)})"
+        )
 
 
 def check_beta(beta: Any) -> None:
@@ -152,38 +172,34 @@ def _top_k_mask(rows: jax.Array, k: int) -> jax.Array:
 
 def extract_fast_components(x: jax.Array, chunk: int, topk: int) -> jax.Array:
     r"""``ExtractFastComponents`` of Peng, Quesnelle, Kingma (2024), Alg. 1, on one
-    array: ``x`` flattened, cut into chunks of ``chunk`` entries (a last chunk of
-    ``x.size % chunk`` entries when ``chunk`` does not divide the size), each projected onto
-    its ``topk`` (at most the chunk's length) largest orthonormal DCT-II coefficients.
-    Returns :math:`q`, shaped like ``x``."""
+    array: ``x`` flattened, cut into chunks of ``chunk`` entries (one chunk of ``x.size``
+    entries when that is smaller), each projected onto its ``topk`` (at most the chunk's
+    length) largest orthonormal DCT-II coefficients.  Returns :math:`q`, shaped like ``x``.
+    ``ValueError`` naming ``chunk`` when ``x.size > chunk`` is not a multiple of it."""
     check_float_array("x", x)
     chunk, topk = check_chunking(chunk, topk)
-    flat = jnp.ravel(x)
-    d = flat.shape[0]
-    full = d - d % chunk
-    parts = []
-    if full:
-        parts.append(_project(flat[:full].reshape(-1, chunk), topk).ravel())
-    if d > full:
-        parts.append(_project(flat[full:].reshape(1, d - full), min(topk, d - full)).ravel())
-    if not parts:
+    d = int(np.size(x))
+    check_leaf_size(d, chunk, f"x, shaped {tuple(np.shape(x))}")
+    if d == 0:
         return x
-    return jnp.concatenate(parts).reshape(jnp.shape(x))
+    length = min(chunk, d)
+    blocks = jnp.reshape(x, (-1, length))
+    return _project(blocks, min(topk, length)).reshape(jnp.shape(x))
 
 
 def demo_bits(params: PyTree, chunk: int, topk: int) -> int:
-    r"""Bits one worker sends per step for parameters shaped like ``params``: for each full
-    chunk, ``topk`` 32-bit values and ``topk`` indices of :math:`\lceil\log_2 s\rceil` bits;
-    for a last chunk of :math:`r` entries, :math:`\min(k, r)` values and indices of
-    :math:`\lceil\log_2 r\rceil` bits (none when :math:`r = 1`)."""
+    r"""Bits one worker sends per step for parameters shaped like ``params``: per chunk,
+    :math:`\min(k, \ell)` 32-bit values and as many indices of :math:`\lceil\log_2
+    \ell\rceil` bits, :math:`\ell` the chunk's length (``chunk``, or the leaf's size when
+    that is smaller; no index bits when :math:`\ell = 1`)."""
     chunk, topk = check_chunking(chunk, topk)
     total = 0
-    for leaf in jax.tree.leaves(params):
+    for path, leaf in jax.tree.leaves_with_path(params):
         d = _size(np.shape(leaf))
-        rest = d % chunk
-        total += (d // chunk) * topk * (FLOAT_BITS + _index_bits(chunk))
-        if rest:
-            total += min(topk, rest) * (FLOAT_BITS + _index_bits(rest))
+        check_leaf_size(d, chunk, f"the leaf {jax.tree_util.keystr(path)}, shaped {np.shape(leaf)}")
+        if d:
+            length = min(chunk, d)
+            total += (d // length) * min(topk, length) * (FLOAT_BITS + _index_bits(length))
     return total
 
 
@@ -199,7 +215,8 @@ def demo(
     Args:
       num_workers: :math:`n`, the length of the leading axis of the incoming updates.
       beta: the momentum decay :math:`\beta \in [0, 1)`, possibly traced.
-      chunk: the chunk length :math:`s` of the DCT.
+      chunk: the chunk length :math:`s` of the DCT; every leaf larger than ``chunk`` must
+        be a multiple of it (checked by ``init``).
       topk: :math:`k`, the DCT coefficients each worker sends per chunk (``<= chunk``).
       sign: output :math:`\operatorname{sign}(Q)` instead of :math:`Q` (the paper's
         signum variant).
@@ -218,6 +235,9 @@ def demo(
 
     def init(params: PyTree) -> DeMoState:
         check_float_array("params", params)
+        for path, leaf in jax.tree.leaves_with_path(params):
+            where = f"the leaf {jax.tree_util.keystr(path)}, shaped {tuple(jnp.shape(leaf))}"
+            check_leaf_size(int(np.size(leaf)), chunk, where)
         momentum = jax.tree.map(
             lambda p: jnp.zeros((num_workers, *jnp.shape(p)), jnp.result_type(p)), params
         )
@@ -226,7 +246,7 @@ def demo(
     def leaf_update(g: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
         m = jnp.asarray(beta, m.dtype) * m + g
         q = jax.vmap(lambda x: extract_fast_components(x, chunk, topk))(m)
-        sent = _mean_over_workers(q)
+        sent = mean_over_workers(q)
         return (jnp.sign(sent) if sign else sent), m - q
 
     def update(

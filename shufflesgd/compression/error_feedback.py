@@ -215,8 +215,9 @@ def _zeros_per_worker(x: PyTree, num_workers: int) -> PyTree:
     return _stack(optax.tree.zeros_like(x), num_workers)
 
 
-def _mean_over_workers(tree: PyTree, weights: jax.Array | None = None) -> PyTree:
-    """The (weighted) average over the leading worker axis, written as a contraction with a
+def mean_over_workers(tree: PyTree, weights: jax.Array | None = None) -> PyTree:
+    """The (weighted) average over the leading worker axis of every leaf (what the server
+    of a distributed run computes from the workers' messages), written as a contraction with a
     weight vector: on XLA:CPU ``jnp.mean(axis=0)`` over many workers of long vectors lowers
     to a much slower fusion than the dot (see the benchmarks' README)."""
 
@@ -370,7 +371,7 @@ def compressed_gd(compressor: Compressor, *, leafwise: bool = False) -> ErrorFee
         states, messages = _compress_each(
             compressor, worker_keys(key, n), state.compressor_state, grads, leafwise
         )
-        x = _sgd_update(state.x, _mean_over_workers(messages), step_size)
+        x = _sgd_update(state.x, mean_over_workers(messages), step_size)
         new = state._replace(x=x, compressor_state=states, step=state.step + 1)
         return new, _info(_uplink_bits(compressor, state.x, leafwise), _dense_bits(state.x), n)
 
@@ -421,7 +422,7 @@ def ef14(compressor: Compressor, *, leafwise: bool = False) -> ErrorFeedback:
             compressor, worker_keys(key, n), state.compressor_state, corrected, leafwise
         )
         errors = optax.tree.sub(corrected, messages)
-        x = optax.tree.sub(state.x, _mean_over_workers(messages))
+        x = optax.tree.sub(state.x, mean_over_workers(messages))
         new = state._replace(x=x, memory=errors, compressor_state=states, step=state.step + 1)
         return new, _info(_uplink_bits(compressor, state.x, leafwise), _dense_bits(state.x), n)
 
@@ -506,7 +507,7 @@ def _ef21_family(
                 states, memory = _compress_each(
                     compressor, worker_keys(keys[2], num_workers), states, memory, leafwise
                 )
-            estimate = _mean_over_workers(memory, weights)
+            estimate = mean_over_workers(memory, weights)
         momenta = None
         if momentum == "average":
             momenta = _zeros_per_worker(x0, num_workers)
@@ -558,7 +559,7 @@ def _ef21_family(
             state.compressor_state,
         )
         memory = optax.tree.add(state.memory, messages)
-        estimate = optax.tree.add(state.estimate, _mean_over_workers(messages, weights))
+        estimate = optax.tree.add(state.estimate, mean_over_workers(messages, weights))
         broadcast, server_state, bits_down = (
             estimate,
             state.server_compressor_state,
@@ -726,7 +727,8 @@ def ef21_hb(
     compressor: Compressor, *, leafwise: bool = False, initial_memory: str = "zero"
 ) -> ErrorFeedback:
     r"""EF21-HB, EF21 with heavy-ball momentum (Fatkhullin, Sokolov, Gorbunov, Li, Richtárik
-    2021, "EF21 with Bells & Whistles", Alg. 6).
+    2021, "EF21 with Bells & Whistles", JMLR 2025, the heavy-ball extension; its algorithm
+    number could not be checked offline, so none is cited).
 
     ``step(key, state, worker_grads, step_size, momentum)``: the workers run EF21 and the
     model steps along a heavy-ball direction :math:`v` of the server's estimate:
@@ -735,10 +737,10 @@ def ef21_hb(
               g = \tfrac1n\textstyle\sum_i g_i,\quad v \leftarrow \eta v + g,\quad
               x \leftarrow x - \gamma v,
 
-    i.e. :math:`x_{t+1} = x_t - \gamma g_t + \eta(x_t - x_{t-1})` (Polyak 1964).  As in
-    Alg. 6, :math:`v^0 = g^0`: :math:`v` starts at zero, so the first step moves along
-    :math:`g`.  :math:`\eta` = ``momentum`` is a traced scalar in :math:`[0, 1)`
-    (:func:`check_momentum` with ``heavy_ball=True``); :math:`\eta = 0` is EF21.
+    i.e. :math:`x_{t+1} = x_t - \gamma g_t + \eta(x_t - x_{t-1})` (Polyak 1964), with
+    :math:`v^0 = g^0`: :math:`v` starts at zero, so the first step moves along :math:`g`.
+    :math:`\eta` = ``momentum`` is a traced scalar in :math:`[0, 1)` (:func:`check_momentum`
+    with ``heavy_ball=True``); :math:`\eta = 0` is EF21.
     ``initial_memory`` as in :func:`ef21`.  The state's ``momentum`` holds :math:`v`; only
     the workers' messages cross the network, as in EF21.
     """

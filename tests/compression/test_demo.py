@@ -17,8 +17,9 @@ from shufflesgd.compression.demo import (
     extract_fast_components,
 )
 
-# Leaf sizes 15, 6 and 1: with chunk 4 each ends with a shorter chunk (3, 2 and 1 entries).
-SHAPES = {"w": (3, 5), "b": (6,), "s": ()}
+# Leaf sizes 12, 3 and 1: with chunk 4, three chunks, and two leaves smaller than a chunk,
+# each one chunk of its own length.
+SHAPES = {"w": (3, 4), "b": (3,), "s": ()}
 
 
 def random_grads(rng, num_workers, steps):
@@ -30,8 +31,8 @@ def random_grads(rng, num_workers, steps):
 
 def numpy_fast_components(m, chunk, topk):
     """ExtractFastComponents (Alg. 1) written directly: per chunk of the flattened array,
-    keep the topk largest orthonormal DCT-II coefficients (all of a shorter last chunk's if it
-    has fewer)."""
+    keep the topk largest orthonormal DCT-II coefficients (all of a leaf smaller than a chunk
+    if it has fewer)."""
     flat = m.ravel()
     out = np.zeros_like(flat)
     for start in range(0, flat.size, chunk):
@@ -116,10 +117,10 @@ def test_sent_part_has_topk_coefficients_per_chunk_and_removes_its_energy(x64):
     beta, chunk, topk = 0.7, 4, 2
     transform = demo(2, beta=beta, chunk=chunk, topk=topk)
     rng = np.random.default_rng(2)
-    state = transform.init({"w": jnp.zeros(10)})
+    state = transform.init({"w": jnp.zeros(8)})
     update = jax.jit(transform.update)
     for _ in range(3):
-        g = rng.standard_normal((2, 10))
+        g = rng.standard_normal((2, 8))
         before = beta * np.asarray(state.momentum["w"]) + g
         _, state = update({"w": jnp.asarray(g)}, state)
         after = np.asarray(state.momentum["w"])
@@ -128,8 +129,7 @@ def test_sent_part_has_topk_coefficients_per_chunk_and_removes_its_energy(x64):
             np.sum(after**2, axis=1), np.sum(before**2, axis=1) - np.sum(q**2, axis=1), rtol=1e-12
         )
         for qi, mi in zip(q, before):
-            # chunks of 4, 4 and a last one of 2 entries, all of whose coefficients are kept
-            for block, kept in [(slice(0, 4), 2), (slice(4, 8), 2), (slice(8, 10), 2)]:
+            for block, kept in [(slice(0, 4), 2), (slice(4, 8), 2)]:
                 cq = scipy.fft.dct(qi[block], norm="ortho")
                 cm = scipy.fft.dct(mi[block], norm="ortho")
                 sent = np.abs(cq) > 1e-9 * np.abs(cm).max()
@@ -137,19 +137,20 @@ def test_sent_part_has_topk_coefficients_per_chunk_and_removes_its_energy(x64):
                 np.testing.assert_allclose(cq[sent], cm[sent], rtol=1e-10)
                 if (~sent).any():
                     assert np.abs(cm[sent]).min() >= np.abs(cm[~sent]).max()
-    # The public projection on its own, with a ragged last chunk of 3 entries.
-    x = jnp.asarray(rng.standard_normal((3, 5)))
-    np.testing.assert_allclose(
-        extract_fast_components(x, 4, 3), numpy_fast_components(np.asarray(x), 4, 3), rtol=1e-12
-    )
+    # The public projection on its own: chunks of 5, and an array smaller than a chunk.
+    for shape in [(3, 5), (2,)]:
+        x = jnp.asarray(rng.standard_normal(shape))
+        np.testing.assert_allclose(
+            extract_fast_components(x, 5, 3), numpy_fast_components(np.asarray(x), 5, 3), rtol=1e-12
+        )
 
 
 def _demo_run(beta, key):
     transform = demo(3, beta=beta, chunk=4, topk=2, sign=False)
-    state = transform.init({"w": jnp.zeros(10)})
+    state = transform.init({"w": jnp.zeros(8)})
 
     def body(state, step):
-        grads = jax.random.normal(jax.random.fold_in(key, step), (3, 10))
+        grads = jax.random.normal(jax.random.fold_in(key, step), (3, 8))
         out, state = transform.update({"w": grads}, state)
         return state, out["w"]
 
@@ -168,11 +169,11 @@ def test_one_compiled_program_serves_a_sweep_over_beta_and_seeds():
     # beta as an optax hyper-parameter in the state gives the same run.
     injected = optax.inject_hyperparams(demo, static_args=("num_workers", "chunk", "topk", "sign"))
     transform = injected(num_workers=3, beta=0.5, chunk=4, topk=2, sign=False)
-    state = transform.init({"w": jnp.zeros(10)})
+    state = transform.init({"w": jnp.zeros(8)})
     update = jax.jit(transform.update)
     key = jax.random.split(jax.random.key(0), 3)[1]
     for step, expected in enumerate(swept[1]):
-        grads = jax.random.normal(jax.random.fold_in(key, step), (3, 10))
+        grads = jax.random.normal(jax.random.fold_in(key, step), (3, 8))
         out, state = update({"w": grads}, state)
         np.testing.assert_allclose(out["w"], expected, rtol=1e-5, atol=1e-6)
 
@@ -196,7 +197,7 @@ def test_chain_with_weight_decay_converges_on_least_squares_in_a_scan(x64):
     # The workers' optima differ, so with a constant step DeMo (like EF14, which it is at
     # beta = 0) stalls in a small neighbourhood of the optimum rather than reaching it.
     chain = optax.chain(
-        demo(num_workers, beta=0.9, chunk=4, topk=2),
+        demo(num_workers, beta=0.9, chunk=5, topk=2),
         optax.add_decayed_weights(1e-4),
         optax.scale(-0.05),
     )
@@ -216,11 +217,11 @@ def test_chain_with_weight_decay_converges_on_least_squares_in_a_scan(x64):
 
 
 def test_bits_are_counted_per_chunk():
-    params = {"w": jnp.zeros((2, 5)), "b": jnp.zeros(3)}
-    # w: 2 chunks of 4 (2 values, 2-bit indices), 1 of 2 (2 values, 1-bit indices);
-    # b: 1 chunk of 3 (2 values, 2-bit indices).
-    assert demo_bits(params, 4, 2) == 2 * 2 * 34 + 2 * 33 + 2 * 34
-    assert demo_bits(params, 1, 1) == 13 * 32
+    params = {"w": jnp.zeros((2, 4)), "b": jnp.zeros(3), "c": jnp.zeros(2), "s": jnp.zeros(())}
+    # w: 2 chunks of 4 (2 values, 2-bit indices); b: 1 chunk of 3 (2 values, 2-bit indices);
+    # c: 1 chunk of 2 (2 values, 1-bit indices); s: 1 value, no index.
+    assert demo_bits(params, 4, 2) == 2 * 2 * 34 + 2 * 34 + 2 * 33 + 32
+    assert demo_bits(params, 1, 1) == 14 * 32
     assert demo_bits({"w": jnp.zeros((64, 64))}, 64, 32) == 64 * 32 * (32 + 6)
 
 
@@ -243,18 +244,25 @@ def test_bad_input_raises_naming_the_argument():
         demo_bits({"w": jnp.zeros(8)}, 4, 5)
     with pytest.raises(ValueError, match="topk"):
         extract_fast_components(jnp.zeros(8), 4, 5)
+    # A leaf larger than a chunk and not a whole number of chunks: named, with divisors.
+    with pytest.raises(ValueError, match=r"chunk=4 does not divide the 10 entries.*\[2, 5\]"):
+        extract_fast_components(jnp.zeros(10), 4, 2)
+    with pytest.raises(ValueError, match=r"chunk=4 does not divide.*\['w'\]"):
+        demo_bits({"w": jnp.zeros((2, 5))}, 4, 2)
+    with pytest.raises(ValueError, match=r"chunk=64 does not divide the 144 entries.*'k'"):
+        demo(2, chunk=64).init({"k": jnp.zeros((3, 3, 1, 16))})
 
     transform = demo(2, beta=0.5, chunk=4, topk=2)
-    state = transform.init({"w": jnp.zeros(6)})
+    state = transform.init({"w": jnp.zeros(8)})
     assert isinstance(state, DeMoState)
     with pytest.raises(ValueError, match="updates"):
-        transform.update({"w": jnp.zeros((3, 6))}, state)  # three workers, not two
+        transform.update({"w": jnp.zeros((3, 8))}, state)  # three workers, not two
     with pytest.raises(ValueError, match="updates"):
-        transform.update({"v": jnp.zeros((2, 6))}, state)
+        transform.update({"v": jnp.zeros((2, 8))}, state)
     with pytest.raises(TypeError, match="updates"):
-        transform.update({"w": jnp.zeros((2, 6), jnp.int32)}, state)
+        transform.update({"w": jnp.zeros((2, 8), jnp.int32)}, state)
     with pytest.raises(TypeError, match="params"):
-        transform.init({"w": jnp.zeros(6, jnp.int32)})
+        transform.init({"w": jnp.zeros(8, jnp.int32)})
 
 
 @pytest.mark.parametrize("k", [1, 5, 8, 15, 16])
@@ -265,3 +273,38 @@ def test_short_row_selection_is_lax_top_k_set_ties_included(k):
     _, indices = jax.lax.top_k(jnp.abs(rows), k)
     expected = jnp.zeros(rows.shape, bool).at[jnp.arange(400)[:, None], indices].set(True)
     np.testing.assert_array_equal(mask, expected)
+
+
+def test_worker_axis_sharded_over_eight_devices_gives_the_same_steps():
+    """The worker axis laid over 8 devices (each holds one worker's momentum): the same
+    program partitioned by XLA, with the mean over workers its one collective."""
+    from shufflesgd import parallel
+
+    num_workers, shapes = 8, {"w": (16, 8), "b": (8,)}
+    transform = demo(num_workers, beta=0.9, chunk=16, topk=3)
+    params = {name: jnp.zeros(shape) for name, shape in shapes.items()}
+    key = jax.random.key(4)
+
+    def run(state, grads):
+        def body(state, g):
+            out, state = transform.update(g, state)
+            return state, out
+
+        return jax.lax.scan(body, state, grads)
+
+    grads = {
+        name: jax.random.normal(jax.random.fold_in(key, i), (5, num_workers, *shape))
+        for i, (name, shape) in enumerate(shapes.items())
+    }
+    state = transform.init(params)
+    single_state, single_out = jax.jit(run)(state, grads)
+
+    mesh = parallel.worker_mesh(8)
+    by_worker = parallel.worker_sharding(mesh)
+    stepwise = jax.sharding.NamedSharding(by_worker.mesh, jax.P(None, parallel.WORKERS))
+    sharded_state = state._replace(momentum=parallel.shard_workers(mesh, state.momentum))
+    sharded_grads = jax.device_put(grads, stepwise)
+    out_state, out = jax.jit(run)(sharded_state, sharded_grads)
+    assert out_state.momentum["w"].sharding.spec[0] == parallel.WORKERS
+    chex.assert_trees_all_close(out, single_out, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(out_state.momentum, single_state.momentum, rtol=1e-5, atol=1e-6)

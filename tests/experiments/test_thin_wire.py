@@ -87,8 +87,8 @@ def test_bits_per_worker_follow_the_formulas(study):
     # (a, L/a) with a its largest divisor <= sqrt(L): 32 -> 4×8, 10 -> 2×5.
     rank = config.powersgd_rank
     power = 32 * rank * ((64 + 32) + (4 + 8) + (32 + 10) + (2 + 5))
-    # DeMo: per full chunk of 64, topk values and 6-bit indices; a last chunk of r entries
-    # sends min(topk, r) values with ceil(log2 r)-bit indices.
+    # DeMo: per chunk of 64, topk values and 6-bit indices; a leaf of r < 64 entries is one
+    # chunk and sends min(topk, r) values with ceil(log2 r)-bit indices.
     t = config.demo_topk
     assert config.demo_chunk == 64
     demo = 32 * t * (32 + 6) + t * (32 + 5) + 5 * t * (32 + 6) + t * (32 + 4)
@@ -187,6 +187,7 @@ def test_divergence_is_recorded_not_raised(study):
         ({"eval_every": 5}, "config.eval_every must divide config.num_steps"),
         ({"powersgd_rank": 3}, "config.powersgd_rank"),
         ({"demo_topk": 65}, "config.demo_topk must be at most"),
+        ({"demo_chunk": 48}, "config.demo_chunk: chunk=48 does not divide the 2048 entries"),
         ({"num_seeds": 1}, "config.num_seeds must be at least 2"),
         ({"momentum": 1.0}, r"config.momentum must lie in \[0, 1\)"),
         ({"zo_radius": -1.0}, "config.zo_radius must be a positive"),
