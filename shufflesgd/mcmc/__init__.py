@@ -1,7 +1,8 @@
 r"""The MCMC family: kernels as ``(init, step)`` pairs, in the manner of BlackJAX.
 
 ``base`` (the protocol), ``langevin`` (ULA, MALA), ``hmc``, ``integrators`` (BAOAB),
-``stochastic_gradient`` (SGLD, SGHMC), ``smoothing`` (Gaussian-smoothed scores, Tweedie),
+``stochastic_gradient`` (SGLD, SGHMC), ``cyclical`` (cyclical SGLD / SGHMC),
+``thermostat`` (SGNHT), ``smoothing`` (Gaussian-smoothed scores, Tweedie),
 ``walk_jump`` (walk–jump, the chain of log-concave chains), ``follmer``
 (Schrödinger–Föllmer), ``adaptation`` (dual averaging) and ``diagnostics`` (ESS, split
 :math:`\hat R`).  Every public name is re-exported here.
@@ -21,6 +22,14 @@ from shufflesgd.mcmc.chains import (
     first_nonfinite_step,
     run_chain,
     run_minibatch_chain,
+)
+from shufflesgd.mcmc.cyclical import (
+    CyclicalInfo,
+    CyclicalState,
+    cycle_fraction,
+    cyclical_sghmc,
+    cyclical_sgld,
+    cyclical_step_size,
 )
 from shufflesgd.mcmc.diagnostics import (
     effective_sample_size,
@@ -55,6 +64,10 @@ from shufflesgd.mcmc.stochastic_gradient import (
     sghmc,
     sgld,
 )
+from shufflesgd.mcmc.thermostat import (
+    SGNHTState,
+    sgnht,
+)
 from shufflesgd.mcmc.walk_jump import (
     MultiMeasurementState,
     UnderdampedWalkState,
@@ -68,6 +81,8 @@ from shufflesgd.mcmc.walk_jump import (
 )
 
 __all__ = [
+    "CyclicalInfo",
+    "CyclicalState",
     "FollmerState",
     "GradientEstimator",
     "GradientState",
@@ -76,6 +91,7 @@ __all__ = [
     "MCMCInfo",
     "MultiMeasurementState",
     "SGHMC_INTEGRATORS",
+    "SGNHTState",
     "SGState",
     "SamplingAlgorithm",
     "SmoothedScore",
@@ -86,6 +102,10 @@ __all__ = [
     "chain_of_log_concave_chains",
     "check_logdensity",
     "conditional_measurement_score",
+    "cycle_fraction",
+    "cyclical_sghmc",
+    "cyclical_sgld",
+    "cyclical_step_size",
     "effective_sample_size",
     "first_nonfinite_step",
     "follmer",
@@ -100,6 +120,7 @@ __all__ = [
     "run_minibatch_chain",
     "sghmc",
     "sgld",
+    "sgnht",
     "split_rhat",
     "tweedie_denoiser",
     "ula",
