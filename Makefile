@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.shuffling_overhead
 	$(BIN)/python -m benchmarks.ef21_step
 	$(BIN)/python -m benchmarks.mcmc_ess
+	$(BIN)/python -m benchmarks.sweep_scaling
 	XLA_FLAGS= taskset -c 0 $(BIN)/python -m benchmarks.sde_samplers
 	XLA_FLAGS= taskset -c 0 $(BIN)/python -m benchmarks.train_throughput
 

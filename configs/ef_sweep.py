@@ -4,7 +4,7 @@ Variants: ``configs/ef_sweep.py`` (the full sweep) and ``configs/ef_sweep.py:qui
 (fewer seeds, multipliers and steps, < 30 s on 2 CPU cores).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -26,6 +26,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_steps = 1000
     config.num_seeds = 6
     config.seed = 0
+    # Devices the seed axis is split over (the first k); None: all of them, or the most of them
+    # that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.curve_points = 200
     config.x64 = True
     config.results_dir = "results"

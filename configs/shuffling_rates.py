@@ -4,7 +4,7 @@ Variants: ``configs/shuffling_rates.py`` (the full study) and
 ``configs/shuffling_rates.py:quick`` (the `make demo` quick-start, < 3 min on 2 CPU cores).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -36,6 +36,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.batch_size = 1
     config.init_offset = 1.0  # x0 = x* + init_offset
     config.seed = 0  # shuffling randomness
+    # Devices the seed axis is split over (the first k); None: all of them, or the most of them
+    # that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True  # rates are measured down to ~1e-10
     config.results_dir = "results"
     if variant == "quick":

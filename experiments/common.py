@@ -1,5 +1,11 @@
 """What every experiment script shares: the results folder, JSON/CSV output, slope fits, config
-checks, and the resumable training loop of the network studies.
+checks, the mesh of a sweep's seed axis, and the resumable training loop of the network studies.
+
+:func:`seed_mesh` and :func:`shard_seeds` spread a vmapped sweep over devices: the seed-stacked
+keys are placed with their leading axis split over the ``"seeds"`` axis of a 1-D mesh
+(:func:`shufflesgd.parallel.worker_mesh`) and ``jax.jit`` partitions the whole sweep along it,
+each device running its own block of seeds; ``config.devices`` says how many devices
+(:func:`seed_devices`).
 
 :func:`train_resumable` runs a :class:`shufflesgd.nn.training.Trainer` for ``num_epochs``
 epochs under an Orbax :class:`shufflesgd.nn.checkpoint.Checkpointer`:
@@ -33,12 +39,14 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 from tqdm.auto import tqdm
 
-from shufflesgd import diffusion
+from shufflesgd import diffusion, parallel
+from shufflesgd._checks import check_int
 
 if TYPE_CHECKING:
     from shufflesgd.nn import data, training
@@ -210,6 +218,51 @@ def check_positive_ints(field: str, values: Any) -> None:
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
         raise ValueError(f"config.{field} must be positive integers, got {values!r}")
+
+
+#: The mesh axis that a sweep's seeds are split over.
+SEEDS = "seeds"
+
+
+def seed_devices(config: ConfigDict) -> int:
+    """How many devices the seed axis of a sweep is split over, from ``config.devices`` and
+    ``config.num_seeds``.
+
+    ``config.devices = k`` (an int) takes the first ``k`` of :func:`jax.devices`; ``None`` takes
+    them all, or, when ``config.num_seeds`` does not split evenly over them, the largest number
+    of them that it does split over (one device at worst).  ``ValueError`` naming
+    ``config.devices`` when it is not ``None`` or a positive int, exceeds the devices available,
+    or does not divide ``config.num_seeds``.  Call it from a study's ``validate``, before anything
+    compiles.
+    """
+    available = jax.device_count()
+    num_seeds = config.num_seeds
+    if config.devices is None:
+        return max(k for k in range(1, available + 1) if num_seeds % k == 0)
+    devices = check_int("config.devices", config.devices)
+    if devices > available:
+        raise ValueError(
+            f"config.devices={devices} exceeds the {available} available devices (on CPU, set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)"
+        )
+    if num_seeds % devices:
+        raise ValueError(
+            f"config.devices={devices} does not divide config.num_seeds={num_seeds}: the seeds "
+            "are split evenly over the devices"
+        )
+    return devices
+
+
+def seed_mesh(config: ConfigDict) -> jax.sharding.Mesh:
+    """The 1-D mesh with the axis ``"seeds"`` over the first :func:`seed_devices` devices."""
+    return parallel.worker_mesh(seed_devices(config), axis=SEEDS)
+
+
+def shard_seeds(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``tree`` (every leaf with a leading seed axis: keys, key data) placed with that axis split
+    over the ``"seeds"`` axis of ``mesh``, so that a jitted ``vmap`` over it runs each device's
+    block of seeds on that device."""
+    return parallel.shard_workers(mesh, tree, axis=SEEDS)
 
 
 def parse_sampler(field: str, label: str) -> tuple[str, dict[str, Any]]:

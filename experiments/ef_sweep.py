@@ -23,7 +23,7 @@ An unbiased compressor with variance :math:`\omega < 1` is contractive with
 **One compiled call.**  Compressors differ in code, so each gets its own run function
 (``compression.make_distributed_run`` with ``compression.ef21(compressor)``) and the sweep
 dispatches on a traced index: ``jax.vmap(lambda i, key, lr: lax.switch(i, runs, key, lr))``
-over the flattened grid (compressor, multiplier, seed).  Under ``vmap`` a ``switch`` whose
+over the flattened grid (seed, compressor, multiplier).  Under ``vmap`` a ``switch`` whose
 index is batched evaluates *every* branch for every entry and selects the results, so the
 sweep costs about ``len(compressors)`` times the work of the entries themselves; that is
 the price of a single program (one Python loop over compressors, one vmapped call each,
@@ -33,6 +33,11 @@ inside each branch: the batching rule of ``switch`` selects every operand per br
 reports as a reuse of a typed key although no randomness is shared.  Entry ``(c, m, s)``
 uses the same key as the single run ``runs[c](keys[s], x0, multiplier[m] * base[c])``,
 and the test checks that they agree to float tolerance.
+
+**Sharded seeds.**  The grid is flattened seed slowest, and its leading axis is placed on the
+``"seeds"`` axis of :func:`experiments.common.seed_mesh` (``config.devices`` devices), so
+``jax.jit`` gives each device the whole (compressor, multiplier) grid of its own block of
+seeds.
 
 Run: ``python -m experiments.ef_sweep --config configs/ef_sweep.py``
 (``:quick`` for the demo; override any field with ``--config.<field>=<value>``).
@@ -164,20 +169,22 @@ def grid(
     bases: np.ndarray,
     key_data: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The flattened (compressor, multiplier, seed) grid, compressor slowest:
-    ``(indices, key_data, step_sizes)`` each with leading axis ``C * M * S``."""
-    c, m, s = np.meshgrid(
-        np.arange(num_compressors), np.arange(len(multipliers)), np.arange(num_seeds), indexing="ij"
+    """The flattened (seed, compressor, multiplier) grid, seed slowest (so that a block of the
+    leading axis is a block of seeds): ``(indices, key_data, step_sizes)`` each with leading axis
+    ``S * C * M``."""
+    s, c, m = np.meshgrid(
+        np.arange(num_seeds), np.arange(num_compressors), np.arange(len(multipliers)), indexing="ij"
     )
-    c, m, s = c.ravel(), m.ravel(), s.ravel()
+    s, c, m = s.ravel(), c.ravel(), m.ravel()
     return jnp.asarray(c, jnp.int32), key_data[s], jnp.asarray(bases[c] * multipliers[m])
 
 
 def run_sweep(
     problem: problems.DistributedSum, compressors: list[compression.Compressor], config: ConfigDict
 ) -> tuple[compression.DistributedResult, np.ndarray]:
-    """The whole sweep as one call: results with leading axes ``[C, M, S]`` (NumPy) and the
-    base step sizes ``[C]``."""
+    """The whole sweep as one call, its seeds split over the devices of
+    :func:`experiments.common.seed_mesh`: results with leading axes ``[C, M, S]`` (NumPy) and
+    the base step sizes ``[C]``."""
     bases = base_step_sizes(problem, compressors, config.step_size_mean)
     multipliers = np.asarray(config.step_multipliers, np.float64)
     indices, data, step_sizes = grid(
@@ -191,9 +198,14 @@ def run_sweep(
     sweep = make_sweep(
         make_runs(problem, compressors, config.num_steps), jnp.zeros_like(problem.x_star)
     )
-    flat = jax.device_get(sweep(indices, data, step_sizes))
-    shape = (len(compressors), len(multipliers), config.num_seeds)
-    return jax.tree.map(lambda leaf: np.asarray(leaf).reshape(shape + leaf.shape[1:]), flat), bases
+    placed = common.shard_seeds((indices, data, step_sizes), common.seed_mesh(config))
+    flat = jax.device_get(sweep(*placed))
+    shape = (config.num_seeds, len(compressors), len(multipliers))
+
+    def unflatten(leaf: np.ndarray) -> np.ndarray:  # [S*C*M, ...] -> [C, M, S, ...]
+        return np.moveaxis(np.asarray(leaf).reshape(shape + leaf.shape[1:]), 0, 2)
+
+    return jax.tree.map(unflatten, flat), bases
 
 
 @jax.jit
@@ -259,6 +271,7 @@ def validate(config: ConfigDict) -> None:
     for field in ("l2", "noise"):
         if not (isinstance(config[field], (int, float)) and config[field] >= 0):
             raise ValueError(f"config.{field} must be non-negative, got {config[field]!r}")
+    common.seed_devices(config)
     if config.l2 == 0 and config.examples_per_worker * config.num_workers < config.dim:
         raise ValueError(
             "config.num_workers * config.examples_per_worker must be at least config.dim "
@@ -532,6 +545,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
             "qm_over_am": float(np.sqrt(np.mean(worker**2)) / np.mean(worker)),
             "epsilon": config.epsilon,
             "num_entries": len(names) * len(config.step_multipliers) * config.num_seeds,
+            "devices": common.seed_devices(config),  # the seed axis was split over these
             "compressors": summarise(
                 results,
                 bases,

@@ -2,7 +2,8 @@ r"""Rate separation of shuffling schemes on strongly convex finite sums.
 
 For each scheme, run SGD for K epochs with the theory's step size
 :math:`\eta = c\log(nK)/(\mu n K)` and measure the final suboptimality :math:`f(x_K)-f_*`,
-averaged over seeds (all seeds and all K in one vmapped call).  Fit the log-log slope
+averaged over seeds (all seeds and all K in one vmapped call, the seeds split over
+``config.devices`` devices).  Fit the log-log slope
 against K (fixed n) and against n (fixed K) and print them next to the exponents of the
 upper bounds:
 
@@ -97,6 +98,7 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.step_size_c must be positive, got {config.step_size_c}")
     if config.problem == "piecewise_quadratic" and any(n % 2 for n in [config.n, *config.n_values]):
         raise ValueError("config.n and config.n_values must be even for the piecewise quadratic")
+    common.seed_devices(config)
 
 
 def final_suboptimality(
@@ -105,7 +107,8 @@ def final_suboptimality(
     """``f(x_K) - f*`` per seed and per K, shape ``[num_seeds, len(epochs)]``.
 
     One compiled program runs ``max(epochs)`` epochs for every (seed, K) pair with K's
-    step size, and reads the suboptimality after epoch K.
+    step size, and reads the suboptimality after epoch K; the seeds are split over the
+    devices of :func:`experiments.common.seed_mesh` (``config.devices``).
     """
     scheme = shuffling.make_scheme(scheme_name, problem.num_examples)
     run = shuffling.make_sgd_run(
@@ -115,7 +118,9 @@ def final_suboptimality(
         [shuffling.theory_step_size(problem, k, c=config.step_size_c) for k in epochs]
     )
     drivers.check_learning_rate(learning_rates)
-    keys = jax.random.split(jax.random.key(config.seed), config.num_seeds)
+    keys = common.shard_seeds(
+        jax.random.split(jax.random.key(config.seed), config.num_seeds), common.seed_mesh(config)
+    )
     x0 = problem.x_star + config.init_offset
     sweep = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, None, 0)), in_axes=(0, None, None)))
     curves = np.asarray(sweep(keys, x0, learning_rates).suboptimality)
@@ -222,6 +227,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         "mu": float(base.mu),
         "smoothness": float(base.smoothness),
         "theory_problem": "piecewise_quadratic",  # the problem the THEORY exponents are for
+        "devices": common.seed_devices(config),  # the seed axis was split over these
         "schemes": {},
     }
     with tqdm(total=len(config.schemes) * (1 + len(n_values)), desc=NAME) as bar:

@@ -4,18 +4,25 @@ refused."""
 
 import json
 import math
+import os
+import pathlib
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from ml_collections import ConfigDict
 
 from experiments import common
-from shufflesgd import diffusion, shuffling
-from shufflesgd.nn import checkpoint, data, models, training
+from shufflesgd import diffusion
+from shufflesgd.nn import checkpoint
+from support.tiny_training import final_arrays, setup
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_mean_and_stderr_closed_form_on_each_axis():
@@ -30,25 +37,6 @@ def test_mean_and_stderr_closed_form_on_each_axis():
 
 
 # ------------------------------------------- train_resumable: killed after an epoch, resumed
-
-
-def setup(num_examples=48):
-    rng = np.random.default_rng(0)
-    source = data.ArraySource(
-        {
-            "image": rng.normal(size=(num_examples, 4, 4, 1)).astype(np.float32),
-            "label": rng.integers(0, 3, num_examples),
-        }
-    )
-    model = models.MLP(hidden=(8,), num_classes=3, batch_norm=True)
-    params, stats = models.init_model(model, jax.random.key(0), jnp.zeros((2, 4, 4, 1)))
-    optimizer = optax.sgd(0.1)
-    scheme = shuffling.make_scheme("random_reshuffle", num_examples)
-    trainer = training.make_trainer(
-        training.cross_entropy_loss(model), optimizer, scheme, batch_size=16
-    )
-    state = training.init_train_state(jax.random.key(1), params, stats, optimizer, scheme)
-    return trainer, state, source
 
 
 def run(tmp_path, name, num_epochs, experiment="demo", **options):
@@ -93,6 +81,64 @@ def test_resume_after_an_epoch_equals_uninterrupted_run(tmp_path):
     assert (
         saved_steps(tmp_path, "whole") == saved_steps(tmp_path, "split") == [6, 9]
     )  # 3 steps an epoch, newest 2
+
+
+def _start(folder, num_epochs, pause):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["tests", "."])}
+    command = [
+        sys.executable,
+        "-m",
+        "support.tiny_training",
+        str(folder),
+        str(num_epochs),
+        str(pause),
+    ]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _epochs_written(folder):
+    path = folder / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _stop_after(process, folder, epochs, how):
+    """Send ``how`` to the process once ``epochs`` metrics lines are on disk."""
+    deadline = time.monotonic() + 120
+    while _epochs_written(folder) < epochs:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the training process wrote no metrics"
+        time.sleep(0.05)
+    process.send_signal(how)
+    process.wait(timeout=60)
+    process.stderr.close()
+    assert process.returncode == -how, process.returncode
+
+
+def test_a_killed_training_process_resumes_and_ends_bit_identical(tmp_path):
+    """A real process killed by SIGTERM, restarted, killed by SIGKILL mid-run, and restarted
+    once more ends with the parameters and metric records of an uninterrupted run, bit for
+    bit; each restart loses at most the epoch in progress."""
+    num_epochs = 8
+    whole, whole_records = run(tmp_path, "whole", num_epochs)
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    _stop_after(_start(folder, num_epochs, 0.3), folder, 2, signal.SIGTERM)
+    _stop_after(_start(folder, num_epochs, 0.3), folder, 5, signal.SIGKILL)
+    killed_at = _epochs_written(folder)
+    assert killed_at < num_epochs
+    last = _start(folder, num_epochs, 0.0)
+    assert last.wait(timeout=120) == 0, last.stderr.read().decode()[-2000:]
+    last.stderr.close()
+    final = np.load(folder / "final.npz")
+    expected = final_arrays(whole)
+    assert sorted(final.files) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(final[name], value, err_msg=name)
+    assert json.loads((folder / "records.json").read_text()) == whole_records
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, num_epochs + 1))
 
 
 def test_max_to_keep_none_keeps_every_epoch(tmp_path):

@@ -2,9 +2,12 @@
 
 import json
 
+import jax
+import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
-from experiments import shuffling_rates
+from experiments import common, shuffling_rates
 
 
 @pytest.fixture
@@ -62,9 +65,39 @@ def test_small_study_writes_results_and_separates_the_rates(small_config, tmp_pa
         ({"batch_size": 3}, "does not divide"),
         ({"n_values": [8, 15]}, "must be even for the piecewise quadratic"),
         ({"step_size_c": -1.0}, "config.step_size_c must be positive"),
+        ({"devices": 16}, "config.devices=16 exceeds the 8 available devices"),
+        ({"devices": 3}, "config.devices=3 does not divide config.num_seeds=32"),
+        ({"devices": 0}, "config.devices must be a positive int"),
     ],
 )
 def test_bad_config_fails_before_anything_runs(small_config, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         shuffling_rates.run(small_config(**overrides))
     assert not (tmp_path / "shuffling_rates").exists()
+
+
+def test_seeds_sharded_over_8_devices_give_the_1_device_results(small_config, x64):
+    """The quick study's sweep with its seed axis split over 8 devices (4 seeds each) against
+    the same sweep on one device: every seed's run is the same arithmetic, so the final
+    suboptimalities must agree; they come out bitwise equal."""
+    epochs = [8, 16]
+    results = {}
+    for devices in (1, 8):
+        config = small_config(devices=devices, epochs=epochs)
+        shuffling_rates.validate(config)
+        keys = common.shard_seeds(
+            jax.random.split(jax.random.key(0), config.num_seeds), common.seed_mesh(config)
+        )
+        assert len(keys.sharding.device_set) == devices
+        problem = shuffling_rates.build_problem(config, config.n)
+        results[devices] = shuffling_rates.final_suboptimality(
+            problem, "random_reshuffle", epochs, config
+        )
+    assert results[1].shape == (32, 2) and np.all(np.isfinite(results[1]))
+    np.testing.assert_array_equal(results[8], results[1])
+
+
+@pytest.mark.parametrize("num_seeds, devices", [(32, 8), (12, 6), (7, 7), (11, 1)])
+def test_default_devices_are_the_most_that_split_the_seeds(num_seeds, devices):
+    config = ConfigDict(dict(num_seeds=num_seeds, devices=None))
+    assert common.seed_devices(config) == devices
