@@ -1,5 +1,6 @@
-r"""Meshes and shardings, and nothing else: where the worker axis of a distributed sum and
-the batch axis of data-parallel training live on devices.
+r"""Meshes and shardings -- where the worker axis of a distributed sum and the batch axis of
+data-parallel training live on devices -- and the multi-process set-up through
+:mod:`jax.distributed`.
 
 The library's algorithms are written without sharding annotations: per-worker state is
 stacked on a leading axis ``n`` and the per-worker work is ``vmap``-ped over it, and a
@@ -19,12 +20,26 @@ The meshes here use :attr:`jax.sharding.AxisType.Auto` ("XLA propagates the shar
 ``vmap`` over a worker axis, per-worker state initialised by broadcasting and ``lax.scan``
 carries are written without annotations, which ``Explicit`` axes -- the default of
 :func:`jax.make_mesh` -- would reject.  A mesh with ``Explicit`` axes may be passed; it is
-used through an ``Auto`` copy over the same devices.  Multi-host runs call
-:func:`jax.distributed.initialize` first; the mesh then spans every process's devices.
+used through an ``Auto`` copy over the same devices.
+
+Several processes (hosts, or local processes on one machine) run the same program through
+JAX's own distributed runtime, :func:`jax.distributed.initialize`; the meshes above then
+span every process's devices and the same jitted programs run on them.  What changes is how
+inputs reach the devices: each process places only what its own devices hold, or passes
+the same host value on every process.
+
+* :func:`initialize_distributed` -- the validated call to :func:`jax.distributed.initialize`
+  (explicit settings, the ``SHUFFLESGD_*`` variables that :mod:`shufflesgd.launch` sets, or
+  JAX's own detection of SLURM, Open MPI and Cloud TPU), with gloo collectives on CPU;
+* :func:`process_rows`, :func:`shard_process_rows` -- which rows of a sharded leading axis
+  this process holds, and the global array built from every process's own rows;
+* :func:`put_replicated` -- a pytree (typed PRNG keys included) whole on every device;
+* :func:`is_main_process` -- whether this is process 0, the one that writes results.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,6 +102,34 @@ def worker_sharding(mesh: Mesh, axis: str = WORKERS) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """``NamedSharding(mesh, P())``: a full copy on every device of ``mesh``."""
     return NamedSharding(_auto(mesh), jax.P())
+
+
+def put_replicated(mesh: Mesh, tree: PyTree) -> PyTree:
+    """Place every leaf of ``tree`` whole on every device of ``mesh`` (:func:`replicated`),
+    typed PRNG keys included.
+
+    In a single-process run this is ``jax.device_put(tree, replicated(mesh))``.  In a
+    multi-process run every process passes the same values (JAX checks that they agree)
+    and gets global arrays.  :func:`jax.device_put` itself refuses there a typed key
+    (``jax.random.key``) and an array committed to one of this process's devices, so such
+    leaves go through the host (a key as its :func:`jax.random.key_data`, wrapped back).
+    """
+    sharding = replicated(mesh)
+    multi_process = jax.process_count() > 1
+
+    def put(leaf: Any) -> jax.Array:
+        is_key = isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+            leaf.dtype, jax.dtypes.prng_key
+        )
+        value = jax.random.key_data(leaf) if is_key else leaf
+        if multi_process and isinstance(value, jax.Array) and value.is_fully_addressable:
+            value = np.asarray(value)
+        placed = jax.device_put(value, sharding)
+        if is_key:
+            return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(leaf))
+        return placed
+
+    return jax.tree.map(put, tree)
 
 
 def _check_worker_counts(mesh: Mesh, tree: PyTree, axis: str) -> int:
@@ -163,3 +206,201 @@ def shard_batch(
     (batch_size,) = sizes
     check_data_axis(mesh, axis, batch_size)
     return jax.device_put(dict(batch), worker_sharding(mesh, axis))
+
+
+COORDINATOR_ENV = "SHUFFLESGD_COORDINATOR"
+NUM_PROCESSES_ENV = "SHUFFLESGD_NUM_PROCESSES"
+PROCESS_ID_ENV = "SHUFFLESGD_PROCESS_ID"
+
+
+def check_coordinator_address(coordinator_address: Any) -> str:
+    """``coordinator_address`` unchanged when it is ``"host:port"`` (an IPv6 host in
+    brackets, ``"[::1]:1234"``) with a port in ``1..65535``; ``ValueError`` naming
+    ``coordinator_address`` otherwise."""
+    host, sep, port = str(coordinator_address).rpartition(":")
+    if (
+        not isinstance(coordinator_address, str)
+        or not sep
+        or not host.strip("[]")
+        or any(c.isspace() for c in coordinator_address)
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+    ):
+        raise ValueError(
+            "coordinator_address must be 'host:port' with a port in 1..65535, "
+            f"got coordinator_address={coordinator_address!r}"
+        )
+    return coordinator_address
+
+
+def _settings_from_environment() -> tuple[str, int, int] | None:
+    """The ``SHUFFLESGD_*`` settings when any is set (all three then required), else None."""
+    names = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
+    values = {name: os.environ.get(name) for name in names}
+    if all(value is None for value in values.values()):
+        return None
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"partial distributed settings in the environment: {', '.join(names)} go together; "
+            f"{', '.join(missing)} is not set"
+        )
+    numbers = {}
+    for name in (NUM_PROCESSES_ENV, PROCESS_ID_ENV):
+        try:
+            numbers[name] = int(values[name])
+        except ValueError:
+            raise ValueError(f"{name} must be an int, got {name}={values[name]!r}") from None
+    return values[COORDINATOR_ENV], numbers[NUM_PROCESSES_ENV], numbers[PROCESS_ID_ENV]
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    initialization_timeout: int = 300,
+    heartbeat_timeout: int = 100,
+    shutdown_timeout: int = 300,
+) -> None:
+    """Join this process to a multi-process run: :func:`jax.distributed.initialize`, after
+    checking its settings.  Call it first, before any other JAX operation.
+
+    The settings come from, in this order:
+
+    1. the arguments ``coordinator_address`` (``"host:port"`` of process 0, which starts
+       the coordination service there), ``num_processes`` and ``process_id`` (in
+       ``0 .. num_processes - 1``): all three or none;
+    2. with none given, the environment variables ``SHUFFLESGD_COORDINATOR``,
+       ``SHUFFLESGD_NUM_PROCESSES`` and ``SHUFFLESGD_PROCESS_ID`` (all three or none), which
+       :mod:`shufflesgd.launch` sets for each local process it starts;
+    3. with neither, JAX's own detection of the cluster (SLURM, Open MPI, Cloud TPU, and
+       ``JAX_COORDINATOR_ADDRESS``), which raises where there is none.
+
+    On CPU, processes exchange collectives through gloo: ``jax_cpu_collectives_implementation``
+    (JAX's default there) is set to ``"gloo"`` when unset and left alone when another
+    implementation (``"mpi"``) was chosen.  The timeouts, in seconds, are JAX's: how long to
+    wait for every process to connect, after how long without heartbeats a process counts
+    as dead, and how long a finishing process waits at the exit barrier for the others --
+    so a process that raises holds the run that long before every process fails; shorten
+    ``shutdown_timeout`` to fail fast.
+
+    Raises ``ValueError`` naming the setting -- ``coordinator_address`` not ``host:port``,
+    ``num_processes`` not a positive int, ``process_id`` outside ``[0, num_processes)``, a
+    timeout not a positive int, some but not all settings given (as arguments, or as
+    environment variables) -- before anything starts; and ``RuntimeError`` when called twice
+    or after JAX has started its backends.
+    """
+    for name, value in (
+        ("initialization_timeout", initialization_timeout),
+        ("heartbeat_timeout", heartbeat_timeout),
+        ("shutdown_timeout", shutdown_timeout),
+    ):
+        check_int(name, value)
+    given = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    if any(value is not None for value in given.values()):
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            raise ValueError(
+                "partial distributed settings: coordinator_address, num_processes and "
+                f"process_id are given together (or none of them); missing {', '.join(missing)}"
+            )
+        settings = (coordinator_address, num_processes, process_id)
+    else:
+        settings = _settings_from_environment()
+    if settings is not None:
+        coordinator_address, num_processes, process_id = settings
+        check_coordinator_address(coordinator_address)
+        num_processes = check_int("num_processes", num_processes)
+        process_id = check_int("process_id", process_id, minimum=0)
+        if process_id >= num_processes:
+            raise ValueError(
+                f"process_id must be in [0, num_processes) = [0, {num_processes}), "
+                f"got process_id={process_id}"
+            )
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout,
+        shutdown_timeout_seconds=shutdown_timeout,
+    )
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0 of the run (always, in a single-process run): the one
+    that writes results and logs."""
+    return jax.process_index() == 0
+
+
+def _local_positions(mesh: Mesh, axis: str) -> list[int]:
+    """The positions along ``axis`` (``0 .. size - 1``) held by this process's devices."""
+    size = _axis_size(mesh, axis)
+    indices = worker_sharding(mesh, axis).addressable_devices_indices_map((size,))
+    return sorted({range(size)[index[0]][0] for index in indices.values()})
+
+
+def process_rows(mesh: Mesh, num_rows: int, axis: str = DATA_AXIS) -> slice:
+    """The rows ``start:stop`` of a leading axis of ``num_rows`` split over ``axis`` of
+    ``mesh`` that live on this process's devices: what this process feeds to
+    :func:`shard_process_rows`.  In a single-process run, all of them.
+
+    Raises ``ValueError`` naming ``num_rows`` when it is not a positive int divisible by the
+    size of the axis, and ``ValueError`` when this process's positions along ``axis`` are
+    not one contiguous block (the meshes of this module list each process's devices
+    together, so theirs are).  A process without devices on ``mesh`` holds no rows.
+    """
+    num_rows = check_int("num_rows", num_rows)
+    size = _axis_size(mesh, axis)
+    if num_rows % size:
+        raise ValueError(
+            f"num_rows={num_rows} is not divisible by the {size} devices of mesh axis {axis!r}"
+        )
+    positions = _local_positions(mesh, axis)
+    if not positions:
+        return slice(0, 0)
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        raise ValueError(
+            f"this process's devices sit at positions {positions} of mesh axis {axis!r}, "
+            "not one contiguous block"
+        )
+    per_device = num_rows // size
+    return slice(positions[0] * per_device, (positions[-1] + 1) * per_device)
+
+
+def shard_process_rows(mesh: Mesh, tree: PyTree, axis: str = DATA_AXIS) -> PyTree:
+    """The global arrays, leading axis split over ``axis`` of ``mesh``, whose rows
+    :func:`process_rows` are this process's ``tree``:
+    :func:`jax.make_array_from_process_local_data` with ``NamedSharding(mesh, P(axis))``
+    applied to every leaf.
+
+    Each process passes only its own rows, e.g. ``source[order[process_rows(mesh, B)]]``
+    for a global batch of ``B`` examples; the global leading axis is the local one times
+    the number of processes along ``axis``.  In a single-process run this places ``tree``
+    as :func:`shard_workers` does.  Raises ``ValueError`` ("mismatched worker counts")
+    when the leaves disagree on their leading axis or it does not split evenly over this
+    process's devices along ``axis``.
+    """
+    local_size = len(_local_positions(mesh, axis))
+    if not local_size:
+        raise ValueError(f"this process has no devices on mesh axis {axis!r} to hold rows")
+    counts = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
+    if None in counts or len(counts) > 1:
+        raise ValueError(
+            "mismatched worker counts: every leaf needs the same leading axis of local rows, "
+            f"got {sorted(counts, key=str)}"
+        )
+    if counts and next(iter(counts)) % local_size:
+        raise ValueError(
+            f"mismatched worker counts: {next(iter(counts))} local rows do not split evenly "
+            f"over this process's {local_size} devices along mesh axis {axis!r}"
+        )
+    sharding = worker_sharding(mesh, axis)
+    return jax.tree.map(lambda leaf: jax.make_array_from_process_local_data(sharding, leaf), tree)

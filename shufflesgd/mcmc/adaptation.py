@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from blackjax.optimizers.dual_averaging import DualAveragingState, dual_averaging
 
 from shufflesgd._checks import check_int, check_key, check_positive
 from shufflesgd.drivers import scan_steps
@@ -55,6 +54,10 @@ def adapt_step_size(
         raise ValueError(f"target must lie in (0, 1), got target={target}")
     num_steps = check_int("num_steps", num_steps)
     check_positive("initial_step_size", initial_step_size)
+    # Imported here: importing blackjax starts JAX's backend (it evaluates jnp.log(2.0) at
+    # import), which must wait for parallel.initialize_distributed in a multi-process run.
+    from blackjax.optimizers.dual_averaging import DualAveragingState, dual_averaging
+
     da_init, da_update, da_final = dual_averaging(t0=10, gamma=0.05, kappa=0.75)
 
     Carry = tuple[Any, DualAveragingState]

@@ -36,7 +36,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from blackjax import diagnostics
 
 
 def _as_draws(name: str, chains: Any, min_draws: int) -> jax.Array:
@@ -65,6 +64,8 @@ def effective_sample_size(chains: Any) -> jax.Array:
     monotone sequence over the pooled autocorrelations of Vehtari et al. 2021, Eq. 10-11; see
     the module docstring).  Needs at least 2 draws; one chain is allowed.  A constant entry
     has ESS 0, an entry with a NaN draw has ESS NaN."""
+    from blackjax import diagnostics  # on first use: importing blackjax starts JAX's backend
+
     return _per_entry(diagnostics.effective_sample_size, _as_draws("chains", chains, 2))
 
 
@@ -75,6 +76,8 @@ def split_rhat(chains: Any) -> jax.Array:
     :func:`blackjax.diagnostics.potential_scale_reduction` is taken over the half-chains.
     Needs at least 4 draws; one chain is allowed.  Values near 1 say the (half-)chains agree;
     Vehtari et al. recommend :math:`\hat R < 1.01`."""
+    from blackjax import diagnostics  # on first use: importing blackjax starts JAX's backend
+
     x = _as_draws("chains", chains, 4)
     n, half = x.shape[1], x.shape[1] // 2
     halves = jnp.concatenate([x[:, :half], x[:, n - half :]], axis=0)
