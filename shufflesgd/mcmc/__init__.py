@@ -2,7 +2,8 @@ r"""The MCMC family: kernels as ``(init, step)`` pairs, in the manner of BlackJA
 
 ``base`` (the protocol), ``langevin`` (ULA, MALA), ``hmc``, ``integrators`` (BAOAB),
 ``stochastic_gradient`` (SGLD, SGHMC), ``cyclical`` (cyclical SGLD / SGHMC),
-``thermostat`` (SGNHT), ``smoothing`` (Gaussian-smoothed scores, Tweedie),
+``thermostat`` (SGNHT), ``entropy_mcmc`` (Entropy-MCMC), ``ensemble`` (gradient-free
+ensemble smoothed scores), ``smoothing`` (Gaussian-smoothed scores, Tweedie),
 ``walk_jump`` (walk–jump, the chain of log-concave chains), ``follmer``
 (Schrödinger–Föllmer), ``adaptation`` (dual averaging) and ``diagnostics`` (ESS, split
 :math:`\hat R`).  Every public name is re-exported here.
@@ -34,6 +35,16 @@ from shufflesgd.mcmc.cyclical import (
 from shufflesgd.mcmc.diagnostics import (
     effective_sample_size,
     split_rhat,
+)
+from shufflesgd.mcmc.ensemble import (
+    EnsembleInfo,
+    EnsembleState,
+    ensemble_smoothed_score,
+    ensemble_walk_jump,
+)
+from shufflesgd.mcmc.entropy_mcmc import (
+    EntropyMCMCState,
+    entropy_mcmc,
 )
 from shufflesgd.mcmc.follmer import (
     FollmerState,
@@ -83,6 +94,9 @@ from shufflesgd.mcmc.walk_jump import (
 __all__ = [
     "CyclicalInfo",
     "CyclicalState",
+    "EnsembleInfo",
+    "EnsembleState",
+    "EntropyMCMCState",
     "FollmerState",
     "GradientEstimator",
     "GradientState",
@@ -107,6 +121,9 @@ __all__ = [
     "cyclical_sgld",
     "cyclical_step_size",
     "effective_sample_size",
+    "ensemble_smoothed_score",
+    "ensemble_walk_jump",
+    "entropy_mcmc",
     "first_nonfinite_step",
     "follmer",
     "hmc",

@@ -65,9 +65,9 @@ def follmer(logdensity_fn: LogDensity, num_steps: int, num_samples: int) -> Samp
     :math:`h = 1/K`, :math:`t_k = kh` (their Euler scheme; the last step uses
     :math:`\sigma = \sqrt h > 0`); steps after the K-th leave the state unchanged (they still
     evaluate the score, under ``vmap`` a branch would too, and count it).  The
-    same Monte Carlo score in a reverse diffusion from a Gaussian is the ensemble/Monte-Carlo
-    score sampler of Bischoff & Riel (2024, "Enhancing Score-Based Sampling Methods with
-    Ensembles", arXiv:2401.17539).
+    same kind of Monte Carlo drift, estimated from a particle ensemble rather than fresh
+    draws, underlies the ensemble samplers of Bischoff & Riel (2024, "Enhancing Score-Based
+    Sampling Methods with Ensembles", arXiv:2401.17539; :mod:`shufflesgd.mcmc.ensemble`).
 
     Caveat (as in Huang et al.): the importance weights :math:`f` must have finite variance
     under the Gaussian proposals, e.g. for :math:`\pi = N(m, s^2 I)` one needs roughly

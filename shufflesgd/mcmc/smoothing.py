@@ -97,8 +97,9 @@ def importance_smoothed_score(
     :math:`O(1/\sqrt N)`; the weights degenerate when :math:`\sigma` is large against the
     scale of :math:`p`.  This is the Monte Carlo score of the Schrödinger–Föllmer sampler
     (Huang, Jiao, Kang, Liao, Liu, Liu 2021, arXiv:2106.10880, the Stein-identity form of its
-    drift) and of the ensemble samplers of Bischoff & Riel (2024, "Enhancing Score-Based
-    Sampling Methods with Ensembles", arXiv:2401.17539).  ``num_samples`` is static.
+    drift); Bischoff & Riel (2024, "Enhancing Score-Based Sampling Methods with Ensembles",
+    arXiv:2401.17539) estimate such drifts from a particle ensemble instead
+    (:mod:`shufflesgd.mcmc.ensemble`).  ``num_samples`` is static.
     """
     check_logdensity(logdensity_fn, y)
     check_positive("sigma", sigma)

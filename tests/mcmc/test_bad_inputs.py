@@ -45,6 +45,7 @@ KERNELS = {
     "cyclical_sgld": (lambda: mcmc.cyclical_sgld(grad_estimator, 10, 2), (0.1, 0.5), BATCH),
     "cyclical_sghmc": (lambda: mcmc.cyclical_sghmc(grad_estimator, 10, 2), (0.1, 0.5, 1.0), BATCH),
     "sgnht": (lambda: mcmc.sgnht(grad_estimator), (0.1, 1.0), BATCH),
+    "entropy_mcmc": (lambda: mcmc.entropy_mcmc(grad_estimator), (0.1, 1.0), BATCH),
     "walk_jump": (lambda: mcmc.walk_jump(gaussian_smoothed_score), (0.1, 0.5), None),
     "underdamped_walk_jump": (
         lambda: mcmc.underdamped_walk_jump(gaussian_smoothed_score),
