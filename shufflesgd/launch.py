@@ -39,7 +39,8 @@ from shufflesgd.parallel import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_E
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
-TIMED_OUT = 124  # the exit status after --timeout, as coreutils' timeout(1)
+#: The exit status after ``--timeout``, as coreutils' ``timeout(1)``.
+TIMED_OUT = 124
 
 _GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when stopping the others
 

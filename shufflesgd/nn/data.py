@@ -8,10 +8,16 @@ arrays with leading axis ``len(indices)``.  So one epoch is
 .. code-block:: python
 
     scheme_state, order = scheme.step(jax.random.fold_in(scheme_key, epoch), scheme_state)
-    for indices in minibatches(order, batch_size):   # int32[num_batches, batch_size]
-        batch = source[np.asarray(indices)]           # only these examples are read
+    for indices, batch in epoch_batches(source, order, batch_size):
+        ...                                           # batch = source[indices]
 
-Three sources implement it:
+:func:`epoch_batches` is a Grain pipeline (``grain.MapDataset`` → ``grain.IterDataset``):
+the scheme's order is the sampler (Grain does not reshuffle), each element is one
+minibatch read from the source in a single call, batches are read ahead by Grain's
+prefetch threads, and in a multi-process run each process reads only its own rows of every
+global batch (what it passes to :func:`jax.make_array_from_process_local_data`).
+
+Three sources implement the protocol:
 
 * :class:`ArraySource` -- in-memory arrays (a synthetic problem, a toy 2-D density);
 * :class:`TFDSSource` -- a TFDS random-access data source (``array_record`` files read
@@ -36,11 +42,13 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from shufflesgd._checks import check_int
 from shufflesgd.drivers import minibatches
 
 Batch = dict[str, np.ndarray]
@@ -61,16 +69,16 @@ class Source(Protocol):
     def __getitem__(self, indices: np.ndarray) -> Batch: ...
 
 
-def _check_indices(indices: Any, size: int) -> np.ndarray:
+def _check_indices(indices: Any, size: int, name: str = "indices") -> np.ndarray:
     indices = np.asarray(indices)
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(
-            f"indices must be a 1-D integer array, got shape {indices.shape} "
+            f"{name} must be a 1-D integer array, got shape {indices.shape} "
             f"and dtype {indices.dtype}"
         )
     if indices.size and (indices.min() < 0 or indices.max() >= size):
         raise ValueError(
-            f"indices must lie in [0, {size}), got values in [{indices.min()}, {indices.max()}]"
+            f"{name} must lie in [0, {size}), got values in [{indices.min()}, {indices.max()}]"
         )
     return indices
 
@@ -281,15 +289,70 @@ def load_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
 
 
 def epoch_batches(
-    source: Source, order: Any, batch_size: int, drop_remainder: bool = False
-) -> Iterator[tuple[np.ndarray, Batch]]:
-    """Yield ``(indices, source[indices])`` for the consecutive minibatches of ``order``.
+    source: Source,
+    order: Any,
+    batch_size: int,
+    drop_remainder: bool = False,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+    num_threads: int = 1,
+) -> grain.IterDataset:
+    """The minibatches of one epoch in the order ``order``, as a Grain pipeline yielding
+    ``(indices, source[indices])``.
 
-    Raises ``ValueError`` naming ``batch_size`` when it does not divide the epoch length
-    and ``drop_remainder`` is False (see :func:`shufflesgd.drivers.check_batch_size`).
+    Global batch ``j`` holds ``order[j * batch_size : (j + 1) * batch_size]`` (the last
+    partial batch dropped when ``drop_remainder``).  Process ``process_index`` of
+    ``process_count`` (by default :func:`jax.process_index` and :func:`jax.process_count`)
+    yields only its contiguous share of each, rows ``process_index * b : (process_index + 1)
+    * b`` with ``b = batch_size // process_count``: the rows it feeds to
+    :func:`jax.make_array_from_process_local_data`, so the processes' batches concatenate in
+    process order to the global batch.  Grain indexes a ``MapDataset`` of these index rows
+    in order (``order`` is the sampler: nothing is reshuffled), maps each row to one batched
+    read ``source[indices]``, and its iterator reads up to ``prefetch`` batches ahead on
+    ``num_threads`` threads (``0`` for either reads in the calling thread, on demand).  The
+    batches do not depend on ``prefetch`` or ``num_threads``; the source must allow reads
+    from several threads (the sources of this module do).
+
+    Raises, before anything is read: ``ValueError`` naming ``batch_size`` when it does not
+    divide the epoch length and ``drop_remainder`` is False (see
+    :func:`shufflesgd.drivers.check_batch_size`) or does not split evenly over
+    ``process_count``; ``ValueError`` naming ``order`` unless it is a 1-D integer array of
+    indices of ``source``; ``ValueError`` naming ``process_count``, ``process_index``,
+    ``prefetch`` or ``num_threads`` when it is not an int in range.
     """
-    for indices in np.asarray(minibatches(np.asarray(order), batch_size, drop_remainder)):
-        yield indices, source[indices]
+    order = _check_indices(order, len(source), "order")
+    process_count = check_int(
+        "process_count", jax.process_count() if process_count is None else process_count
+    )
+    process_index = check_int(
+        "process_index",
+        jax.process_index() if process_index is None else process_index,
+        minimum=0,
+    )
+    if process_index >= process_count:
+        raise ValueError(
+            f"process_index must lie in [0, {process_count}), got process_index={process_index}"
+        )
+    prefetch = check_int("prefetch", prefetch, minimum=0)
+    num_threads = check_int("num_threads", num_threads, minimum=0)
+    rows = minibatches(order, batch_size, drop_remainder)
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} does not split evenly over {process_count} processes"
+        )
+    local = batch_size // process_count
+    rows = rows[:, process_index * local : (process_index + 1) * local]
+
+    def read(indices: np.ndarray) -> tuple[np.ndarray, Batch]:
+        return indices, source[indices]
+
+    return (
+        grain.MapDataset.source(rows)
+        .map(read)
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    )
 
 
 SKLEARN_DATASETS = ("diabetes", "breast_cancer")

@@ -20,7 +20,8 @@ Three layers, each usable alone:
    schemes (GraB) are fed every example's gradient in visiting order through
    ``scheme.observe``.  The order, the keys and the observation are those of the epoch
    driver :mod:`shufflesgd.drivers`: ``scan_epoch`` is :func:`shufflesgd.drivers.scan_epoch`
-   over in-memory arrays, and ``run_epoch`` streams the same batches from Python through
+   over in-memory arrays, and ``run_epoch`` streams the same batches from Python (a Grain
+   pipeline, :func:`shufflesgd.nn.data.epoch_batches`) through
    :func:`shufflesgd.drivers.epoch_order` and :func:`shufflesgd.drivers.visit_batch`.
 
 Data parallelism: given a mesh, every batch is placed on ``NamedSharding(mesh,
@@ -310,6 +311,7 @@ def make_trainer(
     drop_remainder: bool = False,
     mesh: Mesh | None = None,
     axis: str = parallel.DATA_AXIS,
+    prefetch: int = 2,
 ) -> Trainer:
     r"""Build the epoch loop that trains with ``loss_fn`` in ``scheme``'s orders.
 
@@ -319,12 +321,17 @@ def make_trainer(
     scheme (``scheme.uses_gradients``) also gets :math:`\nabla\ell_i` for each
     :math:`i \in B_j`, in visiting order, through ``scheme.observe`` (GraB; Lu, Guo & De Sa
     2022).  With ``mesh``, batches are split over ``axis`` and the state is replicated.
+    ``run_epoch`` reads its batches through :func:`shufflesgd.nn.data.epoch_batches` (Grain,
+    ``prefetch`` batches read ahead); with ``mesh``, each process reads only the rows of each
+    batch that its own devices hold (:func:`shufflesgd.parallel.process_rows`).
 
     Raises ``ValueError`` before compiling: naming ``batch_size`` when it does not divide
     the epoch length (unless ``drop_remainder``) or is not divisible by the mesh axis, and
-    naming ``axis`` when the mesh lacks it.
+    naming ``axis`` when the mesh lacks it, and naming ``prefetch`` unless it is a
+    non-negative int.
     """
     steps_per_epoch = drivers.check_batch_size(scheme.epoch_length, batch_size, drop_remainder)
+    prefetch = check_int("prefetch", prefetch, minimum=0)
     if mesh is not None:
         parallel.check_data_axis(mesh, axis, batch_size)
 
@@ -376,12 +383,22 @@ def make_trainer(
         next_order = jax.jit(order_of)
         place = lambda state: state
         place_batch = lambda batch: batch
+        share = {"process_index": 0, "process_count": 1}
     else:
         rep = parallel.replicated(mesh)
         step = jax.jit(state_step, out_shardings=rep)
         next_order = jax.jit(order_of, out_shardings=rep)
-        place = lambda state: jax.device_put(state, rep)
-        place_batch = lambda batch: parallel.shard_batch(batch, mesh, axis)
+        place = lambda state: parallel.put_replicated(mesh, state)
+        place_batch = lambda batch: parallel.shard_process_rows(mesh, batch, axis)
+        # This process reads only the rows of each global batch that its devices hold: one
+        # contiguous block of the batch (parallel.process_rows), the loader's process share.
+        rows = parallel.process_rows(mesh, batch_size, axis)
+        if rows.stop == rows.start:
+            raise ValueError(f"mesh has no devices of this process on axis {axis!r}")
+        share = {
+            "process_index": rows.start // (rows.stop - rows.start),
+            "process_count": batch_size // (rows.stop - rows.start),
+        }
 
     def completed_epochs(state: TrainState) -> int:
         return int(state.step) // steps_per_epoch
@@ -397,7 +414,10 @@ def make_trainer(
         scheme_state, order = next_order(state)
         state = state._replace(scheme_state=scheme_state)
         history = []
-        for indices, batch in data_lib.epoch_batches(source, order, batch_size, drop_remainder):
+        batches = data_lib.epoch_batches(
+            source, order, batch_size, drop_remainder, **share, prefetch=prefetch
+        )
+        for indices, batch in batches:
             placed = place_batch({**batch, _INDICES: indices.astype(np.int32)})
             indices = placed.pop(_INDICES)
             state, metrics = step(state, placed, indices)

@@ -38,6 +38,7 @@ def test_quick_benchmark_writes_json(quick_benchmark):
                 assert positive_finite(stats["min_ess_per_second"])
                 assert positive_finite(stats["min_ess_per_grad_eval"])
                 assert positive_finite(stats["grad_evals"])
+                assert stats["mixed"] == (stats["max_split_rhat"] < 1.1)
             assert positive_finite(row["ess_per_second_ratio"])
     # SGLD: the same update and key splits as blackjax.sgld, so the same chains
     assert results["sg_rows"]["logistic/sgld"]["max_abs_draw_difference"] <= 1e-3

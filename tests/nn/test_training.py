@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from shufflesgd import diffusion, parallel, shuffling
+from shufflesgd import diffusion, drivers, parallel, shuffling
 from shufflesgd.nn import data, models, training
 
 N = 64
@@ -244,6 +244,8 @@ def test_trainer_validates_before_compiling(classifier):
         training.make_trainer(
             loss, opt, scheme, batch_size=16, mesh=parallel.data_mesh(8), axis="batch"
         )
+    with pytest.raises(ValueError, match="prefetch must be a non-negative int"):
+        training.make_trainer(loss, opt, scheme, batch_size=16, prefetch=-1)
     trainer = training.make_trainer(loss, opt, scheme, batch_size=16)
     with pytest.raises(ValueError, match="source has 10 examples"):
         trainer.run_epoch(None, data.ArraySource({"x": np.zeros(10)}))
@@ -263,3 +265,44 @@ def test_score_network_training_runs(digits):
     state, history = trainer.train(state, source, 3)
     chex.assert_tree_all_finite(state.params)
     assert history[-1]["loss"].shape == (2,) and np.all(np.isfinite(history[-1]["loss"]))
+
+
+@pytest.mark.parametrize("devices, prefetch", [(None, 0), (None, 3), (8, 2)])
+def test_run_epoch_reads_through_grain_the_batches_of_the_order(
+    digits, classifier, devices, prefetch
+):
+    """run_epoch (Grain, any prefetch depth, on a mesh or not) is bit for bit the hand-written
+    loop: the epoch's order cut into consecutive batches, each read by plain indexing."""
+    model, params, stats = classifier
+    source = data.ArraySource(digits)
+    scheme = shuffling.random_reshuffle(N)
+    optimizer = optax.sgd(0.1)
+    mesh = None if devices is None else parallel.data_mesh(devices)
+    trainer = training.make_trainer(
+        training.cross_entropy_loss(model),
+        optimizer,
+        scheme,
+        batch_size=24,
+        drop_remainder=True,
+        mesh=mesh,
+        prefetch=prefetch,
+    )
+    state = trainer.place(
+        training.init_train_state(jax.random.key(11), params, stats, optimizer, scheme)
+    )
+    epoch, history = trainer.run_epoch(state, source)
+    scheme_state, order = drivers.epoch_order(scheme, state.scheme_key, state.scheme_state, 0)
+    looped, losses = state._replace(scheme_state=scheme_state), []
+    for start in (0, 24):  # 64 = 2 * 24 + 16: the last 16 are dropped
+        indices = np.asarray(order)[start : start + 24]
+        batch = source[indices]
+        if mesh is not None:  # the whole global batch placed from this one process
+            batch = parallel.shard_batch({**batch, "indices": indices}, mesh)
+            indices = batch.pop("indices")
+        looped, metrics = trainer.step(looped, batch, indices)
+        losses.append(metrics["loss"])
+    np.testing.assert_array_equal(history["loss"], np.asarray(losses))
+    chex.assert_trees_all_equal(
+        jax.device_get((epoch.params, epoch.opt_state, epoch.batch_stats, epoch.step)),
+        jax.device_get((looped.params, looped.opt_state, looped.batch_stats, looped.step)),
+    )
