@@ -40,6 +40,8 @@ the same host value on every process.
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -233,6 +235,27 @@ def check_coordinator_address(coordinator_address: Any) -> str:
     return coordinator_address
 
 
+def wait_for_coordinator(coordinator_address: str, timeout: float) -> None:
+    """Return once something accepts a TCP connection at ``coordinator_address``; raise
+    ``ConnectionError`` naming ``coordinator_address`` when nothing has within ``timeout``
+    seconds.  Processes other than 0 check this before joining: JAX itself aborts the whole
+    process (a fatal log, no exception) when the coordinator never answers."""
+    host, _, port = coordinator_address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"coordinator_address={coordinator_address!r} is unreachable: nothing "
+                    f"accepted a connection there within {timeout:g} s ({error}); is process 0 "
+                    "running, and is the address the one it listens on?"
+                ) from error
+            time.sleep(0.2)
+
+
 def _settings_from_environment() -> tuple[str, int, int] | None:
     """The ``SHUFFLESGD_*`` settings when any is set (all three then required), else None."""
     names = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
@@ -288,8 +311,10 @@ def initialize_distributed(
     Raises ``ValueError`` naming the setting -- ``coordinator_address`` not ``host:port``,
     ``num_processes`` not a positive int, ``process_id`` outside ``[0, num_processes)``, a
     timeout not a positive int, some but not all settings given (as arguments, or as
-    environment variables) -- before anything starts; and ``RuntimeError`` when called twice
-    or after JAX has started its backends.
+    environment variables) -- before anything starts; ``ConnectionError`` naming
+    ``coordinator_address`` when a process other than 0 finds nothing listening there within
+    ``initialization_timeout`` (:func:`wait_for_coordinator`); and ``RuntimeError`` when
+    called twice or after JAX has started its backends.
     """
     for name, value in (
         ("initialization_timeout", initialization_timeout),
@@ -322,6 +347,8 @@ def initialize_distributed(
                 f"process_id must be in [0, num_processes) = [0, {num_processes}), "
                 f"got process_id={process_id}"
             )
+        if process_id > 0:
+            wait_for_coordinator(coordinator_address, initialization_timeout)
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

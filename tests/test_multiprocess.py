@@ -274,3 +274,13 @@ def test_single_process_helpers():
     tree = parallel.put_replicated(mesh, {"key": key, "x": np.ones(3)})
     assert tree["key"].sharding.is_fully_replicated and len(tree["key"].sharding.device_set) == 8
     np.testing.assert_array_equal(jax.random.key_data(tree["key"]), jax.random.key_data(key))
+
+
+def test_an_unreachable_coordinator_is_named_within_the_timeout():
+    """Nothing listens at the address: a process other than 0 raises ConnectionError naming
+    coordinator_address after initialization_timeout, instead of JAX aborting the process."""
+    address = f"127.0.0.1:{launch.free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"coordinator_address='{address}' is unreachable"):
+        parallel.initialize_distributed(address, 2, 1, initialization_timeout=1)
+    assert time.monotonic() - started < 10
