@@ -253,7 +253,7 @@ def sg_runs(kernel_name: str, cfg: dict[str, Any]) -> tuple[dict[str, Callable],
                 step_key = jax.random.fold_in(key, t * inner + j)
                 return ours_kernel.step(step_key, state, batch, *hyper)[0], None
 
-            state = jax.lax.scan(inner_step, state, jnp.arange(inner))[0]
+            state = jax.lax.scan(inner_step, state, jnp.arange(inner), unroll=True)[0]
             return state, state.position
 
         positions = jax.lax.scan(body, ours_kernel.init(x0), jnp.arange(steps))[1]
