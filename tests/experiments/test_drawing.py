@@ -455,3 +455,52 @@ def test_thin_wire_draws_finite_points(tmp_path, legend_texts):
     thin_wire.draw(metrics, path)
     assert_drawn(path, legend_texts, "DeMo (2 diverged points not shown)")
     assert "DP (uncompressed)" in legend_texts and "untrained" in legend_texts
+
+
+def test_flat_basins_draws_finite_points(tmp_path, legend_texts):
+    from experiments import flat_basins
+
+    def row(accuracy):
+        stat = dict(mean=accuracy, stderr=None if accuracy is None else 0.01)
+        return {name: stat for name in flat_basins.METRICS}
+
+    def sampler(mean, target, diverged=0):
+        return dict(
+            flat_fraction=dict(mean=mean, stderr=None if mean is None else 0.01),
+            target="pi",
+            target_value=target,
+            histogram=[0, 3, 5, 2] if mean is not None else [0, 0, 0, 0],
+            diverged_chains=diverged,
+        )
+
+    metrics = dict(
+        num_seeds=2,
+        rows={
+            "sgld": row(0.9),
+            "csgld": row(NAN),
+            "sghmc": row(None),
+            "entropy_mcmc": row(0.91),
+            "entropy_mcmc:theta": row(0.9),
+            "entropy_mcmc:guide": row(0.89),
+        },
+        toy=dict(
+            weights=[0.6, 0.4],
+            means=[-0.6, 0.6],
+            stds=[0.25, 1.0],
+            coupling=1.0,
+            boundary=0.2,
+            flat_weight=0.4,
+            histogram_edges=[-2.0, -1.0, 0.0, 1.0, 2.0],
+            samplers={
+                "sgld": sampler(0.26, 0.26),
+                "entropy_mcmc:theta": sampler(None, 0.26, diverged=4),
+                "entropy_mcmc:guide": sampler(0.37, 0.37),
+            },
+        ),
+    )
+    path = tmp_path / "figure.png"
+    flat_basins.draw(metrics, path)
+    assert_drawn(path, legend_texts, "cyclical SGLD (1 diverged points not shown)")
+    assert "SGHMC (1 diverged points not shown)" in legend_texts
+    assert "Entropy-MCMC θ final positions (4 diverged points not shown)" in legend_texts
+    assert "SGLD" in legend_texts and "quadrature target" in legend_texts
