@@ -1,7 +1,8 @@
 """Config for experiments/walk_jump.py.
 
-Variants: ``configs/walk_jump.py`` (both mixtures, every sampler) and ``configs/walk_jump.py:quick``
-(the 2-D mixture, fewer chains and a smaller budget; the test runs it).
+Variants: ``configs/walk_jump.py`` (both mixtures and the 10-D funnel, every sampler) and
+``configs/walk_jump.py:quick`` (the 2-D mixture and the 5-D funnel, fewer chains and a smaller
+budget; the test runs it).
 """
 
 from ml_collections import ConfigDict
@@ -10,7 +11,7 @@ from ml_collections import ConfigDict
 def get_config(variant: str = "full") -> ConfigDict:
     config = ConfigDict()
     # Tuples, so that --config.samplers='("ula","walk_jump")' overrides them from the command line.
-    config.problems = ("mixture_2d", "mixture_high_dim")
+    config.problems = ("mixture_2d", "mixture_high_dim", "funnel")
     config.samplers = (
         "exact",
         "exact_jump",
@@ -20,7 +21,9 @@ def get_config(variant: str = "full") -> ConfigDict:
         "walk_jump_mc",
         "chain_of_chains",
         "follmer",
-    )
+        "ensemble",
+    )  # on the mixtures
+    config.funnel_samplers = ("exact", "mala", "hmc", "walk_jump_mc", "follmer", "ensemble")
     # the mixtures: isotropic components N(mu_k, component_std^2 I), neighbouring means `separation`
     # apart
     config.weights = (0.4, 0.3, 0.2, 0.1)
@@ -31,7 +34,7 @@ def get_config(variant: str = "full") -> ConfigDict:
     # equal budget: evaluations per chain (gradients of log p or log p_sigma, or log-density values)
     config.budget = 8192
     config.samples_per_chain = 64  # kept (thinned) samples of ULA, MALA and walk-jump; exact draws
-    config.num_chains = 64  # all vmapped in one call per (problem, sampler)
+    config.num_chains = 128  # all vmapped in one call per (problem, sampler)
     config.num_groups = 8  # chains pooled in groups for W2 (mean +- SE over groups)
     config.w2_points = 256  # points per group on each side of the exact-assignment W2
     # samplers
@@ -51,11 +54,25 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.visit_radius = (
         2.0  # a mode is visited by a sample within 2 RMS radii of its mean (and assigned to it)
     )
+    # walkers per ensemble, each one of the chains; must divide num_chains / num_groups
+    config.ensemble_size = 16
+    # Neal's funnel: v ~ N(0, funnel_scale^2), x_i | v ~ N(0, e^v); chains start at the origin
+    config.funnel_dim = 10  # Neal's example
+    config.funnel_scale = 3.0
+    config.funnel_sigma = 0.25  # walk-jump smoothing on the funnel (walk_jump_mc and ensemble)
+    config.funnel_mala_step_size = 0.05
+    config.funnel_hmc_step_size = 0.1
+    config.funnel_leapfrog = 8  # leapfrog steps (gradients) per HMC step
     config.seed = 0
     config.x64 = True
     config.results_dir = "results"
     if variant == "quick":
-        config.problems = ("mixture_2d",)
+        config.problems = ("mixture_2d", "funnel")
+        config.funnel_dim = 5
+        # MALA, the fresh-draw walk-jump and Föllmer on the funnel only in the full run (each
+        # compile costs the test seconds)
+        config.funnel_samplers = ("exact", "hmc", "ensemble")
+        config.ensemble_size = 8
         config.budget = 4096
         config.samples_per_chain = 32
         config.num_chains = 32

@@ -1,6 +1,8 @@
-r"""Mode tunnelling on well-separated Gaussian mixtures: fraction of modes visited, mode-weight
-error and :math:`W_2` to the truth for walk–jump, the ensemble (Föllmer) sampler, the chain
-of log-concave chains, ULA and MALA at an equal budget of evaluations.
+r"""Mode tunnelling on well-separated Gaussian mixtures, and the neck of Neal's funnel:
+fraction of modes visited, mode-weight error and :math:`W_2` to the truth on the mixtures,
+distances of the :math:`v`-marginal to its exact law on the funnel, for walk–jump (exact,
+fresh-draw and ensemble smoothed scores), the Schrödinger–Föllmer sampler, the chain of
+log-concave chains, ULA, MALA and HMC at an equal budget of evaluations.
 
 **Targets.** :math:`p = \sum_k w_k N(\mu_k, s^2 I)` with ``weights`` :math:`w` and
 ``component_std`` :math:`s`: ``mixture_2d`` puts the means on a circle, neighbours
@@ -9,6 +11,11 @@ simplex in ``high_dim`` dimensions, :math:`\mu_k = (\text{separation}/\sqrt2)\,e
 pair ``separation`` apart.  With separation :math:`8 = 16s` the log-density barrier between
 neighbours is about :math:`\text{separation}^2/(8s^2) = 32` nats: a Langevin chain never
 crosses it.  Every Markov chain starts at :math:`\mu_{\text{start\_mode}}`.
+``funnel``: Neal's funnel (Neal 2003, "Slice sampling", Ann. Statist. 31, Sec. 8;
+:func:`shufflesgd.problems.funnel_logdensity`) in ``funnel_dim`` dimensions,
+:math:`v \sim N(0, a^2)` with :math:`a` = ``funnel_scale`` and :math:`x_i \mid v \sim
+N(0, e^v)`; its chains start at the origin.  Its samplers are ``funnel_samplers`` (the
+mixtures' are ``samplers``).
 
 **Samplers** (all chains vmapped in one jitted call per problem and sampler):
 
@@ -16,6 +23,8 @@ crosses it.  Every Markov chain starts at :math:`\mu_{\text{start\_mode}}`.
 * ``exact_jump``: Tweedie jumps :math:`\hat x(y) = y + \sigma^2\nabla\log p_\sigma(y)` of exact
   draws :math:`y \sim p_\sigma`: the law that walk–jump with a perfect walk produces;
 * ``ula`` / ``mala``: Roberts & Tweedie (1996) on :math:`\log p` with the exact gradient;
+* ``hmc`` (funnel only): Duane, Kennedy, Pendleton & Roweth (1987) / Neal (2011),
+  ``funnel_leapfrog`` leapfrog steps of size ``funnel_hmc_step_size``;
 * ``walk_jump``: Saremi & Hyvärinen (2019), a ULA walk on :math:`p_\sigma` with step
   :math:`h = \text{walk\_step\_fraction}\cdot\sigma^2` and the exact smoothed score
   (:func:`shufflesgd.walk_jump.mixture_smoothed_score`), jumping at evenly spaced walk steps;
@@ -29,17 +38,35 @@ crosses it.  Every Markov chain starts at :math:`\mu_{\text{start\_mode}}`.
   Liu 2021, arXiv:2106.10880) with ``follmer_steps`` Euler steps and ``mc_samples`` draws per
   drift, run on :math:`u = x/c` (``follmer_scale`` :math:`c`, i.e. the reference
   :math:`N(0, c^2 I)` of the paper's :math:`X_0 = 0`, so the importance weights stay finite in
-  variance); it is not a chain: each sample is an independent transport from the anchor 0.
+  variance); it is not a chain: each sample is an independent transport from the anchor 0;
+* ``ensemble``: Bischoff & Riel (2024, arXiv:2401.17539), walk–jump's walk and jumps run by
+  ensembles of ``ensemble_size`` :math:`N` walkers, every walker's smoothed score the
+  gradient-free deterministic-mixture importance estimate from one log-density value per
+  walker (:func:`shufflesgd.mcmc.ensemble_walk_jump`, jumps by
+  :func:`shufflesgd.mcmc.tweedie_denoiser` with :func:`shufflesgd.mcmc.ensemble_smoothed_score`
+  at the kept walk points); same :math:`\sigma` and walk step as ``walk_jump_mc``.  Each walker
+  is one of the ``num_chains`` chains: the chains are ``num_chains / N`` independent ensembles,
+  all walkers of an ensemble starting at the same point.
 
 **Equal budget.**  Each chain gets ``budget`` :math:`B` evaluations, counted from
-``info.num_grad_evals`` (plus the initial gradient of ULA/MALA and one smoothed-score
-evaluation per jump): gradients of :math:`\log p` or :math:`\log p_\sigma` for ``ula``,
-``mala``, ``walk_jump`` and ``chain_of_chains``; log-density values for ``walk_jump_mc`` and
-``follmer`` (each Monte Carlo score costs ``mc_samples``).  One gradient is counted like one
-log-density value, which favours the gradient samplers (a gradient costs a small multiple of a
-value).  ULA/MALA take :math:`B - 1` steps, walk–jump :math:`B - n` walk steps for :math:`n`
-jumps; runs of the chain of chains (:math:`m\cdot\text{steps} + 1` each) and of Föllmer
-(:math:`K\cdot\text{mc\_samples}` each) fill :math:`B` up to less than one run.
+``info.num_grad_evals`` or ``info.num_density_evals`` (plus the initial gradient of
+ULA/MALA/HMC and one smoothed-score evaluation per jump): gradients of :math:`\log p` or
+:math:`\log p_\sigma` for ``ula``, ``mala``, ``hmc``, ``walk_jump`` and ``chain_of_chains``;
+log-density values for ``walk_jump_mc``, ``follmer`` and ``ensemble`` (each fresh-draw Monte
+Carlo score costs ``mc_samples``).  One gradient is counted like one log-density value, which
+favours the gradient samplers (a gradient costs a small multiple of a value).  ULA/MALA take
+:math:`B - 1` steps, walk–jump :math:`B - n` walk steps for :math:`n` jumps; runs of the chain
+of chains (:math:`m\cdot\text{steps} + 1` each), of Föllmer (:math:`K\cdot\text{mc\_samples}`
+each) and HMC's steps (``funnel_leapfrog`` gradients each, after one initial gradient) fill
+:math:`B` up to less than one run or step.  The ensemble spends :math:`N` log-density values
+a walk step (one at each walker's proposal point :math:`y_i + \sigma z_i`) and :math:`N` per
+jump (one ensemble score at the kept walk points), i.e. one per walker per step and per jump:
+each walker (chain) takes :math:`B - n` walk steps and :math:`n` jumps, exactly :math:`B`
+evaluations, and an ensemble :math:`NB`; its count per chain is the ensemble's sum of
+``info.num_density_evals`` plus :math:`Nn`, over :math:`N`.  So at an equal budget the ensemble
+walks ``mc_samples`` times as many steps as ``walk_jump_mc`` (whose :math:`M` fresh draws per
+score serve one walker only), with :math:`N` importance points per score drawn around all the
+walkers.
 
 **Metrics.**  A sample is assigned to :math:`\arg\max_k r_k(x)` (the true responsibilities);
 mode :math:`k` is *visited* by a chain when one of its samples is assigned to :math:`k` and lies
@@ -49,17 +76,32 @@ fair reference for a sampler keeping :math:`n` samples), the total-variation err
 :math:`\frac12\sum_k|\hat w_k - w_k|` of the assignment frequencies, and the spread ratio,
 the RMS distance of the samples to their assigned means over the exact RMS radius (1 for
 exact draws, :math:`\sqrt{1/(1 - h/2s^2)}` for ULA's stationary law inside a mode); mean ± SE
-over chains.  :math:`W_2` is the exact distance between ``w2_points`` samples pooled from a
-group of chains and as many fresh exact draws, by optimal assignment
-(``scipy.optimize.linear_sum_assignment``), mean ± SE over ``num_groups`` groups; at these
-sizes it is dominated by the multinomial fluctuation of the mode weights (a mass error
-transported ``separation`` far), so ``exact``'s value is its Monte Carlo floor.
+over chains (over ensembles for ``ensemble``, whose walkers are dependent: its per-chain values
+are averaged over each ensemble first; ``ensemble_size`` must divide the chains of a
+:math:`W_2` group, so that groups hold whole ensembles and stay independent).  :math:`W_2` is
+the exact distance between ``w2_points`` samples pooled from a group of chains and as many
+fresh exact draws, by optimal assignment (``scipy.optimize.linear_sum_assignment``), mean ± SE
+over ``num_groups`` groups; at these sizes it is dominated by the multinomial fluctuation of
+the mode weights (a mass error transported ``separation`` far), so ``exact``'s value is its
+Monte Carlo floor.
 Walk–jump's jumps are posterior means :math:`E[x\mid y]`, not draws: inside one mode they
 shrink towards the mean (spread ratio :math:`s/\sqrt{s^2+\sigma^2}`), while a walker between
 modes jumps to a responsibility-weighted average of their means, i.e. between them; so the
 jumps' law differs from :math:`p` even with a perfect walk (``exact_jump``), and for the
 walk–jump samplers the walk's own :math:`W_2` to :math:`p_\sigma` (the law it targets) is
 reported too.
+
+**Funnel metrics** (on :math:`v`, whose exact law is :math:`N(0, a^2)`): per chain (ensemble),
+the mean of :math:`v` (exact 0) and of :math:`v^2` (``Var[v]`` about the known mean 0, exact
+:math:`a^2`), and the fractions of samples in the *neck* :math:`v < -a` and the *mouth*
+:math:`v > a` (exact :math:`\Phi(-1) = 0.159` each), mean ± SE over chains; per group of
+chains (all its samples pooled), the Kolmogorov–Smirnov distance of the :math:`v`-samples to the
+exact CDF :math:`\Phi(v/a)` and the 1-D :math:`W_1` (``scipy.stats.wasserstein_distance``) to as
+many exact draws (:func:`shufflesgd.problems.funnel_sample`; ``exact``'s value is its Monte
+Carlo floor), mean ± SE over ``num_groups`` groups.  For the walkers, the KS distance of the
+walk's :math:`v` to the exact :math:`v`-marginal of :math:`p_\sigma`, :math:`N(0, a^2 +
+\sigma^2)` (the noise is added coordinate-wise).  Jumps are posterior means, so their
+:math:`v` is shrunk even after a perfect walk.
 
 Run: ``python -m experiments.walk_jump --config configs/walk_jump.py``
 (``:quick`` for the short variant; override any field with ``--config.<field>=<value>``).
@@ -78,7 +120,7 @@ import matplotlib
 import numpy as np
 from ml_collections import ConfigDict
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import chi2
+from scipy.stats import chi2, kstest, norm, wasserstein_distance
 from tqdm.auto import tqdm
 
 from experiments import common
@@ -88,7 +130,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 NAME = "walk_jump"
-PROBLEMS = ("mixture_2d", "mixture_high_dim")
+MIXTURES = ("mixture_2d", "mixture_high_dim")
+PROBLEMS = (*MIXTURES, "funnel")
 SAMPLERS = (
     "exact",
     "exact_jump",
@@ -98,13 +141,16 @@ SAMPLERS = (
     "walk_jump_mc",
     "chain_of_chains",
     "follmer",
-)
+    "ensemble",
+)  # on the mixtures
+FUNNEL_SAMPLERS = ("exact", "mala", "hmc", "walk_jump_mc", "follmer", "ensemble")
 REFERENCES = ("exact", "exact_jump")  # not samplers at a budget: draws from known laws
 DENSITY_SAMPLERS = (
     "walk_jump_mc",
     "follmer",
+    "ensemble",
 )  # budget in log-density values, the rest in gradients
-WALKERS = ("walk_jump", "walk_jump_mc")  # report the walk's W2 to p_sigma too
+WALKERS = ("walk_jump", "walk_jump_mc", "ensemble")  # report the walk's distance to p_sigma too
 
 
 # ------------------------------------------------------------------ configuration
@@ -112,12 +158,14 @@ WALKERS = ("walk_jump", "walk_jump_mc")  # report the walk's W2 to p_sigma too
 
 class Plan(NamedTuple):
     """A sampler's share of the budget: ``steps`` kernel steps per run, ``runs`` runs per chain
-    (1 for chains), ``samples`` kept samples per chain, ``unit`` what the budget counts."""
+    (1 for chains), ``samples`` kept samples per chain, ``unit`` what the budget counts,
+    ``members`` chains per independent unit (the ensemble's walkers; 1 for every other)."""
 
     steps: int
     runs: int
     samples: int
     unit: str
+    members: int = 1
 
 
 def plan(sampler: str, config: ConfigDict) -> Plan:
@@ -127,10 +175,14 @@ def plan(sampler: str, config: ConfigDict) -> Plan:
         return Plan(0, 1, n, "none")
     if sampler in ("ula", "mala"):
         return Plan(budget - 1, 1, n, "gradient")  # one gradient at the start
+    if sampler == "hmc":  # one gradient at the start, funnel_leapfrog a step
+        return Plan((budget - 1) // config.funnel_leapfrog, 1, n, "gradient")
     if sampler == "walk_jump":
         return Plan(budget - n, 1, n, "gradient")  # one smoothed score per walk step and per jump
     if sampler == "walk_jump_mc":
         return Plan(budget // config.mc_samples - n, 1, n, "density")
+    if sampler == "ensemble":  # one value per walker per walk step and per jump
+        return Plan(budget - n, 1, n, "density", config.ensemble_size)
     if sampler == "chain_of_chains":
         steps = config.num_measurements * config.steps_per_measurement
         runs = budget // (steps + 1)  # + the jump's smoothed score
@@ -139,10 +191,21 @@ def plan(sampler: str, config: ConfigDict) -> Plan:
     return Plan(config.follmer_steps, runs, runs, "density")
 
 
+def combinations(config: ConfigDict) -> list[tuple[str, str]]:
+    """The (problem, sampler) pairs the study runs, in order: ``samplers`` on the mixtures,
+    ``funnel_samplers`` on the funnel."""
+    return [
+        (problem, sampler)
+        for problem in config.problems
+        for sampler in (config.funnel_samplers if problem == "funnel" else config.samplers)
+    ]
+
+
 def validate(config: ConfigDict) -> None:
     """Check every field before anything is built or compiled."""
     common.check_names("problems", config.problems, PROBLEMS)
     common.check_names("samplers", config.samplers, SAMPLERS)
+    common.check_names("funnel_samplers", config.funnel_samplers, FUNNEL_SAMPLERS)
     weights = tuple(config.weights)
     if len(weights) < 2:
         raise ValueError(f"config.weights needs at least two modes, got {weights!r}")
@@ -157,6 +220,10 @@ def validate(config: ConfigDict) -> None:
         "walk_step_fraction",
         "follmer_scale",
         "visit_radius",
+        "funnel_scale",
+        "funnel_sigma",
+        "funnel_mala_step_size",
+        "funnel_hmc_step_size",
     ):
         common.check_positive_number(field, config[field])
     for field in (
@@ -170,12 +237,19 @@ def validate(config: ConfigDict) -> None:
         "num_measurements",
         "steps_per_measurement",
         "follmer_steps",
+        "funnel_dim",
+        "funnel_leapfrog",
+        "ensemble_size",
     ):
         common.check_positive_ints(field, config[field])
     if "mixture_high_dim" in config.problems and config.high_dim < len(weights):
         raise ValueError(
             f"config.high_dim must be at least the number of modes ({len(weights)}) for the "
             f"simplex layout, got {config.high_dim}"
+        )
+    if config.funnel_dim < 2:
+        raise ValueError(
+            f"config.funnel_dim must be at least 2 (v and one x), got {config.funnel_dim}"
         )
     start = config.start_mode
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(weights):
@@ -192,20 +266,29 @@ def validate(config: ConfigDict) -> None:
             "config.num_chains and config.num_groups must be at least 2 (a standard error needs "
             "two)"
         )
-    if "walk_jump_mc" in config.samplers and config.budget % config.mc_samples:
+    combos = combinations(config)
+    used = list(dict.fromkeys(sampler for _, sampler in combos))
+    if "walk_jump_mc" in used and config.budget % config.mc_samples:
         raise ValueError(
             f"config.budget must be a multiple of config.mc_samples={config.mc_samples} "
             f"(walk_jump_mc spends mc_samples a score), got {config.budget}"
         )
     chains_per_group = config.num_chains // config.num_groups
-    for sampler in config.samplers:
+    if "ensemble" in used and (config.ensemble_size < 2 or chains_per_group % config.ensemble_size):
+        raise ValueError(
+            "config.ensemble_size must be at least 2 and divide the chains of a W2 group "
+            f"(num_chains / num_groups = {chains_per_group}), got {config.ensemble_size}"
+        )
+    for sampler in used:
         p = plan(sampler, config)
         if p.samples < 2 or (sampler not in REFERENCES and p.runs == 1 and p.steps < p.samples):
             raise ValueError(
                 f"config.budget={config.budget} is too small for {sampler}: {p.steps} steps for "
                 f"{p.samples} samples per chain"
             )
-        if p.samples * chains_per_group < config.w2_points:
+    for problem, sampler in combos:
+        p = plan(sampler, config)
+        if problem != "funnel" and p.samples * chains_per_group < config.w2_points:
             raise ValueError(
                 f"config.w2_points={config.w2_points} exceeds the {p.samples * chains_per_group} "
                 f"samples a group of {sampler} chains has"
@@ -217,8 +300,29 @@ def validate(config: ConfigDict) -> None:
 # ------------------------------------------------------------------ the targets
 
 
-def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
-    """The circle (2-D) or simplex (``high_dim``-D) mixture with isotropic components."""
+class Funnel(NamedTuple):
+    r"""Neal's funnel in ``dim`` dimensions, :math:`v \sim N(0, \text{scale}^2)`,
+    :math:`x_i \mid v \sim N(0, e^v)`, with the mixtures' ``log_prob`` / ``sample`` methods
+    (:func:`shufflesgd.problems.funnel_logdensity`, :func:`shufflesgd.problems.funnel_sample`)."""
+
+    dim: int
+    scale: float
+
+    def log_prob(self, position: jax.Array) -> jax.Array:
+        return problems.funnel_logdensity(position, self.scale)
+
+    def sample(self, key: jax.Array, num: int) -> jax.Array:
+        return problems.funnel_sample(key, num, self.dim, self.scale)
+
+
+Target = problems.GaussianMixture | Funnel
+
+
+def build_problem(name: str, config: ConfigDict) -> Target:
+    """The circle (2-D) or simplex (``high_dim``-D) mixture with isotropic components, or the
+    funnel."""
+    if name == "funnel":
+        return Funnel(config.funnel_dim, float(config.funnel_scale))
     k = len(config.weights)
     if name == "mixture_2d":
         radius = config.separation / (2.0 * math.sin(math.pi / k))
@@ -228,6 +332,13 @@ def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
         means = config.separation / math.sqrt(2.0) * np.eye(config.high_dim)[:k]
     covariances = np.tile(config.component_std**2 * np.eye(means.shape[1]), (k, 1, 1))
     return problems.gaussian_mixture(config.weights, means, covariances)
+
+
+def start_point(law: Target, config: ConfigDict) -> jax.Array:
+    """Where every chain starts: the mean of mode ``start_mode``, or the funnel's origin."""
+    if isinstance(law, Funnel):
+        return jnp.zeros(law.dim, jnp.result_type(float))
+    return law.means[config.start_mode]
 
 
 # ------------------------------------------------------------------ the samplers
@@ -255,26 +366,31 @@ class Hyper(NamedTuple):
     sigma: jax.Array
 
 
-def hyper_parameters(name: str, config: ConfigDict, dtype: Any) -> Hyper:
-    r"""The step size of ULA / MALA, or the walk step
+def hyper_parameters(name: str, problem: str, config: ConfigDict, dtype: Any) -> Hyper:
+    r"""The step size of ULA / MALA / HMC, or the walk step
     :math:`h = \text{walk\_step\_fraction}\,\sigma^2` of the smoothed-density samplers, with
-    :math:`\sigma` (unused by ULA, MALA, exact, Föllmer)."""
-    sigma = config.sigma
-    step = {"ula": config.ula_step_size, "mala": config.mala_step_size}.get(
-        name, config.walk_step_fraction * sigma**2
-    )
+    :math:`\sigma` (``sigma`` on the mixtures, ``funnel_sigma`` on the funnel; unused by ULA,
+    MALA, HMC, exact, Föllmer)."""
+    if problem == "funnel":
+        sigma = config.funnel_sigma
+        steps = {"mala": config.funnel_mala_step_size, "hmc": config.funnel_hmc_step_size}
+    else:
+        sigma = config.sigma
+        steps = {"ula": config.ula_step_size, "mala": config.mala_step_size}
+    step = steps.get(name, config.walk_step_fraction * sigma**2)
     return Hyper(jnp.asarray(step, dtype), jnp.asarray(sigma, dtype))
 
 
 Sampler = Callable[[jax.Array, Hyper], tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -> Sampler:
-    """``(key, hyper) -> (samples [n, d], walk [n, d], evals)`` for one chain of sampler ``name``
-    (``walk``: the walk points that were jumped, or the samples themselves)."""
+def make_sampler(name: str, law: Target, config: ConfigDict) -> Sampler:
+    """``(key, hyper) -> (samples [u, n, d], walk [u, n, d], evals [u])`` for one independent
+    unit of sampler ``name``: ``u = plan(name, config).members`` chains (the walkers of one
+    ensemble, or a single chain); ``walk``: the walk points that were jumped, or the samples
+    themselves; ``evals``: the evaluations each chain spent."""
     p = plan(name, config)
-    start = law.means[config.start_mode]
-    exact_score = mcmc.mixture_smoothed_score(law)
+    start = start_point(law, config)
     m = config.mc_samples
     no_evals = jnp.zeros((), jnp.int32)
 
@@ -283,13 +399,14 @@ def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -
         return x, x, no_evals
 
     def exact_jump(key: jax.Array, hyper: Hyper):
+        exact_score = mcmc.mixture_smoothed_score(law)
         sample_key, jump_key = jax.random.split(key)
         y = law.diffuse(1.0, hyper.sigma).sample(sample_key, p.samples)
         keys = jax.random.split(jump_key, p.samples)
         x = jax.vmap(lambda k, u: mcmc.jump(exact_score, k, u, hyper.sigma))(keys, y)
         return x, y, no_evals
 
-    def langevin(kernel: mcmc.SamplingAlgorithm) -> Sampler:
+    def gradient_chain(kernel: mcmc.SamplingAlgorithm) -> Sampler:
         def one(key: jax.Array, hyper: Hyper):
             _, positions, info = mcmc.run_chain(
                 kernel, key, kernel.init(start), p.steps, hyper.step_size
@@ -315,6 +432,7 @@ def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -
         return one
 
     def chain_of_chains(key: jax.Array, hyper: Hyper):
+        exact_score = mcmc.mixture_smoothed_score(law)
         kernel = mcmc.chain_of_log_concave_chains(exact_score, config.steps_per_measurement)
 
         def one_run(y: jax.Array, r: jax.Array):
@@ -346,31 +464,62 @@ def make_sampler(name: str, law: problems.GaussianMixture, config: ConfigDict) -
         x, evals = jax.vmap(one_run)(jnp.arange(p.runs))
         return x, x, jnp.sum(evals)
 
+    def ensemble(key: jax.Array, hyper: Hyper):
+        kernel = mcmc.ensemble_walk_jump(law.log_prob)
+        walk_key, jump_key = jax.random.split(key)
+        walkers = jnp.broadcast_to(start, (p.members, start.shape[0]))
+        _, positions, info = mcmc.run_chain(
+            kernel, walk_key, kernel.init(walkers), p.steps, hyper.step_size, hyper.sigma
+        )
+        y = _thinned(positions, p.samples)  # [n, N, d]
+
+        def jump_all(k: jax.Array, points: jax.Array) -> jax.Array:
+            score = mcmc.ensemble_smoothed_score(law.log_prob, k, points, hyper.sigma).score
+            return mcmc.tweedie_denoiser(points, score, hyper.sigma)
+
+        x = jax.vmap(jump_all)(jax.random.split(jump_key, p.samples), y)
+        # N values a walk step (info) and N per jump, one per walker each: the ensemble's total
+        # over N is every walker's own count
+        spent = jnp.sum(info.num_density_evals) + p.members * p.samples
+        evals = jnp.full((p.members,), spent // p.members)
+        return jnp.swapaxes(x, 0, 1), jnp.swapaxes(y, 0, 1), evals
+
+    if name == "ensemble":
+        return ensemble
     if name == "ula":
-        return langevin(mcmc.ula(law.log_prob))
-    if name == "mala":
-        return langevin(mcmc.mala(law.log_prob))
-    if name == "walk_jump":
-        return walk_and_jump(exact_score, 1)
-    if name == "walk_jump_mc":
-        return walk_and_jump(mcmc.monte_carlo_smoothed_score(law.log_prob, m), m)
-    return {
-        "exact": exact,
-        "exact_jump": exact_jump,
-        "chain_of_chains": chain_of_chains,
-        "follmer": follmer,
-    }[name]
+        single = gradient_chain(mcmc.ula(law.log_prob))
+    elif name == "mala":
+        single = gradient_chain(mcmc.mala(law.log_prob))
+    elif name == "hmc":
+        single = gradient_chain(mcmc.hmc(law.log_prob, config.funnel_leapfrog))
+    elif name == "walk_jump":
+        single = walk_and_jump(mcmc.mixture_smoothed_score(law), 1)
+    elif name == "walk_jump_mc":
+        single = walk_and_jump(mcmc.monte_carlo_smoothed_score(law.log_prob, m), m)
+    else:
+        single = {
+            "exact": exact,
+            "exact_jump": exact_jump,
+            "chain_of_chains": chain_of_chains,
+            "follmer": follmer,
+        }[name]
+
+    def unit(key: jax.Array, hyper: Hyper):
+        return jax.tree.map(lambda a: a[None], single(key, hyper))  # a unit of one chain
+
+    return unit
 
 
-def simulate(name: str, law: problems.GaussianMixture, config: ConfigDict, key: jax.Array) -> Draws:
-    """All ``num_chains`` chains of one sampler in one jitted call, vmapped over chains with the
-    hyper-parameters as traced arguments."""
+def simulate(name: str, problem: str, law: Target, config: ConfigDict, key: jax.Array) -> Draws:
+    """All ``num_chains`` chains of one sampler in one jitted call, vmapped over the independent
+    units (``num_chains / members``) with the hyper-parameters as traced arguments; the result
+    has the chains of a unit next to each other."""
     one = make_sampler(name, law, config)
-    keys = jax.random.split(key, config.num_chains)
-    hyper = hyper_parameters(name, config, law.means.dtype)
-    samples, walk, evals = jax.block_until_ready(
-        jax.jit(jax.vmap(one, in_axes=(0, None)))(keys, hyper)
-    )
+    members = plan(name, config).members
+    keys = jax.random.split(key, config.num_chains // members)
+    hyper = hyper_parameters(name, problem, config, start_point(law, config).dtype)
+    out = jax.block_until_ready(jax.jit(jax.vmap(one, in_axes=(0, None)))(keys, hyper))
+    samples, walk, evals = (a.reshape((config.num_chains,) + a.shape[2:]) for a in out)
     return Draws(samples, walk, evals)
 
 
@@ -437,64 +586,233 @@ def grouped_w2(
     return np.asarray(out)
 
 
+def unit_mean_and_stderr(values: Any, members: int) -> tuple[float, float]:
+    """Mean ± SE of per-chain ``values`` ``[C]`` over the independent units: the ``members``
+    chains of a unit (an ensemble's walkers, adjacent) are averaged first."""
+    per_unit = np.asarray(values, np.float64).reshape(-1, members).mean(axis=1)
+    mean, stderr = common.mean_and_stderr(per_unit)
+    return float(mean), float(stderr)
+
+
+def funnel_chain_statistics(samples: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+    r"""Per chain, from the :math:`v`-coordinates of its samples ``[C, n, d]``: the mean of
+    :math:`v` and of :math:`v^2` (the variance about the exact mean 0) and the fractions in the
+    neck :math:`v < -a` and the mouth :math:`v > a` (:math:`a` = ``scale``)."""
+    v = samples[..., 0]
+    return {
+        "mean_v": v.mean(axis=1),
+        "var_v": (v**2).mean(axis=1),
+        "neck": (v < -scale).mean(axis=1),
+        "mouth": (v > scale).mean(axis=1),
+    }
+
+
+def grouped_v_distances(
+    v: np.ndarray, reference: np.ndarray, num_groups: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Per group of chains (``v`` ``[C, n]`` pooled into ``num_groups`` groups): the
+    Kolmogorov–Smirnov distance to the exact CDF of :math:`N(0, \text{scale}^2)` and the 1-D
+    :math:`W_1` to ``reference[g]`` (as many exact draws of :math:`v`)."""
+    groups = v.reshape(num_groups, -1)
+    ks = [kstest(g, norm(0.0, scale).cdf).statistic for g in groups]
+    w1 = [wasserstein_distance(g, r) for g, r in zip(groups, reference, strict=True)]
+    return np.asarray(ks), np.asarray(w1)
+
+
+def mixture_result(
+    law: problems.GaussianMixture,
+    draws: Draws,
+    sampler: str,
+    config: ConfigDict,
+    keys: tuple[jax.Array, jax.Array],
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Modes visited, weight TV error, spread ratio and W2 (and the walk's W2 to p_sigma)."""
+    members = plan(sampler, config).members
+    samples = np.asarray(draws.samples)
+    visited, tv, spread = mode_statistics(law, draws.samples, config.visit_radius)
+    num_groups, num_points = config.num_groups, config.w2_points
+    reference = np.asarray(law.sample(keys[0], num_groups * num_points)).reshape(
+        num_groups, num_points, -1
+    )
+    w2 = grouped_w2(samples, reference, num_groups, num_points, rng)
+    result: dict[str, Any] = {
+        "iid_modes_visited": iid_modes_visited(law, samples.shape[1], config.visit_radius)
+    }
+    for field, values in (("modes_visited", visited), ("weight_tv", tv), ("spread_ratio", spread)):
+        result[field], result[field + "_se"] = unit_mean_and_stderr(values, members)
+    result["w2"], result["w2_se"] = map(float, common.mean_and_stderr(w2))
+    if sampler in WALKERS or sampler == "exact_jump":
+        smoothed = law.diffuse(1.0, jnp.asarray(config.sigma, law.means.dtype))
+        walk_reference = np.asarray(smoothed.sample(keys[1], num_groups * num_points))
+        w2_walk = grouped_w2(
+            np.asarray(draws.walk),
+            walk_reference.reshape(num_groups, num_points, -1),
+            num_groups,
+            num_points,
+            rng,
+        )
+        result["w2_walk"], result["w2_walk_se"] = map(float, common.mean_and_stderr(w2_walk))
+    return result
+
+
+def funnel_result(
+    law: Funnel, draws: Draws, sampler: str, config: ConfigDict, key: jax.Array
+) -> dict[str, Any]:
+    """E[v], Var[v], neck and mouth fractions, KS and W1 of the v-marginal (and the walk's KS to
+    the v-marginal of p_sigma)."""
+    members = plan(sampler, config).members
+    samples = np.asarray(draws.samples, np.float64)
+    result: dict[str, Any] = {}
+    for field, values in funnel_chain_statistics(samples, law.scale).items():
+        result[field], result[field + "_se"] = unit_mean_and_stderr(values, members)
+    v = samples[..., 0]
+    reference = np.asarray(law.sample(key, v.size)[:, 0], np.float64)
+    ks, w1 = grouped_v_distances(
+        v, reference.reshape(config.num_groups, -1), config.num_groups, law.scale
+    )
+    result["ks_v"], result["ks_v_se"] = map(float, common.mean_and_stderr(ks))
+    result["w1_v"], result["w1_v_se"] = map(float, common.mean_and_stderr(w1))
+    result["exact_tail"] = float(norm.cdf(-1.0))
+    if sampler in WALKERS:
+        walk_v = np.asarray(draws.walk, np.float64)[..., 0].reshape(config.num_groups, -1)
+        walk_scale = math.hypot(law.scale, config.funnel_sigma)
+        ks_walk = [kstest(g, norm(0.0, walk_scale).cdf).statistic for g in walk_v]
+        result["ks_walk"], result["ks_walk_se"] = map(float, common.mean_and_stderr(ks_walk))
+    return result
+
+
 # ------------------------------------------------------------------ output
 
 
+def _budget_columns(r: dict[str, Any]) -> list[str]:
+    members = f"/{r['members']}" if r["members"] > 1 else ""
+    return [
+        r["unit"],
+        str(r["steps"]),
+        str(r["runs"]) + members,
+        str(r["samples_per_chain"]),
+        f"{r['evals_per_chain']:.0f}",
+    ]
+
+
+def _pm(r: dict[str, Any], field: str, digits: int = 3) -> str:
+    return f"{r[field]:.{digits}f}±{r[field + '_se']:.{digits}f}" if field in r else "—"
+
+
 def format_table(metrics: dict[str, Any]) -> str:
-    header = (
-        "problem",
-        "sampler",
-        "unit",
-        "steps",
-        "runs",
-        "n/chain",
-        "evals/chain",
-        "modes visited",
-        "iid@n",
-        "weight TV",
-        "spread ratio",
-        "W2 to p",
-        "W2 walk->p_sig",
-        "s",
+    """The mixtures' table, then the funnel's, each with its legend."""
+    c = metrics["config"]
+    lines = []
+    mixtures = {k: v for k, v in metrics["problems"].items() if k != "funnel"}
+    budget = (
+        f"budget {c['budget']} evaluations per chain: gradients of log p or log p_sigma, or "
+        "log-density values (unit); evals/chain summed from info.num_grad_evals / "
+        "num_density_evals (+1 initial gradient for ULA/MALA/HMC, +1 score per jump), "
+        f"x{c['mc_samples']} for fresh-draw Monte-Carlo scores; runs/N: an ensemble of N walkers "
+        f"spends N values a step and N per jump, i.e. every walker (chain) exactly its budget"
     )
-    line = (
-        "{:17s} {:15s} {:8s} {:>5s} {:>4s} {:>7s} {:>11s} {:>13s} {:>5s} {:>13s} {:>13s} {:>13s} "
-        "{:>14s} {:>5s}"
-    )
-    lines = [line.format(*header)]
-    for problem, entry in metrics["problems"].items():
+    if mixtures:
+        line = (
+            "{:17s} {:15s} {:8s} {:>5s} {:>5s} {:>7s} {:>11s} {:>13s} {:>5s} {:>13s} {:>13s} "
+            "{:>13s} {:>14s} {:>5s}"
+        )
+        lines.append(
+            line.format(
+                "problem",
+                "sampler",
+                "unit",
+                "steps",
+                "runs",
+                "n/chain",
+                "evals/chain",
+                "modes visited",
+                "iid@n",
+                "weight TV",
+                "spread ratio",
+                "W2 to p",
+                "W2 walk->p_sig",
+                "s",
+            )
+        )
+        for problem, entry in mixtures.items():
+            for sampler, r in entry["samplers"].items():
+                lines.append(
+                    line.format(
+                        f"{problem} (d={entry['dim']})",
+                        sampler,
+                        *_budget_columns(r),
+                        _pm(r, "modes_visited"),
+                        f"{r['iid_modes_visited']:.3f}",
+                        _pm(r, "weight_tv"),
+                        _pm(r, "spread_ratio"),
+                        _pm(r, "w2"),
+                        _pm(r, "w2_walk"),
+                        f"{r['seconds']:.1f}",
+                    )
+                )
+        lines.append(
+            f"({budget}. {c['num_chains']} chains from mode {c['start_mode']}; mean ± SE over "
+            f"chains (over ensembles of {c['ensemble_size']} for ensemble), W2 over "
+            f"{c['num_groups']} groups of {c['w2_points']} points (exact's W2 is the Monte Carlo "
+            "floor); iid@n: modes visited by n i.i.d. exact draws; spread ratio: RMS distance to "
+            "the assigned mean over the exact RMS radius; jumps are posterior means E[x|y], not "
+            "draws: pulled to a mode's centre, or between modes for an ambiguous y (exact_jump: "
+            "the jumps of a perfect walk))"
+        )
+    if "funnel" in metrics["problems"]:
+        entry = metrics["problems"]["funnel"]
+        a = c["funnel_scale"]
+        line = (
+            "{:13s} {:13s} {:8s} {:>5s} {:>5s} {:>7s} {:>11s} {:>14s} {:>14s} {:>13s} {:>13s} "
+            "{:>13s} {:>13s} {:>13s} {:>5s}"
+        )
+        if lines:
+            lines.append("")
+        lines.append(
+            line.format(
+                "problem",
+                "sampler",
+                "unit",
+                "steps",
+                "runs",
+                "n/chain",
+                "evals/chain",
+                "E[v] (0)",
+                f"Var[v] ({a**2:g})",
+                f"neck v<-{a:g}",
+                f"mouth v>{a:g}",
+                "KS(v)",
+                "W1(v)",
+                "KS walk->p_sig",
+                "s",
+            )
+        )
         for sampler, r in entry["samplers"].items():
-            walk = f"{r['w2_walk']:.3f}±{r['w2_walk_se']:.3f}" if "w2_walk" in r else "—"
             lines.append(
                 line.format(
-                    f"{problem} (d={entry['dim']})",
+                    f"funnel (d={entry['dim']})",
                     sampler,
-                    r["unit"],
-                    str(r["steps"]),
-                    str(r["runs"]),
-                    str(r["samples_per_chain"]),
-                    f"{r['evals_per_chain']:.0f}",
-                    f"{r['modes_visited']:.3f}±{r['modes_visited_se']:.3f}",
-                    f"{r['iid_modes_visited']:.3f}",
-                    f"{r['weight_tv']:.3f}±{r['weight_tv_se']:.3f}",
-                    f"{r['spread_ratio']:.3f}±{r['spread_ratio_se']:.3f}",
-                    f"{r['w2']:.3f}±{r['w2_se']:.3f}",
-                    walk,
+                    *_budget_columns(r),
+                    _pm(r, "mean_v"),
+                    _pm(r, "var_v"),
+                    _pm(r, "neck"),
+                    _pm(r, "mouth"),
+                    _pm(r, "ks_v"),
+                    _pm(r, "w1_v"),
+                    _pm(r, "ks_walk"),
                     f"{r['seconds']:.1f}",
                 )
             )
-    c = metrics["config"]
-    lines.append(
-        f"(budget {c['budget']} evaluations per chain: gradients of log p or log p_sigma, or "
-        "log-density values (unit); evals/chain summed from info.num_grad_evals (+1 initial "
-        f"gradient for ULA/MALA, +1 score per jump), x{c['mc_samples']} for Monte-Carlo scores. "
-        f"{c['num_chains']} chains from mode {c['start_mode']}; mean ± SE over chains, W2 over "
-        f"{c['num_groups']} groups of {c['w2_points']} points (exact's W2 is the Monte Carlo "
-        "floor); iid@n: modes visited by n i.i.d. exact draws; spread ratio: RMS distance to the "
-        "assigned mean over the exact RMS radius; jumps are posterior means E[x|y], not draws: "
-        "pulled to a mode's centre, or between modes for an ambiguous y (exact_jump: the jumps of "
-        "a perfect walk))"
-    )
+        tail = norm.cdf(-1.0)
+        lines.append(
+            f"({budget}. {c['num_chains']} chains from the origin, v ~ N(0, {a**2:g}) exactly; "
+            f"E[v], Var[v] (about 0), neck and mouth fractions (exact {tail:.3f} each): mean ± SE "
+            f"over chains (ensembles); KS to the exact CDF of v and W1 to as many exact draws: "
+            f"mean ± SE over {c['num_groups']} groups of pooled chains (exact's values are the "
+            f"Monte Carlo floor); KS walk->p_sig: the walk's v against N(0, {a**2:g} + "
+            f"sigma^2), sigma = {c['funnel_sigma']:g}; jumps are posterior means, shrunk)"
+        )
     return "\n".join(lines)
 
 
@@ -510,40 +828,60 @@ def _projection(law: problems.GaussianMixture) -> np.ndarray:
 def draw(
     metrics: dict[str, Any],
     pooled: dict[str, dict[str, np.ndarray]],
-    laws: dict[str, problems.GaussianMixture],
+    laws: dict[str, Target],
     path,
 ) -> None:
-    names = list(next(iter(pooled.values())))
+    """One row per problem: the pooled samples of every sampler (mixtures: projected on the
+    means' plane; funnel: :math:`(x_1, v)`, :math:`x_1` on a symmetric log scale), then a bar
+    panel (modes visited, or the KS distance of :math:`v`)."""
+    width = max(len(by_sampler) for by_sampler in pooled.values()) + 1
     rows = len(pooled)
-    fig, axes = plt.subplots(
-        rows, len(names) + 1, figsize=(2.6 * (len(names) + 1) + 1.5, 2.7 * rows), squeeze=False
-    )
+    fig, axes = plt.subplots(rows, width, figsize=(2.6 * width + 1.5, 2.7 * rows), squeeze=False)
     for row, (problem, by_sampler) in enumerate(pooled.items()):
-        projection = _projection(laws[problem])
-        means = np.asarray(laws[problem].means) @ projection
-        start = means[metrics["config"]["start_mode"]]
+        names = list(by_sampler)
+        results = metrics["problems"][problem]["samplers"]
         for col, name in enumerate(names):
             axis = axes[row, col]
-            xy = by_sampler[name] @ projection
-            axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.4)
-            axis.scatter(means[:, 0], means[:, 1], marker="x", c="k", s=30)
-            axis.scatter(
-                [start[0]], [start[1]], marker="o", facecolors="none", edgecolors="r", s=80
-            )
-            axis.set_title(f"{name}", fontsize=8)
-            axis.set_aspect("equal", adjustable="datalim")
+            if problem == "funnel":
+                x = by_sampler[name]
+                axis.scatter(x[:, 1], x[:, 0], s=2, alpha=0.4)
+                axis.set_xscale("symlog", linthresh=0.1)
+                a = laws[problem].scale
+                for level in (-a, a):
+                    axis.axhline(level, color="k", lw=0.5, ls="--")
+                axis.set_xlabel("x_1", fontsize=7)
+                axis.set_ylabel("v", fontsize=7)
+            else:
+                projection = _projection(laws[problem])
+                means = np.asarray(laws[problem].means) @ projection
+                start = means[metrics["config"]["start_mode"]]
+                xy = by_sampler[name] @ projection
+                axis.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.4)
+                axis.scatter(means[:, 0], means[:, 1], marker="x", c="k", s=30)
+                axis.scatter(
+                    [start[0]], [start[1]], marker="o", facecolors="none", edgecolors="r", s=80
+                )
+                axis.set_aspect("equal", adjustable="datalim")
+            axis.set_title(f"{problem}: {name}", fontsize=8)
             axis.tick_params(labelsize=6)
+        for col in range(len(names), width - 1):
+            axes[row, col].axis("off")
         bars = axes[row, -1]
-        results = metrics["problems"][problem]["samplers"]
-        values = [results[n]["modes_visited"] for n in names]
-        errors = [results[n]["modes_visited_se"] for n in names]
+        field, title = (
+            ("ks_v", "KS distance of v (per group)")
+            if problem == "funnel"
+            else ("modes_visited", "modes visited / chain")
+        )
+        values = [results[n][field] for n in names]
+        errors = [results[n][field + "_se"] for n in names]
         bars.bar(range(len(names)), values, yerr=errors, color=[f"C{i}" for i in range(len(names))])
         bars.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        bars.set_ylim(0, 1.05)
-        bars.set_title(f"{problem}: modes visited / chain", fontsize=8)
+        if problem != "funnel":
+            bars.set_ylim(0, 1.05)
+        bars.set_title(f"{problem}: {title}", fontsize=8)
     fig.suptitle(
-        "samples pooled over chains (x: means, o: start); projection on the means' plane "
-        "when d > 2",
+        "samples pooled over chains (x: means, o: start; projection on the means' plane when "
+        "d > 2; funnel: dashed at v = ±funnel_scale, the neck below)",
         fontsize=9,
     )
     common.save_figure(fig, path)
@@ -551,124 +889,104 @@ def draw(
 
 # ------------------------------------------------------------------ the study
 
+MIXTURE_COLUMNS = (
+    "modes_visited",
+    "modes_visited_se",
+    "iid_modes_visited",
+    "weight_tv",
+    "weight_tv_se",
+    "spread_ratio",
+    "spread_ratio_se",
+    "w2",
+    "w2_se",
+    "w2_walk",
+    "w2_walk_se",
+)
+FUNNEL_COLUMNS = (
+    "mean_v",
+    "mean_v_se",
+    "var_v",
+    "var_v_se",
+    "neck",
+    "neck_se",
+    "mouth",
+    "mouth_se",
+    "ks_v",
+    "ks_v_se",
+    "w1_v",
+    "w1_v_se",
+    "ks_walk",
+    "ks_walk_se",
+)
+BUDGET_COLUMNS = (
+    "unit",
+    "steps",
+    "runs",
+    "members",
+    "samples_per_chain",
+    "evals_per_chain",
+    "evals_min",
+    "evals_max",
+)
+
 
 def run(config: ConfigDict) -> dict[str, Any]:
-    """Run the study; return the metrics and write them, the table, the CSV and the figure."""
+    """Run the study; return the metrics and write them, the tables, the CSVs and the figure."""
     validate(config)
     jax.config.update("jax_enable_x64", bool(config.x64))
     laws = {name: build_problem(name, config) for name in config.problems}
     folder = common.results_folder(config, NAME)
     metrics: dict[str, Any] = {"config": config.to_dict(), "problems": {}}
     pooled: dict[str, dict[str, np.ndarray]] = {}
-    rows = []
+    rows: dict[str, list[list[Any]]] = {"mixture": [], "funnel": []}
     base = jax.random.key(config.seed)
-    combos = [(p, s) for p in config.problems for s in config.samplers]
-    for index, (problem, sampler) in enumerate(tqdm(combos, desc=NAME)):
+    for index, (problem, sampler) in enumerate(tqdm(combinations(config), desc=NAME)):
         law = laws[problem]
         run_key, reference_key, walk_reference_key = jax.random.split(
             jax.random.fold_in(base, index), 3
         )
         started = time.perf_counter()
-        draws = simulate(sampler, law, config, run_key)
+        draws = simulate(sampler, problem, law, config, run_key)
         seconds = time.perf_counter() - started
         p = plan(sampler, config)
-        samples = np.asarray(draws.samples)
-        visited, tv, spread = mode_statistics(law, draws.samples, config.visit_radius)
-        num_groups, num_points = config.num_groups, config.w2_points
-        rng = np.random.default_rng([config.seed, index])
-        reference = np.asarray(law.sample(reference_key, num_groups * num_points)).reshape(
-            num_groups, num_points, -1
-        )
-        w2 = grouped_w2(samples, reference, num_groups, num_points, rng)
         evals = np.asarray(draws.evals)
         result: dict[str, Any] = {
             "unit": p.unit,
             "steps": p.steps,
             "runs": p.runs,
+            "members": p.members,
             "samples_per_chain": p.samples,
             "evals_per_chain": float(evals.mean()),
             "evals_min": int(evals.min()),
             "evals_max": int(evals.max()),
-            "iid_modes_visited": iid_modes_visited(law, p.samples, config.visit_radius),
             "seconds": seconds,
         }
-        for field, values in (
-            ("modes_visited", visited),
-            ("weight_tv", tv),
-            ("spread_ratio", spread),
-            ("w2", w2),
-        ):
-            result[field], result[field + "_se"] = map(
-                float, common.mean_and_stderr(np.ravel(values))
-            )
-        if sampler in WALKERS or sampler == "exact_jump":
-            smoothed = law.diffuse(1.0, jnp.asarray(config.sigma, law.means.dtype))
-            walk_reference = np.asarray(
-                smoothed.sample(walk_reference_key, num_groups * num_points)
-            )
-            w2_walk = grouped_w2(
-                np.asarray(draws.walk),
-                walk_reference.reshape(num_groups, num_points, -1),
-                num_groups,
-                num_points,
-                rng,
-            )
-            result["w2_walk"], result["w2_walk_se"] = map(
-                float, common.mean_and_stderr(np.ravel(w2_walk))
-            )
+        if problem == "funnel":
+            result.update(funnel_result(law, draws, sampler, config, reference_key))
+            kind, columns = "funnel", FUNNEL_COLUMNS
+        else:
+            rng = np.random.default_rng([config.seed, index])
+            keys = (reference_key, walk_reference_key)
+            result.update(mixture_result(law, draws, sampler, config, keys, rng))
+            kind, columns = "mixture", MIXTURE_COLUMNS
         metrics["problems"].setdefault(problem, {"dim": law.dim, "samplers": {}})["samplers"][
             sampler
         ] = result
-        pooled.setdefault(problem, {})[sampler] = samples.reshape(-1, law.dim)
-        rows.append(
-            [
-                problem,
-                sampler,
-                p.unit,
-                p.steps,
-                p.runs,
-                p.samples,
-                result["evals_per_chain"],
-                result["modes_visited"],
-                result["modes_visited_se"],
-                result["iid_modes_visited"],
-                result["weight_tv"],
-                result["weight_tv_se"],
-                result["spread_ratio"],
-                result["spread_ratio_se"],
-                result["w2"],
-                result["w2_se"],
-                result.get("w2_walk", ""),
-                result.get("w2_walk_se", ""),
-                seconds,
-            ]
+        pooled.setdefault(problem, {})[sampler] = np.asarray(draws.samples).reshape(-1, law.dim)
+        rows[kind].append(
+            [problem, sampler]
+            + [result[c] for c in BUDGET_COLUMNS]
+            + [result.get(c, "") for c in columns]
+            + [seconds]
         )
     table = format_table(metrics)
-    common.write_csv(
-        folder / "samplers.csv",
-        [
-            "problem",
-            "sampler",
-            "unit",
-            "steps",
-            "runs",
-            "samples_per_chain",
-            "evals_per_chain",
-            "modes_visited",
-            "modes_visited_se",
-            "iid_modes_visited",
-            "weight_tv",
-            "weight_tv_se",
-            "spread_ratio",
-            "spread_ratio_se",
-            "w2",
-            "w2_se",
-            "w2_walk",
-            "w2_walk_se",
-            "seconds",
-        ],
-        rows,
-    )
+    for kind, name, columns in (
+        ("mixture", "samplers.csv", MIXTURE_COLUMNS),
+        ("funnel", "funnel.csv", FUNNEL_COLUMNS),
+    ):
+        if rows[kind]:
+            header = ["problem", "sampler", *BUDGET_COLUMNS, *columns, "seconds"]
+            common.write_csv(folder / name, header, rows[kind])
     return common.finish(folder, table, metrics, lambda path: draw(metrics, pooled, laws, path))
 
 
