@@ -1,6 +1,7 @@
 """Entropy-MCMC: the stationary law of the discretised joint chain on a Gaussian (exact, from
 the discrete Lyapunov equation), the guide's mass in the flat mode of a flat/sharp mixture
-(closed-form smoothed density), minibatch runs, tracing, divergence and errors."""
+(closed-form smoothed density), the exact moments on a Bayesian linear-regression posterior
+with minibatches, minibatch runs, tracing, divergence and errors."""
 
 import math
 
