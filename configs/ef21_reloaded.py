@@ -4,7 +4,7 @@ Variants: ``configs/ef21_reloaded.py`` (the full study, < 3 min on 2 CPU cores) 
 ``configs/ef21_reloaded.py:quick`` (Top-k only, three spreads, < 30 s).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -26,6 +26,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_steps = 2500
     config.num_seeds = 4  # compressor randomness (Top-k is deterministic)
     config.seed = 0
+    # Devices the seed axis is split over (the first k); None: all of them, or the most of them
+    # that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.curve_points = 250  # points per curve kept in metrics.json / curves.csv
     config.x64 = True
     config.results_dir = "results"

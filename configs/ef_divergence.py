@@ -4,7 +4,7 @@ Variants: ``configs/ef_divergence.py`` (the full study, well under a minute on 2
 and ``configs/ef_divergence.py:quick`` (two step sizes, fewer steps; the test runs it).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -23,6 +23,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.checkpoints = (10, 100, 1000)  # table columns (the final step T is added)
     config.num_seeds = 1  # Top-1 is deterministic; seeds are kept for other compressors
     config.seed = 0
+    # Devices the seed axis is split over (the first k); None: all of them, or the most of them
+    # that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True  # the growth factor is checked to ~1e-12; float64 overflows at ~1e308
     config.results_dir = "results"
     if variant == "quick":

@@ -23,6 +23,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_epochs = 30
     config.num_seeds = 8  # vmapped in one call per scheme
     config.seed = 0  # network initialisation and shuffling randomness
+    # Devices the seed axis is split over (the first k); None: all of them, or the most of them
+    # that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.data_dir = config_dict.placeholder(
         str
     )  # TFDS data_dir for the digits build; None: TFDS default

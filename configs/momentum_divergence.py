@@ -5,7 +5,7 @@ Variants: ``configs/momentum_divergence.py`` (the full study, a few minutes on 2
 DPM-Solver++(2M) / heavy-ball pair and the beta = 1 twins at two budgets; the test runs it).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -36,6 +36,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_seeds = 8
     config.data_seed = 0  # the random mixture
     config.seed = 0  # the prior draws
+    # Devices the seed axis is split over (the first k); None: all of them, or the most of them
+    # that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True
     config.results_dir = "results"
     if variant == "quick":

@@ -4,7 +4,7 @@ Variants: ``configs/restart_contraction.py`` (full, about a minute on 2 CPU core
 ``configs/restart_contraction.py:quick`` (the test runs it).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -23,6 +23,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_samples = 4096  # per seed
     config.num_seeds = 8
     config.seed = 0
+    # Devices the seed axis is split over (the first k); None: all of them, or the most of them
+    # that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True
     config.results_dir = "results"
     if variant == "quick":

@@ -5,7 +5,7 @@ and ``configs/sghmc_minibatch.py:quick`` (two kernels, two schemes, three step s
 the test runs it).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -29,6 +29,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.fit_min_snr = 4.0  # orders fitted only over step sizes with bias >= fit_min_snr * SE
     config.fit_points_small = 3  # ... and again over the smallest fit_points_small of those
     config.seed = 0  # starts, minibatch orders and injected noise
+    # Devices each chain_batch of chains is split over (the first k); None: all of them, or the
+    # most of them that chain_batch splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True
     config.results_dir = "results"
     if variant == "quick":  # the SGHMC pair, with replacement (solved exactly for Euler) vs RR

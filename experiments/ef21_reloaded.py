@@ -38,7 +38,8 @@ difference between their curves.  Natural compression is unbiased with
 Each (compressor, spread) is two calls: EF21 vmapped over seeds and its two step sizes,
 and EF21-W vmapped over seeds.  Each is one compiled program per compressor, shared by all
 spreads, since the problem, the step size and EF21-W's weights are traced arguments
-(the weights are checked on the host first, ``compression.check_weights``).  Top-k is
+(the weights are checked on the host first, ``compression.check_weights``); the seeds are
+split over ``config.devices`` devices (:func:`experiments.common.seed_mesh`).  Top-k is
 deterministic, so its seeds agree exactly; the seeds matter for Rand-k and natural
 compression.
 
@@ -199,6 +200,7 @@ def validate(config: ConfigDict) -> None:
             "config.num_workers * config.examples_per_worker must be at least config.dim "
             "when config.l2 = 0 (otherwise the least-squares optimum is not unique)"
         )
+    common.seed_devices(config)
 
 
 # ------------------------------------------------------------------ the runs
@@ -245,11 +247,15 @@ def run_spread(
     EF21 is vmapped over seeds and over its two step sizes (L_QM, L_AM) in one call, EF21-W
     over seeds in a second (pass ``ef21_sweep`` from :func:`make_ef21_sweep` and
     ``ef21_w_sweep`` from :func:`make_ef21_w_sweep` to reuse their compiled programs across
-    spreads).  Every call draws the same keys (common random numbers across methods).
+    spreads).  Every call draws the same keys (common random numbers across methods), split
+    over the devices of :func:`experiments.common.seed_mesh`.
     """
 
     def keys() -> jax.Array:
-        return jax.random.split(jax.random.key(config.seed), config.num_seeds)
+        return common.shard_seeds(
+            jax.random.split(jax.random.key(config.seed), config.num_seeds),
+            common.seed_mesh(config),
+        )
 
     if ef21_sweep is None:
         ef21_sweep = make_ef21_sweep(compressor, config.num_steps)
@@ -527,6 +533,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         "num_workers": config.num_workers,
         "dim": config.dim,
         "num_steps": config.num_steps,
+        "devices": common.seed_devices(config),  # the seed axis was split over these
         "compressors": {},
     }
     with tqdm(total=len(compressors) * len(built), desc=NAME) as bar:

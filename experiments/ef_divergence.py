@@ -30,7 +30,8 @@ from where, and the default sweep stops below it.)
 The problem is :func:`shufflesgd.problems.distributed_least_squares` with rows
 :math:`\sqrt2 a_i`, zero targets and ridge 1 (one example per worker), and every run goes
 through :func:`shufflesgd.compression.make_distributed_run`, vmapped over seeds and step sizes:
-one compiled program per method.
+one compiled program per method, its seeds split over ``config.devices`` devices
+(:func:`experiments.common.seed_mesh`).
 
 What is measured.  The driver reports :math:`f(x_t) - f_*` and
 :math:`\|\nabla f(x_t)\|^2` after every step, not the iterate itself, so the per-step
@@ -171,6 +172,7 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.x64 must be True or False, got {config.x64!r}")
     if not isinstance(config.results_dir, str) or not config.results_dir:
         raise ValueError(f"config.results_dir must be a non-empty path, got {config.results_dir!r}")
+    common.seed_devices(config)
 
 
 def energy_ratio(suboptimality: np.ndarray, initial: float) -> np.ndarray:
@@ -205,12 +207,14 @@ def sweep_method(
     x0: jax.Array,
     config: ConfigDict,
 ) -> compression.DistributedResult:
-    """All seeds and step sizes of one method in one compiled call: arrays
-    ``[seeds, steps, ...]``."""
+    """All seeds and step sizes of one method in one compiled call, the seeds split over the
+    devices of :func:`experiments.common.seed_mesh`: arrays ``[seeds, steps, ...]``."""
     method = METHODS[name](compression.top_k(1))
     run = compression.make_distributed_run(problem, method, num_steps=config.num_steps)
     sweep = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, None, 0)), in_axes=(0, None, None)))
-    keys = jax.random.split(jax.random.key(config.seed), config.num_seeds)
+    keys = common.shard_seeds(
+        jax.random.split(jax.random.key(config.seed), config.num_seeds), common.seed_mesh(config)
+    )
     return jax.tree.map(np.asarray, sweep(keys, x0, step_sizes))
 
 
@@ -414,6 +418,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         "step_sizes": step_sizes.tolist(),
         "x0_norm": x0_norm,
         "x0_energy_norm": math.sqrt(2.0 * initial_energy),
+        "devices": common.seed_devices(config),  # the seed axis was split over these
         "methods": {},
     }
     curves: dict[str, np.ndarray] = {}

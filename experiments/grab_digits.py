@@ -13,7 +13,8 @@ and test accuracy.  This study asks the same question on a small real data set.
 ``[0, 1]``), held in memory; a :class:`shufflesgd.models.MLP`; plain SGD
 :math:`\theta \leftarrow \theta - \eta\,\frac1B\sum_{i\in B_j}\nabla\ell_i(\theta)` on the
 softmax cross-entropy, minibatches :math:`B_j` taken in each scheme's epoch order.  For
-every scheme all ``num_seeds`` seeds run in **one** ``jax.jit(jax.vmap(run))`` call:
+every scheme all ``num_seeds`` seeds run in **one** ``jax.jit(jax.vmap(run))`` call (the
+seeds split over ``config.devices`` devices, :func:`experiments.common.seed_mesh`):
 ``lax.scan`` over epochs of :func:`shufflesgd.network_training.make_trainer`'s
 ``scan_epoch`` (one ``lax.scan`` over the minibatches of the trainer's step, so herding
 schemes get each example's gradient through ``scheme.observe`` exactly as in the per-batch
@@ -148,12 +149,17 @@ def seed_keys(config: ConfigDict) -> jax.Array:
 
 def run_seeds(config: ConfigDict, scheme_name: str, train: Arrays, test: Arrays) -> EpochCurves:
     """All ``config.num_seeds`` seeds of one scheme in one jitted, vmapped call (leading seed
-    axis)."""
+    axis), the seeds split over the devices of :func:`experiments.common.seed_mesh`."""
     sweep = jax.jit(
         jax.vmap(build_run(config, scheme_name, len(train["label"])), in_axes=(0, None, None, None))
     )
     return jax.block_until_ready(
-        sweep(seed_keys(config), jnp.float32(config.learning_rate), train, test)
+        sweep(
+            common.shard_seeds(seed_keys(config), common.seed_mesh(config)),
+            jnp.float32(config.learning_rate),
+            train,
+            test,
+        )
     )
 
 
@@ -193,6 +199,7 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.learning_rate must be positive and finite, got {rate!r}")
     if not isinstance(config.batch_norm, bool):
         raise ValueError(f"config.batch_norm must be True or False, got {config.batch_norm!r}")
+    common.seed_devices(config)
 
 
 def report_epochs(num_epochs: int) -> list[int]:
@@ -300,6 +307,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "num_epochs": config.num_epochs,
         "num_seeds": config.num_seeds,
+        "devices": common.seed_devices(config),  # the seed axis was split over these
         "num_train": len(train_np["label"]),
         "num_test": len(test_np["label"]),
         "schemes": {},

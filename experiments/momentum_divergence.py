@@ -73,7 +73,8 @@ sampler taking the most steps of the ``grid`` spacing whose evaluations fit the 
   sample blew up; ``None`` when the largest budget still blows up.
 
 All seeds, samples and guidance scales of one (problem, sampler, budget) run in one vmapped,
-jitted call.
+jitted call, the seeds split over ``config.devices`` devices
+(:func:`experiments.common.seed_mesh`).
 
 Run: ``python -m experiments.momentum_divergence --config configs/momentum_divergence.py``
 (``:quick`` for the short variant; override any field with ``--config.<field>=<value>``).
@@ -149,7 +150,7 @@ def _check_option_values(field: str, label: str, name: str, options: dict[str, A
 
     reason = None
     try:
-        jax.eval_shape(trace, jax.ShapeDtypeStruct((2,), jnp.float32))
+        jax.eval_shape(trace, jax.ShapeDtypeStruct((2,), jnp.result_type(float)))
     except (ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[0]
     if reason is not None:  # raised outside the handler: the command line reports this message
@@ -227,6 +228,7 @@ def validate(config: ConfigDict) -> None:
         )
     if not isinstance(config.x64, bool):
         raise ValueError(f"config.x64 must be a bool, got {config.x64!r}")
+    common.seed_devices(config)
 
 
 # ------------------------------------------------------------------ targets and samplers
@@ -277,9 +279,34 @@ def make_runner(
 
 
 def prior_draws(config: ConfigDict, sde: diffusion.SDE, key: jax.Array, dim: int) -> jax.Array:
-    """``[num_seeds, num_samples, dim]`` prior draws, seed s from ``fold_in(key, s)``."""
+    """``[num_seeds, num_samples, dim]`` prior draws, seed s from ``fold_in(key, s)``, placed
+    with the seed axis split over the devices of :func:`experiments.common.seed_mesh` (a
+    runner's call then runs each device's seeds on that device)."""
     keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(config.num_seeds))
-    return jax.vmap(lambda k: sde.prior_sample(k, (config.num_samples, dim)))(keys)
+    draws = jax.vmap(lambda k: sde.prior_sample(k, (config.num_samples, dim)))(keys)
+    return common.shard_seeds(draws, common.seed_mesh(config))
+
+
+def solve_reference(
+    config: ConfigDict,
+    runner: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]],
+    sde: diffusion.SDE,
+    x_T: jax.Array,
+    scales: jax.Array,
+    steps: int,
+    problem: str,
+) -> np.ndarray:
+    """The reference samples ``[W, S, n, d]``: ``runner`` (``config.reference_sampler``'s, from
+    :func:`make_runner`) with ``steps`` steps of ``config.reference_grid``; ``RuntimeError``
+    when any of them went non-finite."""
+    grid = jnp.asarray(diffusion.time_grid(sde, config.reference_grid, steps))
+    x, _, bad = runner(grid, x_T, scales)
+    if np.any(np.asarray(bad) >= 0):
+        raise RuntimeError(
+            f"the reference {config.reference_sampler} went non-finite on {problem}; "
+            "raise config.reference_steps"
+        )
+    return np.asarray(x)
 
 
 def reduces_to(label: str) -> tuple[str, dict[str, Any]] | None:
@@ -417,19 +444,10 @@ def run_problem(
     scales = jnp.asarray(config.guidance_scales, float)
     x_T = prior_draws(config, sde, jax.random.fold_in(jax.random.key(config.seed), index), law.dim)
     reference_run = make_runner(config.reference_sampler, model, sde)
-
-    def reference_at(steps: int) -> np.ndarray:
-        grid = jnp.asarray(diffusion.time_grid(sde, config.reference_grid, steps))
-        x, _, bad = reference_run(grid, x_T, scales)
-        if np.any(np.asarray(bad) >= 0):
-            raise RuntimeError(
-                f"the reference {config.reference_sampler} went non-finite on {problem}; "
-                "raise config.reference_steps"
-            )
-        return np.asarray(x)
-
-    reference = reference_at(config.reference_steps)
-    half = reference_at(config.reference_steps // 2)
+    reference, half = (
+        solve_reference(config, reference_run, sde, x_T, scales, steps, problem)
+        for steps in (config.reference_steps, config.reference_steps // 2)
+    )
     bar.update()
     reference_max = np.max(np.abs(reference), axis=(1, 2, 3))  # [W]
     threshold = config.blowup_factor * reference_max
@@ -760,6 +778,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
             for i, problem in enumerate(config.problems)
         }
     metrics: dict[str, Any] = {
+        "devices": common.seed_devices(config),  # the seed axis was split over these
         "guidance_scales": [float(w) for w in config.guidance_scales],
         "budgets": list(config.nfe_budgets),
         "blowup_factor": float(config.blowup_factor),

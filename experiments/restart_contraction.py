@@ -15,7 +15,8 @@ the *equal-weight* mixture (:class:`shufflesgd.problems.EigenMixture`): a score 
 confined to high noise, where the mode weights are decided.  Measured: the total variation
 between the sampled mode frequencies (each sample assigned to its most responsible
 component) and the true weights, mean ± SE over ``num_seeds`` seeds of ``num_samples``
-samples, for PF-ODE Heun, Euler-Maruyama and Restart (K restarts of ``restart_steps`` Heun
+samples (the seeds split over ``config.devices`` devices, :func:`experiments.common.seed_mesh`),
+for PF-ODE Heun, Euler-Maruyama and Restart (K restarts of ``restart_steps`` Heun
 steps between ``restart_t_min`` and ``restart_t_max``, the main pass shortened so that the
 NFE matches), each at the NFE budgets, with the steps that fit a budget read from the sampler
 registry (:data:`shufflesgd.diffusion.SAMPLERS`).  Expected (Xu et al.): Heun stays at the error the
@@ -83,6 +84,7 @@ def validate(config: ConfigDict) -> None:
             "(two main Heun steps plus the restarts), "
             f"got {config.nfe_budgets!r}"
         )
+    common.seed_devices(config)
 
 
 def build(config: ConfigDict) -> tuple[problems.GaussianMixture, diffusion.Model, diffusion.SDE]:
@@ -134,13 +136,36 @@ def runs(
     return out
 
 
+def mode_errors(
+    config: ConfigDict,
+    true: problems.GaussianMixture,
+    model: diffusion.Model,
+    sde: diffusion.SDE,
+    sampler: Any,
+    grid: jax.Array,
+    options: dict[str, Any],
+) -> tuple[jax.Array, jax.Array]:
+    """Mode-weight TV and NFE per seed (``[num_seeds]`` each) of one sampler: every seed in one
+    jitted, vmapped call, the seeds split over the devices of :func:`experiments.common.seed_mesh`
+    (seed ``s`` draws from ``fold_in(key(config.seed), s)``)."""
+    key = jax.random.key(config.seed)
+
+    def one_seed(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+        prior_key, sample_key = jax.random.split(jax.random.fold_in(key, seed))
+        x_T = sde.prior_sample(prior_key, (config.num_samples, 2))
+        x, info = diffusion.sample_batch(sampler, sample_key, model, sde, x_T, grid, **options)
+        return metrics.mode_weight_error(x, true), info.nfe[0]
+
+    seeds = common.shard_seeds(jnp.arange(config.num_seeds), common.seed_mesh(config))
+    return jax.jit(jax.vmap(one_seed))(seeds)
+
+
 def run(config: ConfigDict) -> dict[str, Any]:
     """Run the study; return the metrics and write them, the CSV, the table and the figure."""
     validate(config)
     jax.config.update("jax_enable_x64", bool(config.x64))
     true, model, sde = build(config)
     folder = common.results_folder(config, NAME)
-    key = jax.random.key(config.seed)
     rows: list[dict[str, Any]] = []
     work = [
         (budget, name, spec)
@@ -148,18 +173,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         for name, spec in runs(config, sde, budget).items()
     ]
     for budget, name, (sampler, grid, options) in tqdm(work, desc=NAME):
-
-        def one_seed(
-            seed: jax.Array, sampler=sampler, grid=grid, options=options
-        ) -> tuple[jax.Array, jax.Array]:
-            prior_key, sample_key = jax.random.split(jax.random.fold_in(key, seed))
-            x_T = sde.prior_sample(prior_key, (config.num_samples, 2))
-            x, info = diffusion.sample_batch(sampler, sample_key, model, sde, x_T, grid, **options)
-            return metrics.mode_weight_error(x, true), info.nfe[0]
-
-        tvs, nfes = jax.jit(jax.vmap(one_seed))(
-            jnp.arange(config.num_seeds)
-        )  # every seed in one call
+        tvs, nfes = mode_errors(config, true, model, sde, sampler, grid, options)
         tv_mean, tv_se = common.mean_and_stderr(tvs)
         rows.append(
             dict(
@@ -176,7 +190,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
         * np.sum(np.sqrt(np.asarray(config.weights) * (1 - np.asarray(config.weights))))
         / 2
     )
-    results = dict(rows=rows, multinomial_tv_floor=floor)
+    results = dict(
+        rows=rows,
+        multinomial_tv_floor=floor,
+        devices=common.seed_devices(config),  # the seed axis was split over these
+    )
     table = format_table(config, rows, floor)
     common.write_csv(
         folder / "tv.csv",

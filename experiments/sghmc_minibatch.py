@@ -45,7 +45,9 @@ independent chains (delta method for the norms).  At small step sizes the bias c
 the Monte Carlo noise, so orders are fitted (log-log least squares against the step size) only
 over the step sizes whose bias is at least ``fit_min_snr`` standard errors, and again over the
 ``fit_points_small`` smallest of those (the bias is O(1) at the largest steps, where a power law
-need not hold yet).
+need not hold yet).  The chains of one (kernel, scheme), every step size, run in one jitted
+call, ``chain_batch`` at a time, each batch split over ``config.devices`` devices
+(:func:`chain_devices`).
 
 *Exact with-replacement solution.*  On this quadratic target the minibatch gradient is affine,
 :math:`\hat g(x) = -H_B(x - m) + \varepsilon_B` with :math:`H_B, \varepsilon_B` the batch means of
@@ -92,7 +94,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import mcmc, problems, shuffling
+from shufflesgd import mcmc, parallel, problems, shuffling
 from shufflesgd.nn import data
 
 matplotlib.use("Agg")
@@ -153,6 +155,19 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(
             f"config.batch_size must divide the {num_examples} examples, got {config.batch_size}"
         )
+    chain_devices(config)
+
+
+def chain_devices(config: ConfigDict) -> int:
+    """How many devices each batch of ``config.chain_batch`` chains is split over:
+    :func:`experiments.common.seed_devices` with the batch as the seeds (``ValueError`` naming
+    ``config.devices`` when it is not ``None`` or a positive int, exceeds the devices available,
+    or does not divide ``config.chain_batch``)."""
+    batch = ConfigDict(dict(devices=config.devices, num_seeds=config.chain_batch))
+    try:
+        return common.seed_devices(batch)
+    except ValueError as error:
+        raise ValueError(str(error).replace("config.num_seeds", "config.chain_batch")) from None
 
 
 # ------------------------------------------------------------------ the target
@@ -380,8 +395,10 @@ class ChainStats(NamedTuple):
 def make_simulator(
     kernel: str, scheme_name: str, problem: Problem, config: ConfigDict
 ) -> Callable[..., ChainStats]:
-    """A jitted ``(key, step_sizes[E], gamma) -> ChainStats`` with leading axes ``[E, num_chains]``:
-    all step sizes and chains of one (kernel, scheme) in one call."""
+    """A jitted ``(key, step_sizes[E], gamma) -> ChainStats`` with leading axes
+    ``[E, num_chains]``: all step sizes and chains of one (kernel, scheme) in one call,
+    ``config.chain_batch`` chains at a time, each batch split over the devices of
+    :func:`chain_devices`."""
     model = problem.model
     dtype = jnp.result_type(float)
     mean = jnp.asarray(problem.mean, dtype)
@@ -415,13 +432,38 @@ def make_simulator(
         second = lambda w: w.T @ w / w.shape[0]  # noqa: E731
         return ChainStats(u.mean(axis=0), uf.mean(axis=0), second(u), second(uf))
 
+    mesh = parallel.worker_mesh(chain_devices(config), axis=common.SEEDS)
+    split = parallel.worker_sharding(mesh, axis=common.SEEDS)
+
+    def block(inputs: tuple[jax.Array, jax.Array, jax.Array]) -> ChainStats:
+        """Chains run together, split over the devices when they divide evenly."""
+        if inputs[0].shape[0] % mesh.shape[common.SEEDS] == 0:
+            inputs = jax.lax.with_sharding_constraint(inputs, split)
+        return jax.vmap(one_chain)(inputs)
+
     @jax.jit
     def simulate(key: jax.Array, steps: jax.Array, gamma: jax.Array) -> ChainStats:
         num_steps, chains = steps.shape[0], config.num_chains
         keys = jax.random.split(key, num_steps * chains)
         flat_steps = jnp.repeat(steps.astype(dtype), chains)
         gammas = jnp.full((num_steps * chains,), gamma, dtype)
-        stats = jax.lax.map(one_chain, (keys, flat_steps, gammas), batch_size=config.chain_batch)
+        # jax.lax.map(one_chain, inputs, batch_size=config.chain_batch), written out so that
+        # each batch is split over the devices: lax.map over the full batches, then the rest.
+        batches, rest = divmod(num_steps * chains, config.chain_batch)
+        head = batches * config.chain_batch
+        stats = []
+        if batches:
+            scanned = jax.lax.map(
+                block,
+                jax.tree.map(
+                    lambda a: a[:head].reshape((batches, config.chain_batch) + a.shape[1:]),
+                    (keys, flat_steps, gammas),
+                ),
+            )
+            stats.append(jax.tree.map(lambda a: a.reshape((head,) + a.shape[2:]), scanned))
+        if rest:
+            stats.append(block(jax.tree.map(lambda a: a[head:], (keys, flat_steps, gammas))))
+        stats = jax.tree.map(lambda *parts: jax.lax.concatenate(parts, 0), *stats)
         return jax.tree.map(lambda a: a.reshape((num_steps, chains) + a.shape[1:]), stats)
 
     return simulate
@@ -638,6 +680,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     gamma = friction(config, problem.lipschitz)
     folder = common.results_folder(config, NAME)
     metrics: dict[str, Any] = {
+        "devices": chain_devices(config),  # the chain axis was split over these
         "num_examples": problem.num_examples,
         "dim": problem.dim,
         "noise_variance": problem.noise_variance,

@@ -1,19 +1,33 @@
 """EF21 with L_QM vs L_AM vs EF21-W end to end on the quick config: outputs written, EF21-W
 needs fewer bits than the original EF21 by a factor that grows with the spread of the L_i."""
 
+import contextlib
+import io
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import ef21_reloaded
 
 
-def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(
-    tmp_path, x64, capsys, quick_config
-):
-    metrics = ef21_reloaded.run(quick_config("ef21_reloaded", tmp_path))
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, quick_config):
+    """The quick study, run once on the default devices (2 of the 8, which split its 2 seeds):
+    ``(metrics, run folder, printed output)``."""
+    previous = jax.config.jax_enable_x64
+    tmp_path = tmp_path_factory.mktemp("ef21_reloaded")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        metrics = ef21_reloaded.run(quick_config("ef21_reloaded", tmp_path))
     (run_folder,) = list((tmp_path / "ef21_reloaded").iterdir())
+    yield metrics, run_folder, printed.getvalue()
+    jax.config.update("jax_enable_x64", previous)
+
+
+def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(study):
+    metrics, run_folder, printed = study
     for name in (
         "config.json",
         "metrics.json",
@@ -25,7 +39,7 @@ def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(
         assert (run_folder / name).stat().st_size > 0, name
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert list(saved["compressors"]["top_k"]["spreads"]) == ["1", "100", "10000"]
-    printed = capsys.readouterr().out
+    assert saved["devices"] == 2
     assert "L_QM/L_AM" in printed and "EF21-W == EF21 (L_AM)" in printed
 
     rows = metrics["compressors"]["top_k"]["spreads"]
@@ -48,6 +62,24 @@ def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(
         assert np.isclose(row["qm_over_am"], row["L_QM"] / row["L_AM"])
 
 
+def test_seeds_on_1_device_give_the_2_device_results(study, x64, quick_config, tmp_path):
+    """The first spread rerun with both seeds on one device, against the study's run with its
+    seeds on 2 devices: each seed is the same arithmetic, and the whole summary (bits to
+    epsilon per seed, curves) comes out bitwise equal."""
+    metrics, _, _ = study
+    config = quick_config("ef21_reloaded", tmp_path, devices=1)
+    ef21_reloaded.validate(config)
+    spread = config.spreads[0]
+    problem = ef21_reloaded.build_problem(config, spread)
+    compressor = ef21_reloaded.make_compressor("top_k", config)
+    alpha = ef21_reloaded.contraction(compressor, problem.x_star)
+    gammas = ef21_reloaded.step_sizes(problem, alpha)
+    results = ef21_reloaded.run_spread(problem, compressor, gammas, config)
+    summary = ef21_reloaded.summarise_spread(problem, results, gammas, config)
+    expected = metrics["compressors"]["top_k"]["spreads"][ef21_reloaded.spread_key(spread)]
+    assert summary == expected
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -59,6 +91,8 @@ def test_quick_study_writes_results_and_ef21_w_needs_fewer_bits(
         ({"num_steps": 0}, "config.num_steps must be positive integers"),
         ({"num_seeds": -1}, "config.num_seeds must be positive integers"),
         ({"l2": -1.0}, "config.l2 must be non-negative"),
+        ({"devices": 16}, "config.devices=16 exceeds the 8 available devices"),
+        ({"devices": 4}, "config.devices=4 does not divide config.num_seeds=2"),
     ],
 )
 def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match, quick_config):

@@ -4,6 +4,7 @@ rate and overflows at the predicted step; EF14 and EF21 converge; bad configs fa
 import json
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,6 +28,7 @@ def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(
         assert (run_folder / name).stat().st_size > 0, name
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert set(saved["methods"]) == {"compressed_gd", "ef14", "ef21"}
+    assert saved["devices"] == 1  # one seed
     printed = capsys.readouterr().out
     assert "diverged_step" in printed and "closed form" in printed
 
@@ -55,6 +57,27 @@ def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(
         assert all(r < 1e-6 for r in result["final_norm_ratio"]), (name, result)
 
 
+def test_seeds_split_over_8_devices_give_the_1_device_results(tmp_path, x64, quick_config):
+    """EF14 for 8 seeds (300 steps) at a step size where it converges and one where it
+    overflows, the seeds split over 8 devices against all on one device: every seed's run is
+    the same arithmetic, and the results come out bitwise equal.  (The quick study itself has
+    one seed: Top-1 is deterministic.)"""
+    results = {}
+    small = dict(num_seeds=8, num_steps=300, checkpoints=(10,))
+    for devices in (1, 8):
+        config = quick_config("ef_divergence", tmp_path, devices=devices, **small)
+        ef_divergence.validate(config)
+        problem = ef_divergence.build_problem(config.c)
+        step_sizes = jnp.asarray([0.01, 0.4])
+        x0 = jnp.full((3,), config.t0)
+        results[devices] = ef_divergence.sweep_method(problem, "ef14", step_sizes, x0, config)
+    one, eight = results[1], results[8]
+    assert one.suboptimality.shape == (8, 2, 300)
+    assert np.all(one.diverged_step == [-1, 251])  # measured: 0.4 overflows at step 251
+    for name in ("suboptimality", "grad_norm_sq", "params", "diverged_step"):
+        np.testing.assert_array_equal(getattr(eight, name), getattr(one, name), err_msg=name)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -75,6 +98,8 @@ def test_quick_study_diverges_at_the_closed_form_rate_where_ef_converges(
         ({"checkpoints": [100, 10]}, r"config\.checkpoints must increase strictly"),
         ({"checkpoints": [10, 5000]}, r"config\.checkpoints must increase strictly and stay below"),
         ({"seed": -1}, r"config\.seed must be a non-negative int"),
+        ({"devices": 9}, r"config\.devices=9 exceeds the 8 available devices"),
+        ({"devices": 2}, r"config\.devices=2 does not divide config\.num_seeds=1"),
     ],
 )
 def test_bad_config_fails_before_anything_runs(tmp_path, overrides, match, quick_config):

@@ -37,7 +37,7 @@ def test_the_quick_study_writes_its_files(quick_run):
         assert (folder / name).stat().st_size > 0, name
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["problems"]["mixture_2d"]["rows"] == metrics["problems"]["mixture_2d"]["rows"]
-    assert "figure_error" not in metrics
+    assert "figure_error" not in metrics and saved["devices"] == 4
     assert "blown-up fraction" in (folder / "table.txt").read_text()
     # 5 samplers x 2 budgets x 2 guidance scales, every run within its budget
     rows = metrics["problems"]["mixture_2d"]["rows"]
@@ -87,6 +87,42 @@ def test_every_beta_one_row_is_its_plain_solver(quick_run):
                 for field in ("blown_up_fraction", "nonfinite_fraction", "first_nonfinite_step"):
                     assert r[field] == other[field], (field, r, other)
                 np.testing.assert_allclose(r["rms_mean"], other["rms_mean"], rtol=1e-6)
+
+
+def test_seeds_on_1_device_give_the_4_device_reference(quick_run, quick_config, tmp_path, x64):
+    """The reference solves (both step counts) rerun with every seed on one device, against the
+    study's run with its 4 seeds on 4 devices: the reference's largest coordinate and its
+    half-step RMS per guidance scale (the RMS depends on every sample).  Not bitwise: XLA
+    vectorises a block of 4 seeds and one of 1 differently, so the float64 samples differ by
+    rounding (largest coordinate 1.6e-15 relative, RMS 1.3e-16 absolute seen); the tolerances
+    allow 100 times that, far below the 1e-3 RMS the reference is accurate to."""
+    import jax
+    import jax.numpy as jnp
+
+    from shufflesgd import diffusion
+
+    _, metrics = quick_run
+    config = quick_config("momentum_divergence", tmp_path, devices=1)
+    momentum_divergence.validate(config)
+    sde = diffusion.make_sde("vp")
+    (problem,) = config.problems
+    law = momentum_divergence.build_mixture(problem, config)
+    model = momentum_divergence.guided_model(law, config.component, sde)
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    x_T = momentum_divergence.prior_draws(config, sde, key, law.dim)
+    assert len(x_T.sharding.device_set) == 1
+    runner = momentum_divergence.make_runner(config.reference_sampler, model, sde)
+    scales = jnp.asarray(config.guidance_scales, float)
+    reference, half = (
+        momentum_divergence.solve_reference(config, runner, sde, x_T, scales, steps, problem)
+        for steps in (config.reference_steps, config.reference_steps // 2)
+    )
+    entry = metrics["problems"][problem]
+    np.testing.assert_allclose(
+        np.max(np.abs(reference), axis=(1, 2, 3)), entry["reference_max_abs"], rtol=1e-13
+    )
+    half_rms = np.sqrt(np.mean((reference - half) ** 2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(half_rms, entry["reference_half_step_rms"], rtol=0, atol=1e-14)
 
 
 def test_reduces_to_names_the_plain_solver():
@@ -139,6 +175,8 @@ def test_stable_from_is_the_first_budget_of_the_last_clean_stretch():
         ({"num_samples": 0}, "config.num_samples"),
         ({"high_dim": 0}, "config.high_dim"),
         ({"seed": -1}, "config.seed"),
+        ({"devices": 16}, "config.devices=16 exceeds the 8 available devices"),
+        ({"devices": 3}, "config.devices=3 does not divide config.num_seeds=4"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_runs(tmp_path, overrides, match, quick_config):
