@@ -28,16 +28,20 @@ jax.config.update("jax_debug_key_reuse", True)
 @pytest.fixture
 def quick_benchmark(tmp_path):
     """``run(module, blocked=None) -> results``: run ``python -m <module> --quick`` from the
-    repository root in a fresh process, writing its JSON under ``tmp_path`` (a folder it must
-    create), and return the parsed JSON.  ``blocked`` names a peer package made unimportable
+    repository root in a fresh process (compiled at XLA's backend optimisation level 0),
+    writing its JSON under ``tmp_path`` (a folder it must create), and return the parsed JSON.  ``blocked`` names a peer package made unimportable
     through ``benchmarks.without``."""
 
     def run(module: str, blocked: str | None = None) -> dict:
         out = tmp_path / "bench" / f"{module.rsplit('.', 1)[-1]}.json"
         entry = ["benchmarks.without", blocked, module] if blocked else [module]
+        # A smoke test of the script, not a timing: compile at XLA's lowest backend
+        # optimisation level (the quick runs are mostly compilation).
+        flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
         subprocess.run(
             [sys.executable, "-m", *entry, "--quick", "--out", str(out)],
             cwd=pathlib.Path(__file__).resolve().parents[1],
+            env={**os.environ, "XLA_FLAGS": flags.strip()},
             check=True,
             capture_output=True,
             text=True,
