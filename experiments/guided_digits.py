@@ -391,7 +391,7 @@ def train_network(
     key: jax.Array,
     run_dir: pathlib.Path,
 ) -> tuple[models.Model, PyTree, dict[str, Any]]:
-    """Train (or resume) the conditional network: ``(module, params, summary)``, the summary
+    """Train (or resume) the conditional network: ``(model, params, summary)``, the summary
     holding the per-epoch losses and how far each label embedding row moved from its initial
     value (relative; the null token's row moves only through label dropout)."""
     model = conditional_network(config, sde)
@@ -439,7 +439,7 @@ def train_classifier(
     key: jax.Array,
     run_dir: pathlib.Path,
 ) -> tuple[models.Model, PyTree, dict[str, Any]]:
-    """Train (or resume) the digit classifier: ``(module, params, summary)`` with its test
+    """Train (or resume) the digit classifier: ``(model, params, summary)`` with its test
     accuracy and loss on the dequantised test digits."""
     model = models.MLP(hidden=tuple(config.classifier_hidden), num_classes=NUM_CLASSES)
     fields = (
