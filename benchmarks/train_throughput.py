@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +53,7 @@ from shufflesgd.nn import data, models, training
 
 DEFAULT_OUT = pathlib.Path("results/benchmarks/train_throughput.json")
 LEARNING_RATE = 0.05
-MODELS: dict[str, Callable[[], nn.Module]] = {
+MODELS: dict[str, Callable[[], models.Model]] = {
     "mlp": lambda: models.MLP(hidden=(64, 64)),
     "mlp_bn": lambda: models.MLP(hidden=(64, 64), batch_norm=True),
     "cnn": lambda: models.CNN(channels=(16, 32)),
@@ -75,7 +74,7 @@ def digits_train() -> dict[str, np.ndarray]:
 
 
 def jax_timers(
-    model: nn.Module, arrays: dict[str, np.ndarray], batch_size: int, epochs: int, seed: int
+    model: models.Model, arrays: dict[str, np.ndarray], batch_size: int, epochs: int, seed: int
 ) -> tuple[dict[str, Timer], int]:
     """One timer per JAX way (each call trains ``epochs`` epochs from the same initial state,
     waits for the result and returns the seconds), and the model's parameter count."""

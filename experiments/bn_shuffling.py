@@ -68,7 +68,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -88,7 +87,7 @@ import matplotlib.pyplot as plt
 
 NAME = "bn_shuffling"
 SCHEMES = ("gd", "single_shuffle", "random_reshuffle")  # gd: one full batch per step
-BN_EPSILON = 1e-5  # flax.linen.BatchNorm's default, used by LinearBatchNorm
+BN_EPSILON = models.BN_EPSILON  # the BatchNorm epsilon of LinearBatchNorm
 PyTree = Any
 Arrays = dict[str, np.ndarray]
 
@@ -199,7 +198,7 @@ def distorted_inputs(x: np.ndarray, order: np.ndarray, batch_size: int) -> np.nd
 
 
 def squared_loss(
-    model: nn.Module, *, input_key: str = "x", target_key: str = "y"
+    model: models.Model, *, input_key: str = "x", target_key: str = "y"
 ) -> training.LossFn:
     r"""Per-example squared loss :math:`\ell_i = \frac12(f_\theta(x_i) - y_i)^2` of a one-output
     model (the regression loss of Wu et al. 2023, Sec. 3), with the signature of
@@ -220,11 +219,10 @@ def squared_loss(
 def end_to_end(params: PyTree, depth: int) -> tuple[jax.Array, jax.Array]:
     r"""``(M [d, k], c [k])`` with :math:`f(x) = M^\top z + c` on normalised inputs :math:`z`:
     :math:`M = \mathrm{diag}(\gamma)\,K_1\cdots K_{depth}`,
-    :math:`c = \beta^\top K_1\cdots K_{depth}` (flax kernels :math:`K_l` are ``[in, out]``)."""
-    product = params["Dense_0"]["kernel"]
-    for layer in range(1, depth):
-        product = product @ params[f"Dense_{layer}"]["kernel"]
-    norm = params["BatchNorm_0"]
+    :math:`c = \beta^\top K_1\cdots K_{depth}` (NNX kernels :math:`K_l` are ``[in, out]``)."""
+    kernels = [params["layers"][str(layer)]["kernel"] for layer in range(depth - 1)]
+    product = functools.reduce(jnp.matmul, [*kernels, params["output"]["kernel"]])
+    norm = params["input_norm"]
     return norm["scale"][:, None] * product, norm["bias"] @ product
 
 
@@ -327,7 +325,7 @@ def make_run(
 
 
 def initial_states(
-    model: nn.Module,
+    model: models.Model,
     trainer_scheme: ShufflingScheme,
     example: jax.Array,
     init_keys: jax.Array,
@@ -350,7 +348,7 @@ def initial_states(
 
 
 def train_all(
-    model: nn.Module,
+    model: models.Model,
     loss_fn: training.LossFn,
     task: ConfigDict,
     data: Arrays,

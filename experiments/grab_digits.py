@@ -44,7 +44,6 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -93,7 +92,7 @@ class EpochCurves(NamedTuple):
 
 
 def make_run(
-    model: nn.Module, scheme: shuffling.ShufflingScheme, *, num_epochs: int, batch_size: int
+    model: models.Model, scheme: shuffling.ShufflingScheme, *, num_epochs: int, batch_size: int
 ) -> Callable[[jax.Array, jax.Array, Arrays, Arrays], EpochCurves]:
     r"""Build ``run(key, learning_rate, train, test) -> EpochCurves``, SGD in ``scheme``'s orders.
 

@@ -92,7 +92,6 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -260,7 +259,7 @@ def load_digits(config: ConfigDict) -> tuple[dict[str, np.ndarray], dict[str, np
     return read("train"), read("test")
 
 
-def conditional_network(config: ConfigDict, sde: diffusion.SDE) -> nn.Module:
+def conditional_network(config: ConfigDict, sde: diffusion.SDE) -> models.Model:
     """The class-conditional score MLP in EDM's scalings for an :math:`\\varepsilon` output."""
     return models.EDMPreconditioned(
         models.ConditionalScoreMLP(
@@ -274,7 +273,7 @@ def conditional_network(config: ConfigDict, sde: diffusion.SDE) -> nn.Module:
     )
 
 
-def label_dropout_loss(model: nn.Module, sde: diffusion.SDE, dropout: float) -> training.LossFn:
+def label_dropout_loss(model: models.Model, sde: diffusion.SDE, dropout: float) -> training.LossFn:
     r"""The :math:`\varepsilon`-MSE (Ho et al. 2020, Eq. 14) of a conditional network on freshly
     dequantised images, :math:`\|\hat\varepsilon(x_t, t, \tilde c) - \varepsilon\|^2` with
     :math:`t \sim U[t_{min}, t_{max}]`, :math:`\tilde c` the label replaced by the null token
@@ -309,7 +308,7 @@ def label_dropout_loss(model: nn.Module, sde: diffusion.SDE, dropout: float) -> 
     return loss_fn
 
 
-def dequantised_cross_entropy(model: nn.Module) -> training.LossFn:
+def dequantised_cross_entropy(model: models.Model) -> training.LossFn:
     """:func:`shufflesgd.nn.training.cross_entropy_loss` on freshly dequantised images (the
     step's key split into the dequantisation noise and the loss's own key)."""
     loss = training.cross_entropy_loss(model)
@@ -330,7 +329,7 @@ def dequantised_cross_entropy(model: nn.Module) -> training.LossFn:
 
 def train_part(
     part: str,
-    model: nn.Module,
+    model: models.Model,
     loss_fn: training.LossFn,
     example: tuple[jax.Array, ...],
     arrays: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
@@ -391,8 +390,8 @@ def train_network(
     test: dict[str, np.ndarray],
     key: jax.Array,
     run_dir: pathlib.Path,
-) -> tuple[nn.Module, PyTree, dict[str, Any]]:
-    """Train (or resume) the conditional network: ``(module, params, summary)``, the summary
+) -> tuple[models.Model, PyTree, dict[str, Any]]:
+    """Train (or resume) the conditional network: ``(model, params, summary)``, the summary
     holding the per-epoch losses and how far each label embedding row moved from its initial
     value (relative; the null token's row moves only through label dropout)."""
     model = conditional_network(config, sde)
@@ -439,8 +438,8 @@ def train_classifier(
     test: dict[str, np.ndarray],
     key: jax.Array,
     run_dir: pathlib.Path,
-) -> tuple[nn.Module, PyTree, dict[str, Any]]:
-    """Train (or resume) the digit classifier: ``(module, params, summary)`` with its test
+) -> tuple[models.Model, PyTree, dict[str, Any]]:
+    """Train (or resume) the digit classifier: ``(model, params, summary)`` with its test
     accuracy and loss on the dequantised test digits."""
     model = models.MLP(hidden=tuple(config.classifier_hidden), num_classes=NUM_CLASSES)
     fields = (
@@ -482,7 +481,7 @@ def train_classifier(
 # ------------------------------------------------------------------ sampling
 
 
-def conditional_model(model: nn.Module, params: PyTree) -> guidance.ConditionalModel:
+def conditional_model(model: models.Model, params: PyTree) -> guidance.ConditionalModel:
     r"""The trained network as a :class:`~shufflesgd.diffusion.guidance.ConditionalModel`
     predicting :math:`\varepsilon` for ONE sample ``x`` (samplers vmap over rows); the label
     :data:`~shufflesgd.diffusion.guidance.NULL_LABEL` selects the null token."""
@@ -507,7 +506,7 @@ def network_evaluations(method: str, config: ConfigDict) -> int:
 
 
 def null_gaps(
-    network: nn.Module,
+    network: models.Model,
     params: PyTree,
     sde: diffusion.SDE,
     test: dict[str, np.ndarray],
@@ -559,7 +558,7 @@ def counting_off_calls(
 
 
 def make_sampling(
-    method: str, config: ConfigDict, sde: diffusion.SDE, network: nn.Module, grid: np.ndarray
+    method: str, config: ConfigDict, sde: diffusion.SDE, network: models.Model, grid: np.ndarray
 ) -> Callable:
     """A jitted ``(params, x_T [C, n, 64], labels [C], scales [S], key, options) -> (samples
     [S, C, n, 64], evaluations [S, C, n], off fraction [S, C, n], first non-finite step
@@ -637,7 +636,7 @@ def method_options(config: ConfigDict) -> dict[str, jax.Array]:
 
 
 def classify(
-    classifier: nn.Module, params: PyTree, samples: jax.Array
+    classifier: models.Model, params: PyTree, samples: jax.Array
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(predicted class, softmax probabilities)`` of samples ``[..., 64]`` clipped to the data
     range."""
@@ -717,9 +716,9 @@ def unconditional_row(predicted: np.ndarray, samples: np.ndarray, evaluations: A
 def run_sampling(
     config: ConfigDict,
     sde: diffusion.SDE,
-    network: nn.Module,
+    network: models.Model,
     params: PyTree,
-    classifier: nn.Module,
+    classifier: models.Model,
     classifier_params: PyTree,
     keys: dict[str, jax.Array],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

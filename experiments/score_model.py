@@ -122,7 +122,6 @@ import pathlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -286,21 +285,21 @@ def validate(config: ConfigDict) -> None:
 # ------------------------------------------------------------------ networks as samplers' models
 
 
-def network_output(model: nn.Module, params: PyTree, x: jax.Array, t: jax.Array) -> jax.Array:
+def network_output(model: models.Model, params: PyTree, x: jax.Array, t: jax.Array) -> jax.Array:
     r"""The network's output (:math:`\hat\varepsilon_\theta(x, t)` or a velocity) for ONE sample
     ``x`` (samplers and likelihoods vmap over rows)."""
     output, _ = models.apply_model(model, params, {}, x[None], jnp.reshape(t, (1,)), train=False)
     return output[0]
 
 
-def network_model(model: nn.Module, params: PyTree, output: str = "eps") -> diffusion.Model:
+def network_model(model: models.Model, params: PyTree, output: str = "eps") -> diffusion.Model:
     r"""The trained network as a :class:`shufflesgd.diffusion.Model` predicting ``output``
     (:math:`\varepsilon` by default, the flow-matching ``"velocity"`` on an interpolant)."""
     return diffusion.Model(lambda x, t: network_output(model, params, x, t), output)
 
 
 def switched_model(
-    model: nn.Module,
+    model: models.Model,
     params: PyTree,
     exact_eps: Callable[[jax.Array, jax.Array], jax.Array],
     use_exact: jax.Array,
@@ -342,7 +341,7 @@ def dequantised_loss(loss_fn: training.LossFn) -> training.LossFn:
 
 def train_part(
     part: str,
-    model: nn.Module,
+    model: models.Model,
     loss_fn: training.LossFn,
     train: data.Source,
     heldout: data.Source,
@@ -665,7 +664,7 @@ def process_output(sde: diffusion.SDE) -> str:
 
 def digits_network(
     config: ConfigDict, sde: diffusion.SDE, output: str = "eps"
-) -> tuple[nn.Module, tuple[int, ...]]:
+) -> tuple[models.Model, tuple[int, ...]]:
     """The network and the per-sample shape it works on: 64-D vectors (MLP) or 8×8×1 images (U-Net),
     in EDM's input/output scalings for ``output`` (:class:`shufflesgd.nn.models.EDMPreconditioned`)
     unless ``digits_preconditioning`` is ``"none"``."""
@@ -683,7 +682,7 @@ def digits_network(
     return network, shape
 
 
-def digits_loss(model: nn.Module, sde: diffusion.SDE, output: str) -> training.LossFn:
+def digits_loss(model: models.Model, sde: diffusion.SDE, output: str) -> training.LossFn:
     r"""The training loss on freshly dequantised images: the :math:`\varepsilon`-MSE (Ho et al.
     2020, Eq. 14) for an :math:`\varepsilon` network, the conditional flow-matching loss
     :math:`\|\hat u_\theta(x_t, t) - (\dot\alpha x_0 + \dot\sigma\varepsilon)\|^2` (Lipman et al.
@@ -704,7 +703,7 @@ class DigitsNetwork(NamedTuple):
 
     process: str
     sde: diffusion.SDE
-    model: nn.Module
+    model: models.Model
     output: str
     params: PyTree
     records: list[dict[str, Any]]
@@ -1106,7 +1105,7 @@ TIME_SHIFTED = {"ddim": "time_shift_ddim", "ancestral": "time_shift_ddpm"}
 def run_exposure_bias(
     config: ConfigDict,
     sde: diffusion.SDE,
-    network: nn.Module,
+    network: models.Model,
     params: PyTree,
     shape: tuple[int, ...],
     test_flat: jax.Array,

@@ -68,7 +68,6 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -139,7 +138,7 @@ def worker_shards(train: dict[str, Any], num_workers: int) -> dict[str, Any]:
     return {k: v.reshape(num_workers, -1, *v.shape[1:]) for k, v in train.items()}
 
 
-def build_model(config: ConfigDict) -> nn.Module:
+def build_model(config: ConfigDict) -> models.Model:
     """``config.model``: the MLP of widths ``config.hidden`` or the small CNN of
     ``config.channels`` (3×3 convolutions, no BatchNorm: the workers share no statistics)."""
     if config.model == "cnn":
@@ -150,11 +149,10 @@ def build_model(config: ConfigDict) -> nn.Module:
 def param_shapes(config: ConfigDict) -> PyTree:
     """The network's parameters as ``ShapeDtypeStruct`` s (nothing is computed)."""
     model = build_model(config)
-    image = jax.ShapeDtypeStruct(INPUT_SHAPE, jnp.float32)
-    variables = jax.eval_shape(
-        lambda key, x: model.init(key, x, train=False), jax.random.key(0), image
+    params, _ = jax.eval_shape(
+        lambda: models.init_model(model, jax.random.key(0), jnp.zeros(INPUT_SHAPE, jnp.float32))
     )
-    return variables["params"]
+    return params
 
 
 def num_params(config: ConfigDict) -> int:

@@ -1,19 +1,26 @@
-r"""Small Flax networks for the real-data studies: classifiers and score networks.
+r"""Small networks for the real-data studies, as descriptions driven through pure functions.
 
-The networks are Flax **Linen** modules, used only through two pure functions:
+The networks themselves are Flax NNX modules (:mod:`shufflesgd.nn.networks`).  What the
+studies and :mod:`shufflesgd.nn.training` hold is a *model*: a frozen, hashable description
+of a network (its architecture's hyper-parameters, without input sizes or parameters) with a
+method ``build(*inputs, rngs)`` that constructs the NNX module for inputs shaped like
+``inputs``.  A model is used only through two pure functions:
 
 * :func:`init_model` ``(model, key, *inputs) -> (params, batch_stats)``;
 * :func:`apply_model` ``(model, params, batch_stats, *inputs, train) -> (output,
   new_batch_stats)``.
 
-Linen (rather than NNX, Flax's recommended API for new stateful code) is used because a
-training step here must be a pure, jitted function of plain pytrees ``(params, opt_state,
-batch_stats, batch, key)`` whose state is checkpointed leaf by leaf; Linen's ``apply``
-is exactly that, with no split/merge of module objects.  Models without BatchNorm have
-``batch_stats == {}``.  Every model takes a keyword ``train``: BatchNorm normalises with
-the statistics of the current batch and updates its running averages when ``train`` is
-true, and uses the running averages when it is false (Ioffe & Szegedy 2015); models
-without BatchNorm accept and ignore it, so every model is driven the same way.
+``params`` and ``batch_stats`` are plain nested dicts of arrays (string keys): the
+``nnx.Param`` and ``nnx.BatchStat`` states of the NNX module (``nnx.split``), so a training
+step stays a pure, jitted function of pytrees ``(params, opt_state, batch_stats, batch,
+key)`` whose state is checkpointed leaf by leaf, and the algorithms depend on neither NNX
+nor Linen.  :func:`apply_model` rebuilds the module with ``nnx.merge`` from the model's
+graph definition (obtained once per model and input shapes by ``nnx.eval_shape``, which
+creates no arrays).  Models without BatchNorm have ``batch_stats == {}``.  Every model takes
+a keyword ``train``: BatchNorm normalises with the statistics of the current batch and
+updates its running averages when ``train`` is true, and uses the running averages when it
+is false (Ioffe & Szegedy 2015); models without BatchNorm accept and ignore it, so every
+model is driven the same way.
 
 Classifiers map images ``[B, H, W, C]`` (or vectors ``[B, d]``) to logits ``[B, K]``:
 :class:`MLP`, :class:`CNN` (each with or without BatchNorm) and :class:`LinearBatchNorm`,
@@ -30,50 +37,113 @@ an :math:`\varepsilon` or a flow-matching velocity output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from shufflesgd._checks import check_int, check_key
+from shufflesgd._checks import check_key
 from shufflesgd.diffusion.processes import SDE
+from shufflesgd.nn import networks
+from shufflesgd.nn.networks import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    PRECONDITIONED_OUTPUTS,
+    check_unet_input,
+    sinusoidal_embedding,
+)
 
 PyTree = Any
 
+__all__ = [
+    "BN_EPSILON",
+    "BN_MOMENTUM",
+    "CNN",
+    "MLP",
+    "PRECONDITIONED_OUTPUTS",
+    "ConditionalScoreMLP",
+    "EDMPreconditioned",
+    "LinearBatchNorm",
+    "Model",
+    "ScoreMLP",
+    "UNet",
+    "apply_model",
+    "count_params",
+    "init_model",
+    "sinusoidal_embedding",
+]
 
-BN_MOMENTUM = 0.9
+
+class Model(Protocol):
+    """A hashable description of a network: ``build(*inputs, rngs)`` returns the
+    :class:`flax.nnx.Module` for inputs shaped like ``inputs`` (arrays or
+    ``jax.ShapeDtypeStruct``), called as ``module(*inputs, train=...)``."""
+
+    def build(self, *inputs: Any, rngs: nnx.Rngs) -> nnx.Module: ...
 
 
-def init_model(model: nn.Module, key: jax.Array, *inputs: jax.Array) -> tuple[PyTree, PyTree]:
-    """``(params, batch_stats)`` of ``model`` initialised from ``key`` on example ``inputs``
-    (``batch_stats`` is ``{}`` for models without BatchNorm).  Initialisation runs as one
-    jitted program (op-by-op it costs a dispatch per layer).  ``TypeError`` naming ``key``
-    unless it is a PRNG key."""
+def _pure(state: nnx.State) -> PyTree:
+    """A state as a nested dict of arrays with string keys (list indices become ``"0"``...)."""
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {str(name): convert(value) for name, value in node.items()}
+        return node
+
+    return convert(nnx.to_pure_dict(state))
+
+
+def _signature(inputs: Sequence[Any]) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in inputs)
+
+
+@functools.lru_cache(maxsize=128)
+def _graphdef(model: Model, signature: tuple[jax.ShapeDtypeStruct, ...]) -> nnx.GraphDef:
+    """The NNX graph definition of ``model`` built for inputs of ``signature`` (shapes only:
+    ``nnx.eval_shape`` allocates and draws nothing)."""
+    abstract = nnx.eval_shape(lambda: model.build(*signature, rngs=nnx.Rngs(0)))
+    return nnx.graphdef(abstract)
+
+
+def init_model(model: Model, key: jax.Array, *inputs: jax.Array) -> tuple[PyTree, PyTree]:
+    """``(params, batch_stats)`` of ``model`` initialised from ``key`` for inputs shaped like
+    the example ``inputs``: the ``nnx.Param`` and ``nnx.BatchStat`` states of
+    ``model.build(*inputs, rngs=nnx.Rngs(key))`` as plain nested dicts (``batch_stats`` is
+    ``{}`` for models without BatchNorm).  Initialisation runs as one jitted program
+    (op-by-op it costs a dispatch per layer); it may be vmapped over keys.  ``TypeError``
+    naming ``key`` unless it is a PRNG key."""
     check_key("key", key)
-    variables = jax.jit(functools.partial(model.init, train=False))(key, *inputs)
-    return variables["params"], variables.get("batch_stats", {})
+    signature = _signature(inputs)
+    _graphdef(model, signature)  # shape and argument errors here, before compiling
+
+    def init(key: jax.Array) -> tuple[PyTree, PyTree]:
+        module = model.build(*signature, rngs=nnx.Rngs(key))
+        _, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+        return _pure(params), _pure(batch_stats)
+
+    return jax.jit(init)(key)
 
 
 def apply_model(
-    model: nn.Module, params: PyTree, batch_stats: PyTree, *inputs: jax.Array, train: bool
+    model: Model, params: PyTree, batch_stats: PyTree, *inputs: jax.Array, train: bool
 ) -> tuple[jax.Array, PyTree]:
     """``model(*inputs)`` as a pure function: ``(output, new_batch_stats)``.
 
-    With ``train=True`` BatchNorm uses batch statistics and the returned running averages
-    are updated (:math:`m \\leftarrow 0.9 m + 0.1\\,\\mathrm{mean}_{batch}`); with
-    ``train=False`` they are used and returned unchanged.
+    The module is ``nnx.merge(graphdef, params, batch_stats)``.  With ``train=True``
+    BatchNorm uses batch statistics and the returned running averages are updated
+    (:math:`m \\leftarrow 0.9 m + 0.1\\,\\mathrm{mean}_{batch}`); with ``train=False`` they
+    are used and returned unchanged.
     """
-    if not batch_stats:
-        return model.apply({"params": params}, *inputs, train=train), batch_stats
-    variables = {"params": params, "batch_stats": batch_stats}
-    if not train:
-        return model.apply(variables, *inputs, train=False), batch_stats
-    output, updates = model.apply(variables, *inputs, train=True, mutable=["batch_stats"])
-    return output, updates["batch_stats"]
+    module = nnx.merge(_graphdef(model, _signature(inputs)), params, batch_stats)
+    output = module(*inputs, train=train)
+    if not train or not batch_stats:
+        return output, batch_stats
+    return output, _pure(nnx.state(module, nnx.BatchStat))
 
 
 def count_params(params: PyTree) -> int:
@@ -81,51 +151,52 @@ def count_params(params: PyTree) -> int:
     return sum(int(leaf.size) for leaf in jax.tree.leaves(params))
 
 
-def _batch_norm(train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM)
+def _size(x: Any) -> int:
+    return math.prod(jnp.shape(x)[1:])
 
 
-class MLP(nn.Module):
-    r"""Fully connected classifier: flatten, then ``Dense -> [BatchNorm] -> ReLU`` for each
-    width in ``hidden``, then ``Dense(num_classes)`` logits.  With BatchNorm the hidden
-    ``Dense`` layers drop their bias (BatchNorm's shift :math:`\beta` replaces it)."""
+@dataclasses.dataclass(frozen=True)
+class MLP:
+    r"""Fully connected classifier (:class:`shufflesgd.nn.networks.MLP`): flatten, then
+    ``Linear -> [BatchNorm] -> ReLU`` for each width in ``hidden``, then
+    ``Linear(num_classes)`` logits.  With BatchNorm the hidden layers drop their bias
+    (BatchNorm's shift :math:`\beta` replaces it)."""
 
     hidden: Sequence[int] = (64, 64)
     num_classes: int = 10
     batch_norm: bool = False
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = x.reshape(x.shape[0], -1)
-        for width in self.hidden:
-            x = nn.Dense(width, use_bias=not self.batch_norm)(x)
-            if self.batch_norm:
-                x = _batch_norm(train)(x)
-            x = nn.relu(x)
-        return nn.Dense(self.num_classes)(x)
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+
+    def build(self, x: Any, *, rngs: nnx.Rngs) -> networks.MLP:
+        return networks.MLP(_size(x), self.hidden, self.num_classes, self.batch_norm, rngs=rngs)
 
 
-class CNN(nn.Module):
-    """Small convolutional classifier: per entry of ``channels`` a 3×3 convolution,
-    [BatchNorm], ReLU and 2×2 average pooling; then a global average pool and
-    ``Dense(num_classes)``.  Two levels take 8×8 digits to 2×2 and 28×28 MNIST to 7×7."""
+@dataclasses.dataclass(frozen=True)
+class CNN:
+    """Small convolutional classifier (:class:`shufflesgd.nn.networks.CNN`): per entry of
+    ``channels`` a 3×3 convolution, [BatchNorm], ReLU and 2×2 average pooling; then a global
+    average pool and ``Linear(num_classes)``.  Two levels take 8×8 digits to 2×2 and 28×28
+    MNIST to 7×7."""
 
     channels: Sequence[int] = (16, 32)
     num_classes: int = 10
     batch_norm: bool = False
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        for width in self.channels:
-            x = nn.Conv(width, (3, 3), use_bias=not self.batch_norm)(x)
-            if self.batch_norm:
-                x = _batch_norm(train)(x)
-            x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))
+
+    def build(self, x: Any, *, rngs: nnx.Rngs) -> networks.CNN:
+        return networks.CNN(
+            jnp.shape(x)[-1], self.channels, self.num_classes, self.batch_norm, rngs=rngs
+        )
 
 
-class LinearBatchNorm(nn.Module):
-    r"""A linear network on batch-normalised inputs, with no nonlinearity.
+@dataclasses.dataclass(frozen=True)
+class LinearBatchNorm:
+    r"""A linear network on batch-normalised inputs, with no nonlinearity
+    (:class:`shufflesgd.nn.networks.LinearBatchNorm`).
 
     :math:`f(x) = W_L \cdots W_1 \,(\Gamma\,\mathrm{BN}(x) + \beta)`, where
     :math:`\mathrm{BN}` standardises each input feature with the mean and variance of the
@@ -135,62 +206,34 @@ class LinearBatchNorm(nn.Module):
     Wu, Yun & Sra (ICML 2023, arXiv:2302.12444), Sec. 2, in which the minibatch statistics
     make the loss of an example depend on the batch it is drawn in, so single shuffle and
     random reshuffling minimise different "distorted" risks.  With ``every_layer=True``
-    each hidden layer's output is batch-normalised as well.
+    each hidden layer's output is batch-normalised as well.  In ``params``,
+    :math:`\gamma, \beta` are ``input_norm``'s ``scale`` and ``bias``, :math:`W_l^\top` is
+    ``layers[str(l - 1)]["kernel"]`` and :math:`W_L^\top` is ``output["kernel"]``.
     """
 
     hidden: Sequence[int] = (16,)
     num_outputs: int = 10
     every_layer: bool = False
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = _batch_norm(train)(x.reshape(x.shape[0], -1))
-        for width in self.hidden:
-            x = nn.Dense(width, use_bias=False)(x)
-            if self.every_layer:
-                x = _batch_norm(train)(x)
-        return nn.Dense(self.num_outputs, use_bias=False)(x)
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+
+    def build(self, x: Any, *, rngs: nnx.Rngs) -> networks.LinearBatchNorm:
+        return networks.LinearBatchNorm(
+            _size(x), self.hidden, self.num_outputs, self.every_layer, rngs=rngs
+        )
 
 
-def sinusoidal_embedding(
-    t: jax.Array, dim: int, *, scale: float = 1000.0, max_period: float = 10_000.0
-) -> jax.Array:
-    r"""Sinusoidal features of time, ``[B, dim]`` for ``t`` of shape ``[B]`` (or a scalar).
-
-    :math:`e(t) = [\sin(s t \omega_k), \cos(s t \omega_k)]_{k<dim/2}` with
-    :math:`\omega_k = P^{-k/(dim/2)}`, the transformer position encoding (Vaswani et al.
-    2017) used as the DDPM time embedding (Ho et al. 2020, App. B); the scale :math:`s =
-    1000` maps :math:`t \in [0, 1]` to DDPM's step range.  ``dim`` must be a positive even
-    int (``ValueError`` naming it).
-    """
-    dim = check_int("dim", dim)
-    if dim % 2:
-        raise ValueError(f"dim must be even, got dim={dim}")
-    half = dim // 2
-    frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half) / half)
-    angles = scale * jnp.atleast_1d(t)[:, None] * frequencies
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
-class TimeEmbedding(nn.Module):
-    """:func:`sinusoidal_embedding` followed by ``Dense -> SiLU -> Dense`` (Ho et al. 2020)."""
-
-    dim: int
-    scale: float = 1000.0
-
-    @nn.compact
-    def __call__(self, t: jax.Array) -> jax.Array:
-        e = sinusoidal_embedding(t, self.dim, scale=self.scale)
-        return nn.Dense(self.dim)(nn.silu(nn.Dense(self.dim)(e)))
-
-
-class ScoreMLP(nn.Module):
-    r"""Time-conditioned MLP for low-dimensional data: ``(x [B, d], t [B]) -> [B, d]``.
+@dataclasses.dataclass(frozen=True)
+class ScoreMLP:
+    r"""Time-conditioned MLP for low-dimensional data (:class:`shufflesgd.nn.networks.ScoreMLP`):
+    ``(x [B, d], t [B]) -> [B, d]``.
 
     :math:`h_0 = W_{in} x`, :math:`h_{l+1} = \mathrm{SiLU}(W_l h_l + U_l\,e(t))` for
     ``num_layers`` layers of width ``hidden``, output :math:`W_{out} h_L`, with
-    :math:`e(t)` the :class:`TimeEmbedding`.  It predicts :math:`\varepsilon` or the score
-    of :math:`x_t`, as the loss chooses (Song et al. 2021 use such nets for toy 2-D data).
+    :math:`e(t)` the time embedding (:func:`sinusoidal_embedding`, then ``Linear -> SiLU ->
+    Linear``).  It predicts :math:`\varepsilon` or the score of :math:`x_t`, as the loss
+    chooses (Song et al. 2021 use such nets for toy 2-D data).
     """
 
     hidden: int = 128
@@ -198,26 +241,30 @@ class ScoreMLP(nn.Module):
     embed_dim: int = 32
     time_scale: float = 1000.0
 
-    @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
-        del train  # no batch statistics; accepted for the uniform interface
-        emb = TimeEmbedding(self.embed_dim, self.time_scale)(jnp.broadcast_to(t, x.shape[:1]))
-        h = nn.Dense(self.hidden)(x)
-        for _ in range(self.num_layers):
-            h = nn.silu(nn.Dense(self.hidden)(h) + nn.Dense(self.hidden)(emb))
-        return nn.Dense(x.shape[-1])(h)
+    def build(self, x: Any, t: Any, *, rngs: nnx.Rngs) -> networks.ScoreMLP:
+        del t
+        return networks.ScoreMLP(
+            jnp.shape(x)[-1],
+            self.hidden,
+            self.num_layers,
+            self.embed_dim,
+            self.time_scale,
+            rngs=rngs,
+        )
 
 
-class ConditionalScoreMLP(nn.Module):
-    r"""Class-conditional :class:`ScoreMLP`: ``(x [B, d], t [B], label [B]) -> [B, d]``.
+@dataclasses.dataclass(frozen=True)
+class ConditionalScoreMLP:
+    r"""Class-conditional :class:`ScoreMLP` (:class:`shufflesgd.nn.networks.ConditionalScoreMLP`):
+    ``(x [B, d], t [B], label [B]) -> [B, d]``.
 
     The layers of :class:`ScoreMLP`, with the time embedding :math:`e(t)` replaced by
-    :math:`e(t) + E_c`, :math:`E` a learned embedding (``nn.Embed``) of ``num_classes + 1``
-    tokens of width ``embed_dim``: rows ``0 .. num_classes - 1`` are the classes and row
-    ``num_classes`` is the null token of the unconditional branch, which any negative label
-    selects (:data:`shufflesgd.diffusion.guidance.NULL_LABEL` is ``-1``).  One network then
-    gives both branches of classifier-free guidance; the null token is learned by label
-    dropout, the label replaced by it with probability :math:`p_{uncond}` at each training
+    :math:`e(t) + E_c`, :math:`E` a learned embedding (``params["label_embedding"]``) of
+    ``num_classes + 1`` tokens of width ``embed_dim``: rows ``0 .. num_classes - 1`` are the
+    classes and row ``num_classes`` is the null token of the unconditional branch, which any
+    negative label selects (:data:`shufflesgd.diffusion.guidance.NULL_LABEL` is ``-1``).  One
+    network then gives both branches of classifier-free guidance; the null token is learned by
+    label dropout, the label replaced by it with probability :math:`p_{uncond}` at each training
     example (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Alg. 1).  ``label``
     may be a scalar (one label for the batch).
     """
@@ -228,51 +275,31 @@ class ConditionalScoreMLP(nn.Module):
     embed_dim: int = 32
     time_scale: float = 1000.0
 
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, t: jax.Array, label: jax.Array, *, train: bool = False
-    ) -> jax.Array:
-        del train  # no batch statistics; accepted for the uniform interface
-        emb = TimeEmbedding(self.embed_dim, self.time_scale)(jnp.broadcast_to(t, x.shape[:1]))
-        label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), x.shape[:1])
-        token = jnp.where(label < 0, self.num_classes, label)
-        emb = emb + nn.Embed(self.num_classes + 1, self.embed_dim, name="label_embedding")(token)
-        h = nn.Dense(self.hidden)(x)
-        for _ in range(self.num_layers):
-            h = nn.silu(nn.Dense(self.hidden)(h) + nn.Dense(self.hidden)(emb))
-        return nn.Dense(x.shape[-1])(h)
-
-
-class ResBlock(nn.Module):
-    r"""Residual block of a DDPM U-Net (Ho et al. 2020):
-    :math:`y = S x + \mathrm{Conv}(\mathrm{SiLU}(\mathrm{GN}(\mathrm{Conv}(\mathrm{SiLU}(
-    \mathrm{GN}(x))) + D e)))`, with :math:`S` a 1×1 convolution when the width changes."""
-
-    channels: int
-    groups: int = 8
-
-    @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        groups = math.gcd(self.groups, self.channels)
-        h = nn.Conv(self.channels, (3, 3))(
-            nn.silu(nn.GroupNorm(math.gcd(self.groups, x.shape[-1]))(x))
+    def build(self, x: Any, t: Any, label: Any, *, rngs: nnx.Rngs) -> networks.ConditionalScoreMLP:
+        del t, label
+        return networks.ConditionalScoreMLP(
+            jnp.shape(x)[-1],
+            self.num_classes,
+            self.hidden,
+            self.num_layers,
+            self.embed_dim,
+            self.time_scale,
+            rngs=rngs,
         )
-        h = h + nn.Dense(self.channels)(emb)[:, None, None, :]
-        h = nn.Conv(self.channels, (3, 3))(nn.silu(nn.GroupNorm(groups)(h)))
-        if x.shape[-1] != self.channels:
-            x = nn.Conv(self.channels, (1, 1))(x)
-        return x + h
 
 
-class UNet(nn.Module):
-    r"""A small time-conditioned U-Net: ``(x [B, H, W, C], t [B]) -> [B, H, W, C]``.
+@dataclasses.dataclass(frozen=True)
+class UNet:
+    r"""A small time-conditioned U-Net (:class:`shufflesgd.nn.networks.UNet`):
+    ``(x [B, H, W, C], t [B]) -> [B, H, W, C]``.
 
-    One :class:`ResBlock` per resolution on the way down (2×2 average pooling between
-    levels), one in the middle, and one per resolution on the way up after concatenating
-    the skip connection (nearest-neighbour 2× upsampling between levels); GroupNorm (no
-    batch statistics), the :class:`TimeEmbedding` added in every block (Ronneberger et al.
-    2015; Ho et al. 2020).  ``channels`` gives the width per level; ``H`` and ``W`` must be
-    divisible by ``2 ** (len(channels) - 1)`` (8×8 and 28×28 both work with two levels).
+    One residual block (Ho et al. 2020) per resolution on the way down (2×2 average pooling
+    between levels), one in the middle, and one per resolution on the way up after
+    concatenating the skip connection (nearest-neighbour 2× upsampling between levels);
+    GroupNorm (no batch statistics), the time embedding added in every block (Ronneberger et
+    al. 2015; Ho et al. 2020).  ``channels`` gives the width per level; ``H`` and ``W`` must
+    be divisible by ``2 ** (len(channels) - 1)`` (8×8 and 28×28 both work with two levels;
+    ``ValueError`` otherwise).
     """
 
     channels: Sequence[int] = (32, 64)
@@ -280,40 +307,24 @@ class UNet(nn.Module):
     groups: int = 8
     time_scale: float = 1000.0
 
-    @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
-        del train  # GroupNorm only; accepted for the uniform interface
-        factor = 2 ** (len(self.channels) - 1)
-        if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(
-                f"x must be [B, H, W, C] with H and W divisible by {factor} for "
-                f"channels={tuple(self.channels)}, got shape {x.shape}"
-            )
-        emb = TimeEmbedding(self.embed_dim, self.time_scale)(jnp.broadcast_to(t, x.shape[:1]))
-        h = nn.Conv(self.channels[0], (3, 3))(x)
-        skips = []
-        for level, width in enumerate(self.channels):
-            if level:
-                h = nn.avg_pool(h, (2, 2), strides=(2, 2))
-            h = ResBlock(width, self.groups)(h, emb)
-            skips.append(h)
-        h = ResBlock(self.channels[-1], self.groups)(h, emb)
-        for level in reversed(range(len(self.channels))):
-            h = ResBlock(self.channels[level], self.groups)(
-                jnp.concatenate([h, skips[level]], -1), emb
-            )
-            if level:
-                b, height, width, c = h.shape
-                h = jax.image.resize(h, (b, 2 * height, 2 * width, c), "nearest")
-        h = nn.silu(nn.GroupNorm(math.gcd(self.groups, self.channels[0]))(h))
-        return nn.Conv(x.shape[-1], (3, 3))(h)
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))
+
+    def build(self, x: Any, t: Any, *, rngs: nnx.Rngs) -> networks.UNet:
+        del t
+        check_unet_input(self.channels, jnp.shape(x))
+        return networks.UNet(
+            jnp.shape(x)[-1],
+            self.channels,
+            self.embed_dim,
+            self.groups,
+            self.time_scale,
+            rngs=rngs,
+        )
 
 
-#: The outputs :class:`EDMPreconditioned` can be preconditioned for.
-PRECONDITIONED_OUTPUTS = ("eps", "velocity")
-
-
-class EDMPreconditioned(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class EDMPreconditioned:
     r"""A network wrapped in the preconditioning of Karras, Aittala, Aila & Laine (NeurIPS 2022),
     "Elucidating the Design Space of Diffusion-Based Generative Models", Table 1 and Eq. 7,
     written for a linear process :math:`x_t = \alpha x_0 + \sigma\varepsilon` of
@@ -355,8 +366,8 @@ class EDMPreconditioned(nn.Module):
     the first term is the exact velocity of data :math:`N(0, \sigma_d^2 I)`, the input has unit
     variance as before and :math:`F`'s regression target unit variance; both coefficients are
     finite at :math:`\alpha = 0` (the interpolants' :math:`t = 1`, where :math:`\hat u = x_t +
-    \sigma_d F` for rectified flow).  ``network`` is any ``(x, t, train=...)`` score network
-    (:class:`ScoreMLP`, :class:`UNet`), conditioned on :math:`t` itself (EDM's
+    \sigma_d F` for rectified flow).  ``network`` is the :class:`Model` of any ``(x, t, train=...)``
+    score network (:class:`ScoreMLP`, :class:`UNet`), conditioned on :math:`t` itself (EDM's
     :math:`c_{noise}` is a choice of time embedding; these networks embed :math:`t`).
     ``sigma_data`` :math:`= 0.5` is EDM's value for images in :math:`[-1, 1]`.  Further
     positional inputs after ``t`` (``conditions``, e.g. the class label of
@@ -364,28 +375,12 @@ class EDMPreconditioned(nn.Module):
     naming ``output`` unless it is one of :data:`PRECONDITIONED_OUTPUTS`.
     """
 
-    network: nn.Module
+    network: Model
     sde: SDE
     sigma_data: float = 0.5
     output: str = "eps"
 
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, t: jax.Array, *conditions: jax.Array, train: bool = False
-    ) -> jax.Array:
-        if self.output not in PRECONDITIONED_OUTPUTS:
-            raise ValueError(
-                f"output must be one of {list(PRECONDITIONED_OUTPUTS)}, got {self.output!r}"
-            )
-        t = jnp.broadcast_to(t, x.shape[:1])
-        t_b = t.reshape((-1,) + (1,) * (x.ndim - 1))
-        alpha, sigma = self.sde.alpha(t_b), self.sde.sigma(t_b)
-        var = sigma**2 + (alpha * self.sigma_data) ** 2
-        scale = jax.lax.rsqrt(var)
-        residual = self.network(x * scale, t, *conditions, train=train)
-        if self.output == "eps":
-            return sigma / var * x - alpha * self.sigma_data * scale * residual
-        alpha_dot, sigma_dot = self.sde.alpha_dot(t_b), self.sde.sigma_dot(t_b)
-        c_skip = (alpha_dot * alpha * self.sigma_data**2 + sigma_dot * sigma) / var
-        c_out = self.sigma_data * jnp.abs(alpha * sigma_dot - alpha_dot * sigma) * scale
-        return c_skip * x + c_out * residual
+    def build(self, x: Any, t: Any, *conditions: Any, rngs: nnx.Rngs) -> networks.EDMPreconditioned:
+        return networks.EDMPreconditioned(
+            self.network.build(x, t, *conditions, rngs=rngs), self.sde, self.sigma_data, self.output
+        )

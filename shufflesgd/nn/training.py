@@ -39,7 +39,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +49,7 @@ from shufflesgd import drivers, parallel
 from shufflesgd._checks import check_int, check_key
 from shufflesgd.diffusion.processes import MODEL_OUTPUTS, SDE, convert
 from shufflesgd.nn import data as data_lib
-from shufflesgd.nn.models import apply_model
+from shufflesgd.nn.models import Model, apply_model
 from shufflesgd.shuffling.schemes import ShufflingScheme
 
 PyTree = Any
@@ -80,7 +79,7 @@ _INDICES = "__indices__"  # the batch's example indices travel (and are sharded)
 
 
 def cross_entropy_loss(
-    model: nn.Module, *, input_key: str = "image", label_key: str = "label"
+    model: Model, *, input_key: str = "image", label_key: str = "label"
 ) -> LossFn:
     r"""Softmax cross-entropy of a classifier: :math:`\ell_i = -\log\mathrm{softmax}(
     f_\theta(x_i))_{y_i}`, with the per-example ``accuracy`` as a metric.  The key is
@@ -100,7 +99,7 @@ def cross_entropy_loss(
 
 
 def denoising_score_matching_loss(
-    model: nn.Module,
+    model: Model,
     sde: SDE,
     *,
     prediction: str = "eps",

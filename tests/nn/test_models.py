@@ -1,13 +1,14 @@
 """Flax networks: shapes, BatchNorm train/eval behaviour, time conditioning, sizes, jit."""
 
+import dataclasses
 import functools
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from shufflesgd import diffusion
 from shufflesgd.nn import models
@@ -85,12 +86,12 @@ def test_batch_norm_couples_examples_in_training_only(linear_bn):
     chex.assert_trees_all_equal(stats_eval, stats)
     # running averages: m <- 0.9 m + 0.1 mean_batch, v <- 0.9 v + 0.1 var_batch (m=0, v=1 at init)
     np.testing.assert_allclose(
-        stats_a["BatchNorm_0"]["mean"], 0.1 * np.asarray(x).mean(0), rtol=1e-5
+        stats_a["input_norm"]["mean"], 0.1 * np.asarray(x).mean(0), rtol=1e-5
     )
     np.testing.assert_allclose(
-        stats_a["BatchNorm_0"]["var"], 0.9 + 0.1 * np.asarray(x).var(0), rtol=1e-5
+        stats_a["input_norm"]["var"], 0.9 + 0.1 * np.asarray(x).var(0), rtol=1e-5
     )
-    assert not np.allclose(stats_a["BatchNorm_1"]["mean"], 0.0)
+    assert not np.allclose(stats_a["norms"]["0"]["mean"], 0.0)
 
 
 def test_linear_batch_norm_is_affine_at_evaluation(linear_bn):
@@ -181,13 +182,24 @@ def test_apply_model_jits_and_traces_once():
     step(params, stats, jax.random.normal(other_key, (4, 8, 8, 1)))
 
 
-class _Probe(nn.Module):
+class _ProbeNetwork(nnx.Module):
     """A stand-in network that returns ``w * x`` (``w`` a learned scalar, 0 or 1 below)."""
 
-    @nn.compact
+    def __init__(self):
+        self.w = nnx.Param(jnp.zeros(()))
+
     def __call__(self, x, t, *, train=False):
         del t, train
-        return self.param("w", nn.initializers.zeros, ()) * x
+        return self.w[...] * x
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    """The model of :class:`_ProbeNetwork`."""
+
+    def build(self, x, t, *, rngs):
+        del x, t, rngs
+        return _ProbeNetwork()
 
 
 @pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])

@@ -1,14 +1,15 @@
 """Network training: losses, the pure step, scheme-driven epochs and data parallelism."""
 
+import dataclasses
 import math
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from shufflesgd import diffusion, drivers, parallel, shuffling
 from shufflesgd.nn import data, models, training
@@ -42,19 +43,30 @@ def test_cross_entropy_matches_log_softmax(digits, classifier):
     chex.assert_trees_all_equal(new_stats, stats)
 
 
-class _Oracle(nn.Module):
+class _OracleNetwork(nnx.Module):
     """For data x0 = 0, x_t = sigma(t) eps exactly: predicts eps + offset (as ``prediction``)."""
 
-    sde: object
-    prediction: str
-    offset: float
+    def __init__(self, sde, prediction, offset):
+        self.sde, self.prediction, self.offset = sde, prediction, offset
 
-    @nn.compact
     def __call__(self, x, t, *, train):
         del train
         sigma = self.sde.sigma(t)[:, None]
         eps_hat = x / sigma + self.offset
         return eps_hat if self.prediction == "eps" else -eps_hat / sigma
+
+
+@dataclasses.dataclass(frozen=True)
+class _Oracle:
+    """The model of :class:`_OracleNetwork` (no parameters)."""
+
+    sde: object
+    prediction: str
+    offset: float
+
+    def build(self, x, t, *, rngs):
+        del x, t, rngs
+        return _OracleNetwork(self.sde, self.prediction, self.offset)
 
 
 @pytest.mark.parametrize("name", ["vp", "ve"])
@@ -81,16 +93,27 @@ def test_denoising_score_matching_weightings(name, prediction):
     np.testing.assert_allclose(losses, 0.0, atol=1e-6)
 
 
-class _VelocityOracle(nn.Module):
+class _VelocityOracleNetwork(nnx.Module):
     """For data x0 = 0 on the rectified flow, x_t = t eps and the velocity target is eps:
     predicts eps + offset."""
 
-    offset: float
+    def __init__(self, offset):
+        self.offset = offset
 
-    @nn.compact
     def __call__(self, x, t, *, train):
         del train
         return x / t[:, None] + self.offset
+
+
+@dataclasses.dataclass(frozen=True)
+class _VelocityOracle:
+    """The model of :class:`_VelocityOracleNetwork` (no parameters)."""
+
+    offset: float
+
+    def build(self, x, t, *, rngs):
+        del x, t, rngs
+        return _VelocityOracleNetwork(self.offset)
 
 
 @pytest.mark.parametrize("t_max", [0.999, 1.0])
@@ -217,8 +240,8 @@ def test_sharded_run_equals_single_device(digits, classifier):
         state = training.init_train_state(jax.random.key(8), params, stats, optimizer, scheme)
         runs[devices], _ = trainer.train(state, source, 2)
     sharded = runs[8]
-    assert sharded.params["Dense_0"]["kernel"].sharding.is_fully_replicated
-    assert len(sharded.params["Dense_0"]["kernel"].sharding.device_set) == 8
+    assert sharded.params["layers"]["0"]["kernel"].sharding.is_fully_replicated
+    assert len(sharded.params["layers"]["0"]["kernel"].sharding.device_set) == 8
     plain = lambda state: jax.device_get(
         state._replace(scheme_state=None, scheme_key=None, key=None)
     )
