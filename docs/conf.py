@@ -15,7 +15,6 @@ import importlib
 import inspect
 import os
 import pkgutil
-import re
 import sys
 import typing
 from typing import Any
@@ -82,26 +81,6 @@ def _skip_fields(
     if inspect.isroutine(obj) or inspect.isclass(obj) or isinstance(obj, property):
         return None
     return True
-
-
-def _drop_linen_plumbing(
-    app: Sphinx,
-    what: str,
-    name: str,
-    obj: Any,
-    options: Any,
-    signature: str | None,
-    return_annotation: str | None,
-) -> tuple[str | None, str | None] | None:
-    """Show a Flax Linen module's own fields only, without the ``parent`` and ``name`` that
-    every Linen module's constructor takes."""
-    is_linen = what == "class" and any(
-        f"{base.__module__}.{base.__qualname__}" == "flax.linen.module.Module"
-        for base in getattr(obj, "__mro__", ())
-    )
-    if not is_linen or signature is None:
-        return None
-    return re.sub(r", parent: .*$", ")", signature), return_annotation
 
 
 def _defining_path(path: str) -> str | None:
@@ -216,7 +195,6 @@ def _check_every_module_documented(app: Sphinx, env: BuildEnvironment) -> None:
 
 def setup(app: Sphinx) -> None:
     app.connect("autodoc-skip-member", _skip_fields)
-    app.connect("autodoc-process-signature", _drop_linen_plumbing)
     app.connect("missing-reference", _resolve_reexport)
     app.connect("missing-reference", _alias_as_text)
     app.connect("env-check-consistency", _check_every_module_documented)

@@ -29,8 +29,9 @@ jax.config.update("jax_debug_key_reuse", True)
 def quick_benchmark(tmp_path):
     """``run(module, blocked=None) -> results``: run ``python -m <module> --quick`` from the
     repository root in a fresh process (compiled at XLA's backend optimisation level 0),
-    writing its JSON under ``tmp_path`` (a folder it must create), and return the parsed JSON.  ``blocked`` names a peer package made unimportable
-    through ``benchmarks.without``."""
+    writing its JSON under ``tmp_path`` (a folder it must create), and return the parsed
+    JSON.  ``blocked`` names a peer package made unimportable through
+    ``benchmarks.without``."""
 
     def run(module: str, blocked: str | None = None) -> dict:
         out = tmp_path / "bench" / f"{module.rsplit('.', 1)[-1]}.json"

@@ -372,7 +372,7 @@ class EDMPreconditioned:
     ``sigma_data`` :math:`= 0.5` is EDM's value for images in :math:`[-1, 1]`.  Further
     positional inputs after ``t`` (``conditions``, e.g. the class label of
     :class:`ConditionalScoreMLP`) are passed to ``network`` unchanged.  ``ValueError``
-    naming ``output`` unless it is one of :data:`PRECONDITIONED_OUTPUTS`.
+    naming ``output`` unless it is one of :data:`~shufflesgd.nn.networks.PRECONDITIONED_OUTPUTS`.
     """
 
     network: Model

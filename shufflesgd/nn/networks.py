@@ -30,7 +30,8 @@ from flax import nnx
 from shufflesgd._checks import check_int
 from shufflesgd.diffusion.processes import SDE
 
-#: BatchNorm's running-average momentum: :math:`m \leftarrow 0.9 m + 0.1\,\mathrm{mean}_{batch}`.
+#: The momentum of BatchNorm's running averages,
+#: :math:`m \leftarrow 0.9 m + 0.1\,\mathrm{mean}_{batch}`.
 BN_MOMENTUM = 0.9
 
 #: BatchNorm's :math:`\epsilon` (Linen's and NNX's default).
