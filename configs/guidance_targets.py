@@ -6,7 +6,7 @@ A correction entry is a guidance method of :data:`shufflesgd.diffusion.GUIDANCE`
 ``"cfg"``, with its options: ``"rescaled(rescale=0.7)"``.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -40,6 +40,10 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_directions = 256  # sliced W2
     config.floor_pairs = 8  # pairs of exact sample sets for the Monte Carlo floor
     config.seed = 0
+    # Devices the FK systems and Part B's samples are split over (the first k); None: all of
+    # them, or the most of them that gcd(gaussian_systems, mixture_samples, mixture_samples // N
+    # for N in fk_particles) splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True
     config.results_dir = "results"
     if variant == "quick":

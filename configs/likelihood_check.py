@@ -4,7 +4,7 @@ Variants: ``configs/likelihood_check.py`` (the full check, under 2 min on 2 CPU 
 ``configs/likelihood_check.py:quick`` (fewer points and probes; the test runs it).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -24,6 +24,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.agreement_tol_nats = 1e-3
     config.z_threshold = 4.0
     config.seed = 0  # test points and probes
+    # Devices the probes are split over (the first k); None: all of them, or the most of them
+    # that num_probes splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True
     config.results_dir = "results"
     if variant == "quick":

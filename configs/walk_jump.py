@@ -5,7 +5,7 @@ Variants: ``configs/walk_jump.py`` (both mixtures and the 10-D funnel, every sam
 budget; the test runs it).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -64,6 +64,10 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.funnel_hmc_step_size = 0.1
     config.funnel_leapfrog = 8  # leapfrog steps (gradients) per HMC step
     config.seed = 0
+    # Devices the chains are split over (the first k), whole ensembles on one device; None: all
+    # of them, or the most of them that the units (num_chains, or num_chains / ensemble_size
+    # ensembles when the ensemble runs) split evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = True
     config.results_dir = "results"
     if variant == "quick":

@@ -41,11 +41,15 @@ step and particle, on its own finer grid (``fk_steps`` Euler–Maruyama steps, a
 identity).  Expected: CFG's KL to :math:`p_\gamma` grows with :math:`\gamma`, while PCG's
 and FK's fall toward zero (or the Monte Carlo floor) as :math:`K` or :math:`N` grows.
 
+The independent axes, FK's particle systems (both parts) and Part B's samples, are split over
+``config.devices`` devices (:func:`sample_devices`).
+
 Run: ``python -m experiments.guidance_targets --config configs/guidance_targets.py``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -56,7 +60,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import diffusion, metrics, problems
+from shufflesgd import diffusion, metrics, parallel, problems
 from shufflesgd.diffusion import smc
 
 matplotlib.use("Agg")
@@ -125,6 +129,23 @@ def validate(config: ConfigDict) -> None:
             f"config.mixture_corrections must not repeat, got {config.mixture_corrections!r}"
         )
     common.check_positive_number("quadrature_half_width", config.quadrature_half_width)
+    sample_devices(config)
+
+
+def sample_devices(config: ConfigDict) -> int:
+    """How many devices the independent axes are split over: :func:`experiments.common.
+    seed_devices` with, as the seeds, the greatest common divisor of their lengths,
+    ``gaussian_systems``, ``mixture_samples`` and ``mixture_samples // N`` for each ``N`` of
+    ``fk_particles`` (``ValueError`` naming ``config.devices`` when it is not ``None`` or a
+    positive int, exceeds the devices available, or does not divide that divisor)."""
+    sizes = [config.gaussian_systems, config.mixture_samples]
+    sizes += [config.mixture_samples // n for n in config.fk_particles]
+    axes = ConfigDict(dict(devices=config.devices, num_seeds=math.gcd(*sizes)))
+    label = "gcd(gaussian_systems, mixture_samples, mixture_samples // fk_particles)"
+    try:
+        return common.seed_devices(axes)
+    except ValueError as error:
+        raise ValueError(str(error).replace("config.num_seeds", label)) from None
 
 
 def _untraceable_model() -> diffusion.ConditionalModel:
@@ -177,9 +198,11 @@ def feynman_kac_systems(
     num_systems: int,
     dim: int,
     config: ConfigDict,
+    mesh: jax.sharding.Mesh,
 ) -> tuple[jax.Array, jax.Array, Any]:
     """``num_systems`` independent FK systems of ``num_particles`` particles aimed at
-    :math:`p(x \\mid 0)^\\gamma p(x)^{1-\\gamma}`: particles ``[S, N, d]``, log-weights and info."""
+    :math:`p(x \\mid 0)^\\gamma p(x)^{1-\\gamma}`: particles ``[S, N, d]``, log-weights and info;
+    the systems split over the ``"seeds"`` axis of ``mesh`` (call it inside ``jax.jit``)."""
     models = (model.given(0), model.unconditional())
     exponents = jnp.stack([jnp.asarray(gamma), 1.0 - jnp.asarray(gamma)])
 
@@ -198,7 +221,8 @@ def feynman_kac_systems(
             final="denoise",
         )
 
-    return jax.vmap(system)(jnp.arange(num_systems))
+    split = parallel.worker_sharding(mesh, axis=common.SEEDS)
+    return jax.vmap(system)(jax.lax.with_sharding_constraint(jnp.arange(num_systems), split))
 
 
 def moment_kls(
@@ -237,6 +261,7 @@ def run_gaussian(config: ConfigDict, sde: diffusion.SDE, key: jax.Array) -> dict
     model = diffusion.conditional_mixture_model(sde, law)
     grid = jnp.asarray(diffusion.time_grid(sde, "uniform_time", config.num_steps))
     n = config.num_steps
+    mesh = parallel.worker_mesh(sample_devices(config), axis=common.SEEDS)
 
     cfg_law = jax.jit(
         lambda gamma, eta: diffusion.exact_gaussian_law(
@@ -272,7 +297,7 @@ def run_gaussian(config: ConfigDict, sde: diffusion.SDE, key: jax.Array) -> dict
     fk_grid = jnp.asarray(diffusion.time_grid(sde, "uniform_time", config.fk_steps))
     fk = jax.jit(
         lambda k, gamma, num: feynman_kac_systems(
-            k, model, gamma, sde, fk_grid, num, config.gaussian_systems, d, config
+            k, model, gamma, sde, fk_grid, num, config.gaussian_systems, d, config, mesh
         ),
         static_argnums=2,
     )
@@ -339,7 +364,9 @@ def run_mixture(config: ConfigDict, sde: diffusion.SDE, key: jax.Array) -> dict[
     grid = jnp.asarray(diffusion.time_grid(sde, "uniform_time", config.num_steps))
     n, num = config.num_steps, config.mixture_samples
     directions = metrics.random_directions(jax.random.fold_in(key, 1), config.num_directions, 2)
-    prior = sde.prior_sample(jax.random.fold_in(key, 2), (num, 2))
+    mesh = parallel.worker_mesh(sample_devices(config), axis=common.SEEDS)
+    # the samples (rows) split over the devices: each row is sampled with its own key
+    prior = common.shard_seeds(sde.prior_sample(jax.random.fold_in(key, 2), (num, 2)), mesh)
     sample_key = jax.random.fold_in(key, 3)
 
     def guided_run(method: str, options: dict[str, Any]) -> Any:
@@ -377,7 +404,7 @@ def run_mixture(config: ConfigDict, sde: diffusion.SDE, key: jax.Array) -> dict[
     fk_grid = jnp.asarray(diffusion.time_grid(sde, "uniform_time", config.fk_steps))
     fk = jax.jit(
         lambda k, gamma, particles: feynman_kac_systems(
-            k, model, gamma, sde, fk_grid, particles, num // particles, 2, config
+            k, model, gamma, sde, fk_grid, particles, num // particles, 2, config, mesh
         ),
         static_argnums=2,
     )
@@ -445,7 +472,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
     gaussian = run_gaussian(config, sde, jax.random.fold_in(key, 0))
     mixture = run_mixture(config, sde, jax.random.fold_in(key, 1))
     pictures = mixture.pop("pictures")
-    results = dict(gaussian=gaussian, mixture=mixture)
+    # the independent axes were split over these devices
+    results = dict(devices=sample_devices(config), gaussian=gaussian, mixture=mixture)
     common.write_csv(
         folder / "gaussian_kl.csv",
         ["method", "scale", "kl", "kl_se", "evaluations"],

@@ -19,7 +19,8 @@ points are ``num_points`` draws from :math:`p_{t_{min}}`:
 * ``exact``: :math:`\log p_{t_{min}}(x)` in closed form;
 * ``ode``: the ODE result with the exact divergence (trace of the Jacobian);
 * ``hutchinson``: ``num_probes`` independent solves per point, each with one probe held
-  fixed over the solve (Grathwohl et al. 2019), their mean ± standard error, and the
+  fixed over the solve (Grathwohl et al. 2019; the probes vmapped in one jitted call, split
+  over ``config.devices`` devices, :func:`probe_devices`), their mean ± standard error, and the
   pooled bias against ``ode`` (mean over points of the per-point bias, with its standard
   error from the per-point standard errors) as a z-score;
 * NFE (evaluations of the augmented vector field, Dopri5) and bits/dim
@@ -46,7 +47,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import diffusion, problems
+from shufflesgd import diffusion, parallel, problems
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -77,6 +78,19 @@ def validate(config: ConfigDict) -> None:
         )
     for field in ("rtol", "atol", "agreement_tol_nats", "z_threshold"):
         common.check_positive_number(field, config[field])
+    probe_devices(config)
+
+
+def probe_devices(config: ConfigDict) -> int:
+    """How many devices the ``config.num_probes`` Hutchinson solves are split over:
+    :func:`experiments.common.seed_devices` with the probes as the seeds (``ValueError`` naming
+    ``config.devices`` when it is not ``None`` or a positive int, exceeds the devices available,
+    or does not divide ``config.num_probes``)."""
+    probes = ConfigDict(dict(devices=config.devices, num_seeds=config.num_probes))
+    try:
+        return common.seed_devices(probes)
+    except ValueError as error:
+        raise ValueError(str(error).replace("config.num_seeds", "config.num_probes")) from None
 
 
 def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
@@ -91,6 +105,27 @@ def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:
     return problems.random_gaussian_mixture(
         config.data_seed, config.num_components, config.high_dim
     )
+
+
+def hutchinson_solves(
+    key: jax.Array, model: diffusion.Model, sde: diffusion.SDE, xs: jax.Array, config: ConfigDict
+) -> diffusion.LikelihoodResult:
+    """``config.num_probes`` Hutchinson solves of every point of ``xs`` (probe ``j``, point
+    ``i``: key ``fold_in(fold_in(key, j), i)``), results ``[num_probes, num_points]``: the
+    probes vmapped in one jitted call, split over the devices of :func:`probe_devices`."""
+    options = dict(rtol=config.rtol, atol=config.atol, max_steps=config.max_steps)
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(config.num_probes))
+    mesh = parallel.worker_mesh(probe_devices(config), axis=common.SEEDS)
+
+    @jax.jit
+    def run(keys: jax.Array, xs: jax.Array) -> diffusion.LikelihoodResult:
+        return jax.vmap(
+            lambda k: diffusion.log_likelihood_batch(
+                k, model, sde, xs, divergence="hutchinson", probe=config.probe, **options
+            )
+        )(keys)
+
+    return run(common.shard_seeds(keys, mesh), xs)
 
 
 def check_one(
@@ -112,18 +147,8 @@ def check_one(
             probe_key, model, sde, xs, divergence="exact", **options
         )
 
-    @jax.jit
-    def hutchinson_run(key, xs):
-        # probe j, point i: key fold_in(fold_in(key, j), i)
-        keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(config.num_probes))
-        return jax.vmap(
-            lambda k: diffusion.log_likelihood_batch(
-                k, model, sde, xs, divergence="hutchinson", probe=config.probe, **options
-            )
-        )(keys)
-
     ode = exact_run(xs)
-    hutch = hutchinson_run(jax.random.fold_in(probe_key, 1), xs)
+    hutch = hutchinson_solves(jax.random.fold_in(probe_key, 1), model, sde, xs, config)
     exact = np.asarray(jax.vmap(lambda x: eigen.log_prob(x, a_min, s_min))(xs))
     ode_lp = np.asarray(ode.log_prob_nats)
     mismatch = np.asarray(
@@ -276,6 +301,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     laws = {name: build_problem(name, config) for name in config.problems}
     folder = common.results_folder(config, NAME)
     metrics: dict[str, Any] = {
+        "devices": probe_devices(config),  # the probe axis was split over these
         "tolerances": {
             "agreement_tol_nats": config.agreement_tol_nats,
             "z_threshold": config.z_threshold,

@@ -17,7 +17,9 @@ crosses it.  Every Markov chain starts at :math:`\mu_{\text{start\_mode}}`.
 N(0, e^v)`; its chains start at the origin.  Its samplers are ``funnel_samplers`` (the
 mixtures' are ``samplers``).
 
-**Samplers** (all chains vmapped in one jitted call per problem and sampler):
+**Samplers** (all chains vmapped in one jitted call per problem and sampler, the independent
+units, single chains or whole ensembles, split over ``config.devices`` devices,
+:func:`chain_devices`):
 
 * ``exact``: i.i.d. draws from :math:`p`, the reference (its :math:`W_2` is the Monte Carlo floor);
 * ``exact_jump``: Tweedie jumps :math:`\hat x(y) = y + \sigma^2\nabla\log p_\sigma(y)` of exact
@@ -124,7 +126,7 @@ from scipy.stats import chi2, kstest, norm, wasserstein_distance
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import mcmc, problems
+from shufflesgd import mcmc, parallel, problems
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -295,6 +297,23 @@ def validate(config: ConfigDict) -> None:
             )
     if not isinstance(config.x64, bool):
         raise ValueError(f"config.x64 must be True or False, got {config.x64!r}")
+    chain_devices(config)
+
+
+def chain_devices(config: ConfigDict) -> int:
+    """How many devices the chain axis is split over: :func:`experiments.common.seed_devices`
+    with the independent units as the seeds, ``num_chains / ensemble_size`` ensembles when
+    ``ensemble`` runs (so that each ensemble stays whole on one device), else ``num_chains``
+    (``ValueError`` naming ``config.devices`` when it is not ``None`` or a positive int, exceeds
+    the devices available, or does not divide that number of units)."""
+    used = {sampler for _, sampler in combinations(config)}
+    members = config.ensemble_size if "ensemble" in used else 1
+    units = ConfigDict(dict(devices=config.devices, num_seeds=config.num_chains // members))
+    try:
+        return common.seed_devices(units)
+    except ValueError as error:
+        label = "config.num_chains / config.ensemble_size" if members > 1 else "config.num_chains"
+        raise ValueError(str(error).replace("config.num_seeds", label)) from None
 
 
 # ------------------------------------------------------------------ the targets
@@ -512,11 +531,13 @@ def make_sampler(name: str, law: Target, config: ConfigDict) -> Sampler:
 
 def simulate(name: str, problem: str, law: Target, config: ConfigDict, key: jax.Array) -> Draws:
     """All ``num_chains`` chains of one sampler in one jitted call, vmapped over the independent
-    units (``num_chains / members``) with the hyper-parameters as traced arguments; the result
-    has the chains of a unit next to each other."""
+    units (``num_chains / members``) with the hyper-parameters as traced arguments, the units
+    split over the devices of :func:`chain_devices`; the result has the chains of a unit next
+    to each other."""
     one = make_sampler(name, law, config)
     members = plan(name, config).members
-    keys = jax.random.split(key, config.num_chains // members)
+    mesh = parallel.worker_mesh(chain_devices(config), axis=common.SEEDS)
+    keys = common.shard_seeds(jax.random.split(key, config.num_chains // members), mesh)
     hyper = hyper_parameters(name, problem, config, start_point(law, config).dtype)
     out = jax.block_until_ready(jax.jit(jax.vmap(one, in_axes=(0, None)))(keys, hyper))
     samples, walk, evals = (a.reshape((config.num_chains,) + a.shape[2:]) for a in out)
@@ -936,7 +957,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
     jax.config.update("jax_enable_x64", bool(config.x64))
     laws = {name: build_problem(name, config) for name in config.problems}
     folder = common.results_folder(config, NAME)
-    metrics: dict[str, Any] = {"config": config.to_dict(), "problems": {}}
+    metrics: dict[str, Any] = {
+        "config": config.to_dict(),
+        "devices": chain_devices(config),  # the chain axis was split over these
+        "problems": {},
+    }
     pooled: dict[str, dict[str, np.ndarray]] = {}
     rows: dict[str, list[list[Any]]] = {"mixture": [], "funnel": []}
     base = jax.random.key(config.seed)

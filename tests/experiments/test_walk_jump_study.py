@@ -11,6 +11,7 @@ import csv
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 from scipy import integrate, special, stats
@@ -32,10 +33,10 @@ def test_quick_study_tunnels_with_walk_jump_at_an_equal_budget(tmp_path, x64, ca
         "figure.png",
     ):
         assert (folder / name).stat().st_size > 0, name
-    assert json.loads((folder / "metrics.json").read_text())["problems"].keys() == {
-        "mixture_2d",
-        "funnel",
-    }
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["problems"].keys() == {"mixture_2d", "funnel"}
+    # 32 chains in 4 ensembles of 8: the chain axis over 4 of the 8 devices, ensembles whole
+    assert saved["devices"] == 4
     with (folder / "samplers.csv").open() as handle:
         assert [row["sampler"] for row in csv.DictReader(handle)] == list(config.samplers)
     with (folder / "funnel.csv").open() as handle:
@@ -151,6 +152,37 @@ def test_quick_study_tunnels_with_walk_jump_at_an_equal_budget(tmp_path, x64, ca
     assert g["ks_v"] - e["ks_v"] > 4 * math.hypot(g["ks_v_se"], e["ks_v_se"]), f
 
 
+@pytest.mark.parametrize("sampler", ["mala", "ensemble"])
+def test_chains_split_over_8_devices_give_the_1_device_results(
+    tmp_path, x64, quick_config, sampler
+):
+    """16 chains (8 ensembles of 2 walkers) on the 2-D mixture with a small budget, split over 8
+    devices against all on one device: each unit runs the same program on its own key, so the
+    samples, walk points and evaluation counts agree bitwise."""
+    small = dict(
+        problems=("mixture_2d",),
+        samplers=(sampler,),
+        funnel_samplers=("exact",),
+        num_chains=16,
+        num_groups=2,
+        ensemble_size=2,
+        budget=64,
+        samples_per_chain=4,
+        w2_points=8,
+    )
+    results = {}
+    for devices in (1, 8):
+        config = quick_config("walk_jump", tmp_path, devices=devices, **small)
+        walk_jump.validate(config)
+        law = walk_jump.build_problem("mixture_2d", config)
+        draws = walk_jump.simulate(sampler, "mixture_2d", law, config, jax.random.key(0))
+        results[devices] = jax.device_get(draws)
+    one, eight = results[1], results[8]
+    assert one.samples.shape == (16, 4, 2) and np.all(np.isfinite(one.samples))
+    for name, value in one._asdict().items():
+        np.testing.assert_array_equal(getattr(eight, name), value, err_msg=name)
+
+
 def test_unit_means_average_an_ensemble_first():
     """Per-chain values of dependent walkers are averaged per ensemble before the SE: units
     (1, 1) and (3, 3) give mean 2 and SE std(1, 3) / sqrt(2) = 1."""
@@ -206,6 +238,9 @@ def test_exact_w2_and_the_iid_visit_formula():
         ({"ensemble_size": 3}, r"config\.ensemble_size must be at least 2 and divide"),
         ({"ensemble_size": 1}, r"config\.ensemble_size must be at least 2 and divide"),
         ({"ensemble_size": True}, r"config\.ensemble_size must be positive integers"),
+        ({"devices": 9}, r"config\.devices=9 exceeds the 8 available devices"),
+        ({"devices": 8}, r"config\.devices=8 does not divide config\.num_chains / config\.ens"),
+        ({"devices": 0}, r"config\.devices must be"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):
