@@ -224,30 +224,32 @@ def check_positive_ints(field: str, values: Any) -> None:
 SEEDS = "seeds"
 
 
-def seed_devices(config: ConfigDict) -> int:
+def seed_devices(
+    config: ConfigDict, units: int | None = None, units_name: str = "config.num_seeds"
+) -> int:
     """How many devices the seed axis of a sweep is split over, from ``config.devices`` and
-    ``config.num_seeds``.
+    the number of independent units on that axis: ``units`` (named ``units_name`` in errors),
+    by default ``config.num_seeds``.
 
     ``config.devices = k`` (an int) takes the first ``k`` of :func:`jax.devices`; ``None`` takes
-    them all, or, when ``config.num_seeds`` does not split evenly over them, the largest number
-    of them that it does split over (one device at worst).  ``ValueError`` naming
-    ``config.devices`` when it is not ``None`` or a positive int, exceeds the devices available,
-    or does not divide ``config.num_seeds``.  Call it from a study's ``validate``, before anything
-    compiles.
+    them all, or, when the units do not split evenly over them, the largest number of them
+    that they do split over (one device at worst).  ``ValueError`` naming ``config.devices``
+    when it is not ``None`` or a positive int, exceeds the devices available, or does not
+    divide the units.  Call it from a study's ``validate``, before anything compiles.
     """
     available = jax.device_count()
-    num_seeds = config.num_seeds
+    num_units = config.num_seeds if units is None else units
     if config.devices is None:
-        return max(k for k in range(1, available + 1) if num_seeds % k == 0)
+        return max(k for k in range(1, available + 1) if num_units % k == 0)
     devices = check_int("config.devices", config.devices)
     if devices > available:
         raise ValueError(
             f"config.devices={devices} exceeds the {available} available devices (on CPU, set "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)"
         )
-    if num_seeds % devices:
+    if num_units % devices:
         raise ValueError(
-            f"config.devices={devices} does not divide config.num_seeds={num_seeds}: the seeds "
+            f"config.devices={devices} does not divide {units_name}={num_units}: the units "
             "are split evenly over the devices"
         )
     return devices

@@ -140,12 +140,8 @@ def sample_devices(config: ConfigDict) -> int:
     positive int, exceeds the devices available, or does not divide that divisor)."""
     sizes = [config.gaussian_systems, config.mixture_samples]
     sizes += [config.mixture_samples // n for n in config.fk_particles]
-    axes = ConfigDict(dict(devices=config.devices, num_seeds=math.gcd(*sizes)))
     label = "gcd(gaussian_systems, mixture_samples, mixture_samples // fk_particles)"
-    try:
-        return common.seed_devices(axes)
-    except ValueError as error:
-        raise ValueError(str(error).replace("config.num_seeds", label)) from None
+    return common.seed_devices(config, math.gcd(*sizes), label)
 
 
 def _untraceable_model() -> diffusion.ConditionalModel:

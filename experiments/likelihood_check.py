@@ -86,11 +86,7 @@ def probe_devices(config: ConfigDict) -> int:
     :func:`experiments.common.seed_devices` with the probes as the seeds (``ValueError`` naming
     ``config.devices`` when it is not ``None`` or a positive int, exceeds the devices available,
     or does not divide ``config.num_probes``)."""
-    probes = ConfigDict(dict(devices=config.devices, num_seeds=config.num_probes))
-    try:
-        return common.seed_devices(probes)
-    except ValueError as error:
-        raise ValueError(str(error).replace("config.num_seeds", "config.num_probes")) from None
+    return common.seed_devices(config, config.num_probes, "config.num_probes")
 
 
 def build_problem(name: str, config: ConfigDict) -> problems.GaussianMixture:

@@ -163,11 +163,7 @@ def chain_devices(config: ConfigDict) -> int:
     :func:`experiments.common.seed_devices` with the batch as the seeds (``ValueError`` naming
     ``config.devices`` when it is not ``None`` or a positive int, exceeds the devices available,
     or does not divide ``config.chain_batch``)."""
-    batch = ConfigDict(dict(devices=config.devices, num_seeds=config.chain_batch))
-    try:
-        return common.seed_devices(batch)
-    except ValueError as error:
-        raise ValueError(str(error).replace("config.num_seeds", "config.chain_batch")) from None
+    return common.seed_devices(config, config.chain_batch, "config.chain_batch")
 
 
 # ------------------------------------------------------------------ the target

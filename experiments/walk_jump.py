@@ -308,12 +308,8 @@ def chain_devices(config: ConfigDict) -> int:
     the devices available, or does not divide that number of units)."""
     used = {sampler for _, sampler in combinations(config)}
     members = config.ensemble_size if "ensemble" in used else 1
-    units = ConfigDict(dict(devices=config.devices, num_seeds=config.num_chains // members))
-    try:
-        return common.seed_devices(units)
-    except ValueError as error:
-        label = "config.num_chains / config.ensemble_size" if members > 1 else "config.num_chains"
-        raise ValueError(str(error).replace("config.num_seeds", label)) from None
+    label = "config.num_chains / config.ensemble_size" if members > 1 else "config.num_chains"
+    return common.seed_devices(config, config.num_chains // members, label)
 
 
 # ------------------------------------------------------------------ the targets
