@@ -156,9 +156,41 @@ def _keyed_epoch_scheme(
     return checked_scheme(init, step, _ignore_gradient, n, epoch_length, False)
 
 
+#: Largest ``n`` whose permutation :func:`_permutation` computes from ranks rather than a sort.
+RANKED_PERMUTATION_MAX = 128
+
+
 def _permutation(key: jax.Array, k: jax.Array, n: int) -> jax.Array:
-    """The uniform permutation of ``range(n)`` drawn from ``fold_in(key, k)``."""
-    return jax.random.permutation(jax.random.fold_in(key, k), n)
+    r"""The uniform permutation of ``range(n)`` drawn from ``fold_in(key, k)``: bit for bit
+    ``jax.random.permutation(fold_in(key, k), n)``.
+
+    JAX draws one 32-bit word :math:`b_i` per element from the second key of a split and
+    sorts ``range(n)`` stably by them, repeating with fresh words while
+    :math:`3 \log n / \log(2^{32} - 1)` rounds are due (one for :math:`n \le 1625`): the
+    repeated random-key sort of XLA's random ops, whose ties vanish with each round.  For
+    :math:`n \le` :data:`RANKED_PERMUTATION_MAX` the one round's stable sort is computed as
+    ranks instead, element :math:`i` going to position :math:`r_i = \#\{j : b_j < b_i\} +
+    \#\{j < i : b_j = b_i\}`: the :math:`n^2` comparisons vectorise across a vmapped batch
+    of seeds, where XLA:CPU sorts the rows of a batch one after another.  Longer permutations
+    are JAX's own.
+    """
+    epoch_key = jax.random.fold_in(key, k)
+    if n > RANKED_PERMUTATION_MAX:
+        return jax.random.permutation(epoch_key, n)
+    return _stable_argsort_by_ranks(
+        jax.random.bits(jax.random.split(epoch_key)[1], (n,), jnp.uint32)
+    )
+
+
+def _stable_argsort_by_ranks(words: jax.Array) -> jax.Array:
+    r"""``argsort(words, stable=True)`` of a 1-D array by ranking: position
+    :math:`r_i = \#\{j : w_j < w_i\} + \#\{j < i : w_j = w_i\}` holds :math:`i`."""
+    index = jnp.arange(words.shape[0])
+    before = (words[None, :] < words[:, None]) | (
+        (words[None, :] == words[:, None]) & (index[None, :] < index[:, None])
+    )
+    rank = before.sum(axis=1)
+    return jnp.zeros_like(index).at[rank].set(index, unique_indices=True)
 
 
 def with_replacement(n: int) -> ShufflingScheme:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shufflesgd import shuffling
+from shufflesgd.shuffling import schemes
 from support.epochs import epoch_key, epochs, is_permutation
 
 ORDER_SCHEMES = [
@@ -34,6 +35,41 @@ def test_every_epoch_is_a_permutation(name, n, seed):
     assert orders.dtype == np.int32
     for order in orders:
         assert is_permutation(order, n)
+
+
+@pytest.mark.parametrize(
+    "n", [1, 2, 3, 31, 32, 33, 127, schemes.RANKED_PERMUTATION_MAX, 129, 1536, 1626, 2000]
+)
+def test_permutation_is_jax_random_permutation_bit_for_bit(n):
+    """The ranked permutation (n <= 128) and the sorted one are both
+    ``jax.random.permutation(fold_in(key, k), n)``: 64 keys, 3 epochs each, jitted and vmapped
+    over the keys as the sweeps run it, and in float64 mode (int64 indices).  A JAX release that
+    draws its permutations differently fails here."""
+    keys = jax.random.split(jax.random.key(n), 64)
+    for k in range(3):
+        ours = jax.jit(jax.vmap(lambda key, k=k: schemes._permutation(key, k, n)))(keys)
+        jax_own = jax.vmap(lambda key, k=k: jax.random.permutation(jax.random.fold_in(key, k), n))(
+            keys
+        )
+        assert ours.dtype == jax_own.dtype
+        np.testing.assert_array_equal(ours, jax_own)
+    with jax.enable_x64(True):
+        key = jax.random.key(7)
+        ours, jax_own = (
+            schemes._permutation(key, 1, n),
+            jax.random.permutation(jax.random.fold_in(key, 1), n),
+        )
+        assert ours.dtype == jax_own.dtype
+        np.testing.assert_array_equal(ours, jax_own)
+
+
+@settings(max_examples=30, deadline=None)
+@given(words=st.lists(st.integers(0, 3), min_size=1, max_size=40))
+def test_ranking_is_a_stable_argsort_also_with_ties(words):
+    """Few distinct words, so most draws tie: ranks put tied elements in index order, as a
+    stable sort does (NumPy's)."""
+    ours = schemes._stable_argsort_by_ranks(jnp.asarray(words, dtype=jnp.uint32))
+    np.testing.assert_array_equal(ours, np.argsort(np.asarray(words), kind="stable"))
 
 
 def test_with_replacement_draws_uniform_indices():
