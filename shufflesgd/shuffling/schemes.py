@@ -161,8 +161,13 @@ RANKED_PERMUTATION_MAX = 128
 
 
 def _permutation(key: jax.Array, k: jax.Array, n: int) -> jax.Array:
-    r"""The uniform permutation of ``range(n)`` drawn from ``fold_in(key, k)``: bit for bit
-    ``jax.random.permutation(fold_in(key, k), n)``.
+    """The uniform permutation of ``range(n)`` drawn from ``fold_in(key, k)``."""
+    return _random_permutation(jax.random.fold_in(key, k), n)
+
+
+def _random_permutation(key: jax.Array, n: int) -> jax.Array:
+    r"""The uniform permutation of ``range(n)`` drawn from ``key``: bit for bit
+    ``jax.random.permutation(key, n)``.
 
     JAX draws one 32-bit word :math:`b_i` per element from the second key of a split and
     sorts ``range(n)`` stably by them, repeating with fresh words while
@@ -174,12 +179,9 @@ def _permutation(key: jax.Array, k: jax.Array, n: int) -> jax.Array:
     of seeds, where XLA:CPU sorts the rows of a batch one after another.  Longer permutations
     are JAX's own.
     """
-    epoch_key = jax.random.fold_in(key, k)
     if n > RANKED_PERMUTATION_MAX:
-        return jax.random.permutation(epoch_key, n)
-    return _stable_argsort_by_ranks(
-        jax.random.bits(jax.random.split(epoch_key)[1], (n,), jnp.uint32)
-    )
+        return jax.random.permutation(key, n)
+    return _stable_argsort_by_ranks(jax.random.bits(jax.random.split(key)[1], (n,), jnp.uint32))
 
 
 def _stable_argsort_by_ranks(words: jax.Array) -> jax.Array:
@@ -214,7 +216,7 @@ def random_reshuffle(n: int) -> ShufflingScheme:
     :math:`\\eta = \\Theta(\\log(nK)/(\\mu n K))`.
     """
     _check_num_examples(n)
-    return _epoch_key_scheme(n, lambda key: jax.random.permutation(key, n))
+    return _epoch_key_scheme(n, lambda key: _random_permutation(key, n))
 
 
 def single_shuffle(n: int) -> ShufflingScheme:

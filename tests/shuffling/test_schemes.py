@@ -43,7 +43,8 @@ def test_every_epoch_is_a_permutation(name, n, seed):
 def test_permutation_is_jax_random_permutation_bit_for_bit(n):
     """The ranked permutation (n <= 128) and the sorted one are both
     ``jax.random.permutation(fold_in(key, k), n)``: 64 keys, 3 epochs each, jitted and vmapped
-    over the keys as the sweeps run it, and in float64 mode (int64 indices).  A JAX release that
+    over the keys as the sweeps run it, random reshuffling's epochs, and in float64 mode (int64
+    indices).  A JAX release that
     draws its permutations differently fails here."""
     keys = jax.random.split(jax.random.key(n), 64)
     for k in range(3):
@@ -53,6 +54,9 @@ def test_permutation_is_jax_random_permutation_bit_for_bit(n):
         )
         assert ours.dtype == jax_own.dtype
         np.testing.assert_array_equal(ours, jax_own)
+    key = jax.random.key(n + 1)  # random reshuffling's epochs, driven as the drivers do
+    for k, order in enumerate(epochs(shuffling.make_scheme("random_reshuffle", n), key, 3)):
+        np.testing.assert_array_equal(order, jax.random.permutation(epoch_key(key, k), n))
     with jax.enable_x64(True):
         key = jax.random.key(7)
         ours, jax_own = (
