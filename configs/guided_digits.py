@@ -45,6 +45,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.grid_scale = 3.0  # the scale of the per-class sample grids (one of scales)
     config.grid_samples = 8  # columns of the sample grids
     config.seed = 0
+    # Devices the samples of each class are split over (the first k); None: all of them, or the
+    # most of them that divide samples_per_class.
+    config.devices = config_dict.placeholder(int)
     config.data_dir = config_dict.placeholder(str)  # TFDS data; None: <results_dir>/<name>/tfds
     # checkpoints and metrics.jsonl; None: <results folder>/training.  Set it to resume a killed run
     config.checkpoint_dir = config_dict.placeholder(str)

@@ -13,7 +13,7 @@ Taylor form).  Part C's entries are MRS, ``mrs(solver="sde", prediction="data", 
 house samplers run on the centred variable.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -81,6 +81,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_seeds = 8
     config.num_samples = 1024  # per seed
     config.num_projections = 128  # sliced W2 directions
+    # Devices Part B's seeds are split over (the first k); None: all of them, or the most of
+    # them that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     # sampler options (library defaults; Restart's interval is Xu et al. 2023's, in process time)
     config.restart_k = 2
     config.restart_steps = 4

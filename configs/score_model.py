@@ -77,6 +77,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.likelihood_divergence = "exact"  # 64 JVPs an evaluation; "hutchinson" for one
     config.likelihood_max_steps = 4096
     config.seed = 0
+    # Devices the sampling seeds are split over (the first k); None: all of them, or the most
+    # of them that num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.data_dir = config_dict.placeholder(
         str
     )  # TFDS data; None: <results_dir>/score_model/tfds

@@ -45,6 +45,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.zo_radius = 2.0  # clipping range of the projected gradient
     # Devices the worker axis is laid over; None: the most available that divide num_workers.
     config.num_devices = config_dict.placeholder(int)
+    # Devices the seed axis is laid over, each with num_devices for the workers; None: the most
+    # of the remaining ones (available // num_devices) that divide num_seeds.
+    config.devices = config_dict.placeholder(int)
     config.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
     config.results_dir = "results"
     if variant == "cnn":

@@ -28,7 +28,9 @@ high for its verdicts on samples to mean anything).
 **Sampling.**  For every class :math:`c` and every scale :math:`\gamma` of ``scales``
 (:math:`\gamma = 1` the conditional model, :math:`\gamma = 0` the unconditional one; Ho &
 Salimans' weight is :math:`w = \gamma - 1`), ``samples_per_class`` samples from the same prior
-draws for every method and scale (paired):
+draws for every method and scale (paired), all of a method's in one jitted, vmapped call whose
+sample axis is split over ``config.devices`` devices (the ``"seeds"`` mesh of
+:mod:`experiments.common`, :func:`sample_all`):
 
 * ``conditional``: the conditional branch alone (scale 1 only), one evaluation a call;
 * ``cfg``: classifier-free guidance :math:`\hat\varepsilon_u + \gamma(\hat\varepsilon_c -
@@ -101,7 +103,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import diffusion, shuffling
+from shufflesgd import diffusion, parallel, shuffling
 from shufflesgd.diffusion import guidance
 from shufflesgd.nn import checkpoint, data, models, training
 
@@ -239,6 +241,7 @@ def validate(config: ConfigDict) -> None:
         common.check_optional_path(field, config[field])
     if not isinstance(config.results_dir, str) or not config.results_dir:
         raise ValueError(f"config.results_dir must be a non-empty path, got {config.results_dir!r}")
+    sample_devices(config)
 
 
 # ------------------------------------------------------------------ data and training
@@ -560,11 +563,12 @@ def counting_off_calls(
 def make_sampling(
     method: str, config: ConfigDict, sde: diffusion.SDE, network: models.Model, grid: np.ndarray
 ) -> Callable:
-    """A jitted ``(params, x_T [C, n, 64], labels [C], scales [S], key, options) -> (samples
-    [S, C, n, 64], evaluations [S, C, n], off fraction [S, C, n], first non-finite step
+    """A jitted ``(params, x_T [C, n, 64], labels [C], scales [S], keys [C, n], options) ->
+    (samples [S, C, n, 64], evaluations [S, C, n], off fraction [S, C, n], first non-finite step
     [S, C, n])`` of ``method`` (or ``"unconditional"``, the null token's branch).  Sample ``i``
-    of class ``c`` uses the key ``fold_in(fold_in(key, c), i)`` at every scale; ``options``
-    holds the methods' hyper-parameters as traced scalars (house rule 8)."""
+    of class ``c`` uses the key ``keys[c, i]`` (:func:`sample_keys`) at every scale; ``options``
+    holds the methods' hyper-parameters as traced scalars (house rule 8).  Call it through
+    :func:`sample_all`, which lays the sample axis over the devices."""
     sampler = diffusion.make_sampler(config.sampler)
     grid = jnp.asarray(grid)
 
@@ -615,18 +619,57 @@ def make_sampling(
         x, info = sampler(key, model, sde, x_T, grid)
         return x, 2 * info.nfe, zero, info.nonfinite_step
 
-    def run(params, x_T, labels, scales, key, options):
-        def per_class(x_c, label, class_key, scale):
-            keys = jax.vmap(lambda i: jax.random.fold_in(class_key, i))(jnp.arange(x_c.shape[0]))
-            return jax.vmap(lambda x, k: one(params, x, label, scale, k, options))(x_c, keys)
+    def run(params, x_T, labels, scales, keys, options):
+        def per_class(x_c, label, keys_c, scale):
+            return jax.vmap(lambda x, k: one(params, x, label, scale, k, options))(x_c, keys_c)
 
-        class_keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(labels)
         per_scale = lambda scale: jax.vmap(per_class, in_axes=(0, 0, 0, None))(
-            x_T, labels, class_keys, scale
+            x_T, labels, keys, scale
         )
         return jax.vmap(per_scale)(scales)
 
     return jax.jit(run)
+
+
+def sample_keys(key: jax.Array, labels: jax.Array, num_samples: int) -> jax.Array:
+    """The ``[C, n]`` sampling keys: sample ``i`` of class ``c`` gets
+    ``fold_in(fold_in(key, c), i)``, at every scale."""
+    samples = jnp.arange(num_samples)
+    return jax.vmap(
+        lambda c: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, c), i))(samples)
+    )(labels)
+
+
+def sample_devices(config: ConfigDict) -> int:
+    """How many devices the samples of each class are split over:
+    :func:`experiments.common.seed_devices` with ``samples_per_class`` as the units
+    (``ValueError`` naming ``config.devices`` when it exceeds the devices available or does not
+    divide ``config.samples_per_class``)."""
+    return common.seed_devices(config, config.samples_per_class, "config.samples_per_class")
+
+
+def sample_all(
+    sampling: Callable,
+    config: ConfigDict,
+    params: PyTree,
+    x_T: jax.Array,
+    labels: jax.Array,
+    scales: jax.Array,
+    key: jax.Array,
+    options: dict[str, jax.Array],
+) -> tuple[jax.Array, ...]:
+    """Call ``sampling`` (:func:`make_sampling`) with the sample axis of the prior draws
+    ``x_T [C, n, 64]`` and of the keys (:func:`sample_keys`, built here, outside the jit) split
+    over the ``"seeds"`` axis of a mesh of :func:`sample_devices` devices, everything else
+    replicated, so that ``jax.jit`` partitions the samples; the results come back split alike."""
+    mesh = parallel.worker_mesh(sample_devices(config), axis=common.SEEDS)
+    by_sample = jax.sharding.NamedSharding(mesh, jax.P(None, common.SEEDS))
+    keys = sample_keys(key, labels, x_T.shape[1])
+    params, labels, scales, options = parallel.put_replicated(
+        mesh, (params, labels, scales, options)
+    )
+    x_T, keys = jax.device_put((x_T, keys), by_sample)
+    return sampling(params, x_T, labels, scales, keys, options)
 
 
 def method_options(config: ConfigDict) -> dict[str, jax.Array]:
@@ -738,7 +781,9 @@ def run_sampling(
         run = make_sampling(method, config, sde, network, grid)
         samples, evaluations, off, bad = (
             np.asarray(a)
-            for a in run(
+            for a in sample_all(
+                run,
+                config,
                 params,
                 x_T,
                 jnp.asarray(labels),
@@ -969,6 +1014,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         "grid": config.grid,
         "num_steps": config.num_steps,
         "samples_per_class": config.samples_per_class,
+        "devices": sample_devices(config),  # the samples of each class were split over these
         "expected_evaluations": {
             m: network_evaluations(m, config) for m in ("unconditional", *config.methods)
         },

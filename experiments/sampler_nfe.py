@@ -54,9 +54,10 @@ a budget; excluded from Part B too).
 **Part B: Monte Carlo on mixtures.**  A 2-D mixture of three well separated modes with
 weights 0.5 / 0.3 / 0.2, and a ``high_dim``-D mixture of ``num_components`` random anisotropic
 components; every sampler at equal NFE on ``mixture_grid``, ``num_seeds`` seeds of
-``num_samples`` samples in one vmapped call.  Metrics, each against ``num_samples`` exact draws
-from :math:`p_{t_{min}}` (the same draws for every sampler of a seed), mean ± standard error
-over seeds:
+``num_samples`` samples in one vmapped call, the seeds split over ``config.devices`` devices
+(:func:`experiments.common.seed_mesh`; the exact draws and the scoring too).  Metrics, each
+against ``num_samples`` exact draws from :math:`p_{t_{min}}` (the same draws for every sampler
+of a seed), mean ± standard error over seeds:
 
 * sliced :math:`W_2`:
   :math:`\bigl(\frac1L\sum_l W_2^2(\theta_l^\top X, \theta_l^\top Y)\bigr)^{1/2}`
@@ -358,6 +359,7 @@ def validate(config: ConfigDict) -> None:
             f"< restart_t_max <= {sde.t_max} ({config.sde}), got {config.restart_t_min}, "
             f"{config.restart_t_max}"
         )
+    common.seed_devices(config)
 
 
 # ------------------------------------------------------------------ targets
@@ -574,13 +576,22 @@ def run_gaussian(
 # ------------------------------------------------------------------ Part B: mixtures
 
 
+def seed_keys(key: jax.Array, config: ConfigDict) -> jax.Array:
+    """``key_s = fold_in(key, s)`` for the ``num_seeds`` seeds ``s``, split over the devices of
+    :func:`experiments.common.seed_mesh`: the seed axis of Part B's jitted calls."""
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(config.num_seeds))
+    return common.shard_seeds(keys, common.seed_mesh(config))
+
+
 def mixture_scorer(
     target: problems.GaussianMixture, bandwidth_sq: float, config: ConfigDict
 ) -> Callable:
-    """A jitted ``(samples [S, n, d], key) -> metrics [S, 3]`` (sliced W2, MMD², mode-weight error)
-    against ``n`` exact draws per seed s (key ``fold_in(fold_in(key, s), 0)``); seeds in ``lax.map``
-    so that only one seed's kernel matrices are live at a time."""
+    """A jitted ``(samples [S, n, d], keys [S]) -> metrics [S, 3]`` (sliced W2, MMD², mode-weight
+    error) against ``n`` exact draws per seed s (key ``fold_in(keys[s], 0)``; ``keys`` from
+    :func:`seed_keys`); each device's block of seeds in ``lax.map``, so that only one seed's
+    kernel matrices are live at a time on a device, the blocks vmapped."""
     n, d = config.num_samples, target.dim
+    blocks = common.seed_devices(config)
 
     def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         x, seed_key = args
@@ -596,9 +607,12 @@ def mixture_scorer(
             ]
         )
 
-    def score(samples: jax.Array, key: jax.Array) -> jax.Array:
-        keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(samples.shape[0]))
-        return jax.lax.map(one, (samples, keys))
+    def score(samples: jax.Array, keys: jax.Array) -> jax.Array:
+        if blocks == 1:
+            return jax.lax.map(one, (samples, keys))
+        split = jax.tree.map(lambda a: a.reshape((blocks, -1) + a.shape[1:]), (samples, keys))
+        values = jax.vmap(lambda block: jax.lax.map(one, block))(split)
+        return values.reshape((-1,) + values.shape[2:])
 
     return jax.jit(score)
 
@@ -611,9 +625,9 @@ def mixture_sampler(
     dim: int,
     config: ConfigDict,
 ) -> Callable:
-    """A jitted ``(grid, key) -> (samples [S, n, d], nfe [S, n], nonfinite [S, n])``: all seeds in
-    one vmapped call; seed s draws its prior from ``fold_in(key_s, 0)`` and its noise from
-    ``fold_in(key_s, 1)``, ``key_s = fold_in(key, s)``."""
+    """A jitted ``(grid, keys) -> (samples [S, n, d], nfe [S, n], nonfinite [S, n])``: all seeds in
+    one vmapped call, split over the devices that ``keys`` (:func:`seed_keys`) lie on; seed s
+    draws its prior from ``fold_in(keys[s], 0)`` and its noise from ``fold_in(keys[s], 1)``."""
 
     def one(seed_key: jax.Array, grid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         x_T = sde.prior_sample(jax.random.fold_in(seed_key, 0), (config.num_samples, dim))
@@ -622,8 +636,7 @@ def mixture_sampler(
         )
         return x, info.nfe, info.nonfinite_step
 
-    def run(grid: jax.Array, key: jax.Array):
-        keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(config.num_seeds))
+    def run(grid: jax.Array, keys: jax.Array):
         return jax.vmap(one, in_axes=(0, None))(keys, grid)
 
     return jax.jit(run)
@@ -671,11 +684,9 @@ def run_mixtures(
             "samplers": {},
         }
         # the Monte Carlo floor: exact draws (independent of the references) scored the same way
-        exact_keys = jax.vmap(lambda s, key=exact_key: jax.random.fold_in(key, s))(
-            jnp.arange(config.num_seeds)
-        )
+        exact_keys = seed_keys(exact_key, config)
         exact = jax.vmap(target.sample, in_axes=(0, None))(exact_keys, config.num_samples)
-        values = np.asarray(score(exact, reference_key))
+        values = np.asarray(score(exact, seed_keys(reference_key, config)))
         entry["exact"] = {m: summarise(values[:, i]) for i, m in enumerate(metric_names)}
         bar.update()
         for s, name in enumerate(config.mixture_samplers):
@@ -690,13 +701,13 @@ def run_mixtures(
                     bar.update()
                     continue
                 grid = jnp.asarray(diffusion.time_grid(sde, config.mixture_grid, steps))
-                samples, nfe, bad = run(grid, jax.random.fold_in(sample_key, s))
+                samples, nfe, bad = run(grid, seed_keys(jax.random.fold_in(sample_key, s), config))
                 nfe, bad = np.asarray(nfe), np.asarray(bad)
                 if np.any(nfe > budget):
                     raise RuntimeError(
                         f"{name} used {nfe.max()} evaluations for a budget of {budget}"
                     )
-                values = np.asarray(score(samples, reference_key))
+                values = np.asarray(score(samples, seed_keys(reference_key, config)))
                 per_budget[str(budget)] = {
                     "steps": steps,
                     "nfe": int(nfe.max()),
@@ -1316,6 +1327,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
             else {}
         )
     metrics: dict[str, Any] = {
+        "devices": common.seed_devices(config),  # Part B's seed axis was split over these
         "floor_factor": config.floor_factor,
         "fit_points": config.fit_points,
         "num_seeds": config.num_seeds,

@@ -22,7 +22,9 @@ Quality is the sliced 2-Wasserstein distance
 
 over ``num_projections`` random unit directions, between ``num_samples`` generated points and as
 many held-out exact draws, mean ± standard error over ``num_seeds`` seeds (each seed: its own
-prior draws, noise, held-out set and directions).  Each sampler also runs, in the same compiled
+prior draws, noise, held-out set and directions; the seeds of each sampler run, here and in the
+digits part, are vmapped in one jitted call and split over ``config.devices`` devices,
+:func:`experiments.common.seed_mesh`).  Each sampler also runs, in the same compiled
 program and with the same prior draws and noise, on the mixture's exact :math:`\varepsilon`
 (closed form, :meth:`shufflesgd.problems.GaussianMixture.eigen`): that row is the solver's error
 alone, and the gap network − exact is the network's.  Reference rows: a second exact sample (the
@@ -280,6 +282,7 @@ def validate(config: ConfigDict) -> None:
                 )
     for field in ("checkpoint_dir", "data_dir"):
         common.check_optional_path(field, config[field])
+    common.seed_devices(config)  # the sampling seeds split over config.devices
 
 
 # ------------------------------------------------------------------ networks as samplers' models
@@ -405,9 +408,10 @@ def make_runner(
     switches: tuple[bool, ...],
 ) -> Callable:
     """A jitted
-    ``(params, grid, key) -> (samples [W, S, n, *shape], nfe [W, S, n], nonfinite [W, S, n])``
-    over the model switches W and seeds S; seed s draws its prior from ``fold_in(key_s, 0)`` and its
-    noise from ``fold_in(key_s, 1)``, ``key_s = fold_in(key, s)``, the same for every switch."""
+    ``(params, grid, keys) -> (samples [W, S, n, *shape], nfe [W, S, n], nonfinite [W, S, n])``
+    over the model switches W and the seeds S of ``keys`` (``[S]``, :func:`seed_keys`: jit splits
+    the seeds over their devices); seed s draws its prior from ``fold_in(keys[s], 0)`` and its
+    noise from ``fold_in(keys[s], 1)``, the same for every switch."""
 
     def one(params: PyTree, switch: jax.Array, seed_key: jax.Array, grid: jax.Array):
         x_T = sde.prior_sample(jax.random.fold_in(seed_key, 0), (num_samples, *shape))
@@ -423,14 +427,23 @@ def make_runner(
         )
         return x, info.nfe, info.nonfinite_step
 
-    def run(params: PyTree, grid: jax.Array, key: jax.Array):
-        keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(num_seeds))
+    def run(params: PyTree, grid: jax.Array, keys: jax.Array):
+        if keys.shape != (num_seeds,):
+            raise ValueError(f"expected {num_seeds} seed keys, got shape {keys.shape}")
         per_seed = jax.vmap(one, in_axes=(None, None, 0, None))
         return jax.vmap(per_seed, in_axes=(None, 0, None, None))(
             params, jnp.asarray(switches), keys, grid
         )
 
-    return jax.jit(run)
+    jitted = jax.jit(run)
+
+    def on_the_seeds_devices(params: PyTree, grid: jax.Array, keys: jax.Array):
+        # the parameters (committed to one device once restored from a checkpoint) and the grid
+        # replicated on the devices that the seed keys are split over
+        replicated = jax.sharding.NamedSharding(keys.sharding.mesh, jax.sharding.PartitionSpec())
+        return jitted(*jax.device_put((params, grid), replicated), keys)
+
+    return on_the_seeds_devices
 
 
 def labelled_sampler(
@@ -466,11 +479,17 @@ def sampling_jobs(
     return jobs
 
 
-def seed_directions(key: jax.Array, num_seeds: int, num: int, dim: int) -> jax.Array:
-    """``[S, L, d]`` random unit directions, seed s from ``fold_in(key, s)``."""
-    return jax.vmap(lambda s: metrics.random_directions(jax.random.fold_in(key, s), num, dim))(
-        jnp.arange(num_seeds)
-    )
+def seed_keys(key: jax.Array, num_seeds: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """The ``[S]`` keys ``fold_in(key, s)`` of the seeds, split over the ``"seeds"`` axis of
+    ``mesh`` (:func:`experiments.common.shard_seeds`), so that what is vmapped over them runs each
+    device's block of seeds on that device."""
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(num_seeds))
+    return common.shard_seeds(keys, mesh)
+
+
+def seed_directions(keys: jax.Array, num: int, dim: int) -> jax.Array:
+    """``[S, L, d]`` random unit directions, seed s from ``keys[s]`` (:func:`seed_keys`)."""
+    return jax.vmap(lambda k: metrics.random_directions(k, num, dim))(keys)
 
 
 @jax.jit
@@ -552,12 +571,12 @@ def run_mixture(
         run_dir,
     )
 
-    n, seeds = config.num_samples, config.num_seeds
-    seed_keys = lambda k: jax.vmap(lambda s: jax.random.fold_in(k, s))(jnp.arange(seeds))
-    heldout = jax.vmap(lambda k: law.sample(k, n))(seed_keys(keys["heldout"]))
-    directions = seed_directions(keys["directions"], seeds, config.num_projections, law.dim)
-    floor = jax.vmap(lambda k: law.sample(k, n))(seed_keys(keys["floor"]))
-    prior = jax.vmap(lambda k: sde.prior_sample(k, (n, law.dim)))(seed_keys(keys["prior"]))
+    n, seeds, mesh = config.num_samples, config.num_seeds, common.seed_mesh(config)
+    per_seed = lambda name: seed_keys(keys[name], seeds, mesh)
+    heldout = jax.vmap(lambda k: law.sample(k, n))(per_seed("heldout"))
+    directions = seed_directions(per_seed("directions"), config.num_projections, law.dim)
+    floor = jax.vmap(lambda k: law.sample(k, n))(per_seed("floor"))
+    prior = jax.vmap(lambda k: sde.prior_sample(k, (n, law.dim)))(per_seed("prior"))
     result: dict[str, Any] = {
         "dim": law.dim,
         "weights": np.exp(np.asarray(law.log_weights)).tolist(),
@@ -594,7 +613,7 @@ def run_mixture(
             )
         grid = jnp.asarray(diffusion.time_grid(sde, config.grid, steps))
         samples, nfe, bad = runners[key_opts](
-            params, grid, jax.random.fold_in(keys["samples"], index)
+            params, grid, seed_keys(jax.random.fold_in(keys["samples"], index), seeds, mesh)
         )
         nfe, bad = np.asarray(nfe), np.asarray(bad)
         network, exact = (
@@ -905,16 +924,21 @@ def run_digits(
     points = jnp.asarray(per_sample(test_x[: config.likelihood_points]))
     likelihood = likelihood_rows(config, main, points, keys["likelihood"])
 
-    n, seeds = len(test_levels), config.num_seeds
+    n, seeds, mesh = len(test_levels), config.num_seeds, common.seed_mesh(config)
     test_flat = jnp.asarray(test_x.reshape(n, -1))
-    directions = seed_directions(keys["directions"], seeds, config.num_projections, DIGIT_DIM)
+    directions = seed_directions(
+        seed_keys(keys["directions"], seeds, mesh), config.num_projections, DIGIT_DIM
+    )
     train_x = np.asarray(
         data.dequantise(keys["dequantise_train"], jnp.asarray(train_levels[:n]), DIGIT_LEVELS)
     )
+    # the baselines are drawn whole from one key each, then split over the seeds' devices
     gauss = jax.random.multivariate_normal(
         keys["baseline"], jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32), (seeds, n)
     )
-    prior = sde.prior_sample(keys["prior"], (seeds, n, DIGIT_DIM))
+    gauss, prior = common.shard_seeds(
+        (gauss, sde.prior_sample(keys["prior"], (seeds, n, DIGIT_DIM))), mesh
+    )
     result: dict[str, Any] = {
         "model": config.digits_model,
         "preconditioning": config.digits_preconditioning,
@@ -959,7 +983,9 @@ def run_digits(
             continue
         runner = cached_runner(runners, main, name, extra, config, n)
         grid = jnp.asarray(diffusion.time_grid(sde, config.grid, steps))
-        samples, nfe, bad = runner(params, grid, jax.random.fold_in(keys["samples"], index))
+        samples, nfe, bad = runner(
+            params, grid, seed_keys(jax.random.fold_in(keys["samples"], index), seeds, mesh)
+        )
         flat = samples[0].reshape(seeds, n, DIGIT_DIM)
         entry[label], sw2 = digits_sample_row(steps, nfe, bad, flat, test_flat, directions)
         done[(name, label)] = (index, entry[label], sw2)
@@ -1040,7 +1066,7 @@ def run_processes(
     digits samplers already ran on the process ``config.sde`` (``known_runs``: its job index
     ``i``, row and per-seed SW2) is not run again: its row is reused and the other processes run
     with its key ``fold_in(known_key, i)``."""
-    n = test_flat.shape[0]
+    n, mesh = test_flat.shape[0], common.seed_mesh(config)
     first = config.digits_processes[0]
     result: dict[str, Any] = {"names": list(networks), "networks": {}, "samplers": {}}
     for process, network in networks.items():
@@ -1090,7 +1116,9 @@ def run_processes(
                     if known is not None
                     else jax.random.fold_in(key, index)
                 )
-                samples, nfe, bad = runner(network.params, grid, job_key)
+                samples, nfe, bad = runner(
+                    network.params, grid, seed_keys(job_key, config.num_seeds, mesh)
+                )
                 flat = samples[0].reshape(config.num_seeds, n, DIGIT_DIM)
                 entry[label], sw2 = digits_sample_row(steps, nfe, bad, flat, test_flat, directions)
             first_sw2 = sw2 if process == first else first_sw2
@@ -1131,7 +1159,7 @@ def run_exposure_bias(
     (that of the plain network's first row), and the per-image difference from
     :math:`b = 1`.  Time-Shift keeps the network and moves the times a sampler queries it at, so
     it defines no density of its own (``"time_shift": None``)."""
-    n, seeds = test_flat.shape[0], config.num_seeds
+    n, seeds, mesh = test_flat.shape[0], config.num_seeds, common.seed_mesh(config)
     scales = (1.0, *config.epsilon_scaling_b)
     scaled_for = lambda p, b: diffusion.epsilon_scaling(network_model(network, p), sde, 0.0, b)
     plain_for = lambda p, _: network_model(network, p)
@@ -1159,7 +1187,8 @@ def run_exposure_bias(
                 continue
             grid = jnp.asarray(diffusion.time_grid(sde, config.grid, steps))
             run_key = jax.random.fold_in(key, 1000 * index + budget)  # shared: paired variants
-            outputs = [scaled_run(params, grid, run_key), shifted_run(params, grid, run_key)]
+            run_keys = seed_keys(run_key, seeds, mesh)
+            outputs = [scaled_run(params, grid, run_keys), shifted_run(params, grid, run_keys)]
             samples = jnp.concatenate([o[0] for o in outputs]).reshape(-1, seeds, n, DIGIT_DIM)
             nfe = np.concatenate([np.asarray(o[1]) for o in outputs])
             bad = np.concatenate([np.asarray(o[2]) for o in outputs])
@@ -1654,7 +1683,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
     folder = common.results_folder(config, NAME)
     root = pathlib.Path(config.checkpoint_dir) if config.checkpoint_dir else folder / "training"
     base = jax.random.key(config.seed)
-    metrics: dict[str, Any] = {}
+    # the seed axis of every sampling sweep was split over these
+    metrics: dict[str, Any] = {"devices": common.seed_devices(config)}
     if "mixture_2d" in config.parts:
         metrics["mixture_2d"] = run_mixture(
             config, sde, jax.random.fold_in(base, 0), root / "mixture_2d"
@@ -1666,7 +1696,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
             metrics["digits"].pop("test_pictures"),
             folder / "digits.png",
         )
-    for part in metrics:
+    for part in (p for p in PARTS if p in metrics):
         common.write_csv(
             folder / f"{part}_epochs.csv",
             ["epoch", "train_loss", "heldout_loss"],

@@ -42,13 +42,15 @@ network) and every ``eval_every`` steps, and the workers' mean minibatch loss ev
 A run whose loss goes non-finite is not stopped: ``first_nonfinite_step`` (per seed, ``None``
 when finite throughout) records the first step whose loss was not finite.
 
-**Sharding.**  With ``num_devices`` > 1 the worker shards are placed on a
-:func:`shufflesgd.parallel.worker_mesh` with their worker axis split
-(``jax.jit`` ``in_shardings``), and the per-worker batches and gradients carry
-``jax.lax.with_sharding_constraint`` to that sharding, so the per-worker states derived from
-them (EF memories and momenta, DeMo momenta) stay with their worker; only the mean of the
-messages crosses devices.  Every key is ``fold_in`` of a worker index, so the result equals
-the one-device run up to the order of floating-point sums (the test checks 1 against 8).
+**Sharding.**  The sweep runs on a 2-D mesh ``("seeds", "workers")`` of ``devices`` ×
+``num_devices`` devices (:func:`sweep_mesh`): the seed keys are split over ``"seeds"`` and
+the worker shards over ``"workers"`` (``jax.jit`` ``in_shardings``), and the per-worker
+batches and gradients carry ``jax.lax.with_sharding_constraint`` to the worker sharding
+(``vmap``'s ``spmd_axis_name`` adds the seed axis), so the per-worker states derived from
+them (EF memories and momenta, DeMo momenta) stay with their worker and seed; only the mean of
+the messages crosses devices, within a seed's row of the mesh.  Every key is ``fold_in`` of a
+worker index, so the result equals the one-device run up to the order of floating-point sums
+(the tests check 1 against 8 worker devices, and 2 seed × 4 worker devices).
 
 Written: ``metrics.json`` (per method: final test loss/accuracy mean ± SE, bits per worker,
 paired differences against ``dp``, curves, first non-finite step), ``results.csv`` (one row
@@ -339,31 +341,68 @@ def devices_used(config: ConfigDict) -> int:
     return max(k for k in range(1, available + 1) if config.num_workers % k == 0)
 
 
+def seed_devices(config: ConfigDict) -> int:
+    """How many devices the seed axis is split over (the rows of :func:`sweep_mesh`, each of
+    :func:`devices_used` worker devices): ``config.devices``, or (``None``) the most of
+    ``available // devices_used`` that divide ``config.num_seeds``.  ``ValueError`` naming
+    ``config.devices`` when it is not a positive int, does not divide ``config.num_seeds``, or
+    times the worker devices exceeds the devices available."""
+    workers = devices_used(config)
+    available = jax.device_count()
+    if config.devices is None:
+        return max(k for k in range(1, available // workers + 1) if config.num_seeds % k == 0)
+    devices = common.seed_devices(config)  # a positive int, at most available, divides seeds
+    if devices * workers > available:
+        raise ValueError(
+            f"config.devices={devices} seed devices times {workers} worker devices "
+            f"(config.num_devices) exceeds the {available} available devices"
+        )
+    return devices
+
+
+def sweep_mesh(config: ConfigDict) -> jax.sharding.Mesh | None:
+    """The 2-D mesh ``("seeds", "workers")`` of :func:`seed_devices` × :func:`devices_used`
+    devices, the first of :func:`jax.devices` in row-major order; ``None`` on one device."""
+    shape = (seed_devices(config), devices_used(config))
+    if shape == (1, 1):
+        return None
+    devices = np.array(jax.devices()[: shape[0] * shape[1]]).reshape(shape)
+    auto = jax.sharding.AxisType.Auto
+    return jax.sharding.Mesh(devices, (common.SEEDS, parallel.WORKERS), axis_types=(auto, auto))
+
+
 def sweep_program(
     config: ConfigDict, method: str, train: Arrays
 ) -> tuple[Callable[..., Curves], Arrays]:
     """``(jitted, shards)``: the jitted, seed-vmapped ``run`` of ``method`` and the worker
-    shards placed for it; with :func:`devices_used` > 1 the shards' worker axis is split over
-    a worker mesh (``in_shardings``) and everything else is replicated.  Call
-    ``jitted(seed_keys(config), hyper_parameters(config, method), shards, test)``."""
-    num_devices = devices_used(config)
-    mesh = parallel.worker_mesh(num_devices) if num_devices > 1 else None
-    sweep = jax.vmap(make_run(config, method, mesh), in_axes=(0, None, None, None))
+    shards placed for it.  On more than one device (:func:`sweep_mesh`) the keys' seed axis is
+    split over the mesh axis ``"seeds"``, the shards' worker axis over ``"workers"``
+    (``in_shardings``; the per-worker constraints of :func:`make_run` get the seed axis through
+    ``vmap``'s ``spmd_axis_name``), the curves come back split over ``"seeds"`` and everything
+    else is replicated.  Call ``jitted(seed_keys(config), hyper_parameters(config, method),
+    shards, test)``."""
+    mesh = sweep_mesh(config)
     shards = worker_shards(train, config.num_workers)
     if mesh is None:
+        sweep = jax.vmap(make_run(config, method, None), in_axes=(0, None, None, None))
         return jax.jit(sweep), shards
+    sweep = jax.vmap(
+        make_run(config, method, mesh), in_axes=(0, None, None, None), spmd_axis_name=common.SEEDS
+    )
     rep = parallel.replicated(mesh)
+    by_seed = parallel.worker_sharding(mesh, common.SEEDS)
     jitted = jax.jit(
         sweep,
-        in_shardings=(rep, rep, parallel.worker_sharding(mesh), rep),
-        out_shardings=rep,
+        in_shardings=(by_seed, rep, parallel.worker_sharding(mesh), rep),
+        out_shardings=by_seed,
     )
     return jitted, parallel.shard_workers(mesh, shards)
 
 
 def run_seeds(config: ConfigDict, method: str, train: Arrays, test: Arrays) -> Curves:
     """All ``config.num_seeds`` seeds of ``method`` in one jitted, vmapped call (leading seed
-    axis), the worker axis split over :func:`devices_used` devices."""
+    axis), the seed axis split over :func:`seed_devices` devices and the worker axis over
+    :func:`devices_used` devices (:func:`sweep_program`)."""
     jitted, shards = sweep_program(config, method, train)
     return jax.block_until_ready(
         jitted(seed_keys(config), hyper_parameters(config, method), shards, test)
@@ -473,6 +512,7 @@ def validate(config: ConfigDict) -> None:
                 f"config.num_devices must divide config.num_workers={config.num_workers}, "
                 f"got {config.num_devices}"
             )
+    seed_devices(config)
     common.check_optional_path("data_dir", config.data_dir)
 
 
@@ -575,7 +615,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         "model": config.model,
         "num_workers": config.num_workers,
         "num_seeds": config.num_seeds,
-        "num_devices": devices_used(config),
+        "num_devices": devices_used(config),  # the worker axis was split over these
+        "devices": seed_devices(config),  # and the seed axis over these
         "num_params": num_params(config),
         "methods": {},
     }

@@ -107,6 +107,7 @@ def test_quick_study_measures_orders_floor_and_equal_nfe(
     ):
         assert (run_folder / name).stat().st_size > 0, name
     saved = json.loads((run_folder / "metrics.json").read_text())
+    assert saved["devices"] == 4  # Part B's 4 seeds over 4 of the 8 devices
     assert set(saved["gaussian"]["samplers"]) == set(config.gaussian_samplers)
     assert set(saved["mixtures"]) == set(config.mixtures)
     assert set(saved["mean_reverting"]["samplers"]) == set(config.mean_reverting_samplers)
@@ -362,12 +363,56 @@ def test_order_fit_leaves_out_the_floor_and_keeps_the_largest_budgets():
         ({"dc_interpolation_order": 5}, r"config\.dc_interpolation_order must be 1, 2 or 3"),
         ({"dc_cpr_nfe_degree": 0}, r"config\.dc_cpr_nfe_degree must be positive integers"),
         ({"dc_search_steps": 0}, r"config\.dc_search_steps must be positive integers"),
+        ({"devices": 9}, r"config\.devices=9 exceeds the 8 available devices"),
+        ({"devices": 3}, r"config\.devices=3 does not divide config\.num_seeds=4"),
+        ({"devices": 0}, r"config\.devices must be"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, match, quick_config):
     with pytest.raises(ValueError, match=match):
         sampler_nfe.run(quick_config("sampler_nfe", tmp_path, **overrides))
     assert not (tmp_path / "sampler_nfe").exists()
+
+
+def test_part_b_seeds_split_over_8_devices_give_the_1_device_results(x64, quick_config, tmp_path):
+    """Part B on the 2-D mixture (8 seeds of 64 samples, Euler-Maruyama at NFE 10 and the exact
+    draws, both scored), the seeds split over 8 devices against all on one device.  Not
+    bitwise: XLA vectorises the sampler over a batch of 8 seeds and one of 1 differently, so the
+    float64 samples (of order 1) differ by rounding (2e-14 seen); the exact draws, and the
+    scores of equal samples, are bitwise.  The metrics (1e-3 to 1) differed by 1.1e-16 at most;
+    the tolerance allows 100 times that, far below their standard errors.  Steps, NFE and
+    non-finite counts agree exactly."""
+
+    class Bar:
+        def update(self):
+            pass
+
+    sde = diffusion.make_sde("vp")
+    results = {}
+    for devices in (1, 8):
+        config = quick_config(
+            "sampler_nfe",
+            tmp_path,
+            devices=devices,
+            num_seeds=8,
+            num_samples=64,
+            num_projections=8,
+            mixture_samplers=("euler_maruyama",),
+            mixture_nfe_budgets=(10,),
+        )
+        sampler_nfe.validate(config)
+        keys = sampler_nfe.seed_keys(jax.random.key(0), config)
+        assert len(keys.sharding.device_set) == devices
+        results[devices] = sampler_nfe.run_mixtures(config, sde, jax.random.key(1), Bar())
+    one, eight = (r["mixture_2d"] for r in (results[1], results[8]))
+    r, r8 = one["samplers"]["euler_maruyama"]["10"], eight["samplers"]["euler_maruyama"]["10"]
+    for key in ("steps", "nfe", "nonfinite_samples"):
+        assert r8[key] == r[key], key
+    for a, b in ((one["exact"], eight["exact"]), (r, r8)):
+        for m in ("sliced_w2", "mmd2", "mode_weight_error"):
+            for k in ("mean", "se"):
+                assert b[m][k] == pytest.approx(a[m][k], rel=0, abs=1e-14), (m, k, a, b)
+    assert r["nfe"] == 10 and r["nonfinite_samples"] == 0 and r["sliced_w2"]["se"] > 0, r
 
 
 def test_exact_flow_states_are_the_probability_flow(x64):
