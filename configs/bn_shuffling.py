@@ -5,7 +5,7 @@ a few minutes on 2 CPU cores) and ``configs/bn_shuffling.py:quick`` (fewer seeds
 the test runs it).  Lists are tuples.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -14,6 +14,9 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.num_seeds = (
         8  # runs per (scheme, learning rate); each seed: one init and one shuffle key
     )
+    # Devices the runs are split over (the first k, the rate-major run axis in equal blocks);
+    # None: all of them, or the most of them that config.num_seeds splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.results_dir = "results"
 
     # Regression (Wu, Yun & Sra 2023, Sec. 3): y = <w*, x> + noise, x log-normal (skewed, so that

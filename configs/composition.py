@@ -4,7 +4,7 @@ Variants: ``configs/composition.py`` (the full study) and ``configs/composition.
 (fewer particle counts, temperatures, step counts and samples; the test runs it).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config(variant: str = "full") -> ConfigDict:
@@ -30,6 +30,10 @@ def get_config(variant: str = "full") -> ConfigDict:
     config.quadrature_half_width = 7.0
     config.num_directions = 256  # sliced W2
     config.seed = 0
+    # Devices the independent units (FK systems, Ito paths, SuperDiff samples) are split over
+    # (the first k); None: all of them, or the most of them that gcd(2 * num_seeds * fk_systems,
+    # ito_paths, superdiff_samples) splits evenly over.
+    config.devices = config_dict.placeholder(int)
     config.x64 = False
     config.results_dir = "results"
     if variant == "quick":

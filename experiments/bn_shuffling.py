@@ -50,7 +50,8 @@ Training uses :func:`shufflesgd.network_training.make_trainer` with the schemes 
 :func:`shufflesgd.shuffling.make_scheme`; each epoch is its ``scan_epoch``, a ``lax.scan`` over
 the epoch's minibatches in the order ``scheme.step`` draws (the same steps, keys and batches as
 ``Trainer.run_epoch``), vmapped over seeds and learning rates (a traced
-``optax.inject_hyperparams`` learning rate), in compiled chunks of epochs with a tqdm bar.
+``optax.inject_hyperparams`` learning rate), in compiled chunks of epochs with a tqdm bar; the
+run axis is split over ``config.devices`` devices (:func:`experiments.common.seed_mesh`).
 (:func:`experiments.common.train_resumable` drives one run with one Python dispatch per
 step; here there are tens of thousands of microsecond steps per run, so the runs are vmapped
 instead, and each takes seconds, which needs no checkpoint.)
@@ -154,6 +155,7 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(
             f"config.classification.class_shift must be a non-negative finite number, got {shift!r}"
         )
+    common.seed_devices(config)  # config.num_seeds divides both tasks' run axes
 
 
 # ----------------------------------------------------------------------------- data
@@ -356,13 +358,16 @@ def train_all(
     seed_keys: jax.Array,
     record_fn: Callable[[PyTree], jax.Array],
     label: str,
+    mesh: jax.sharding.Mesh,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Train GD, SS and RR for every (rate, seed) for the same number of steps.
 
     Returns per scheme ``risk [runs, epochs]``, ``record [runs, epochs, ...]`` (runs rate-major),
     the first epoch's ``order [seeds, n]`` (SS's fixed partition) and ``seconds``.  Seed ``s``
     has key ``seed_keys[s]``: its fold 0 initialises the model (the same initial network for
-    all three schemes and every rate), fold ``1 + scheme`` the run.
+    all three schemes and every rate), fold ``1 + scheme`` the run.  The states are built here,
+    outside the compiled chunks, and placed with the run axis split over the ``"seeds"`` axis of
+    ``mesh`` (:func:`experiments.common.shard_seeds`), so each device trains its block of runs.
     """
     n, batch = task.num_examples, task.batch_size
     steps_per_epoch = n // batch
@@ -384,6 +389,7 @@ def train_all(
         first_orders = np.asarray(
             jax.vmap(first_order, in_axes=(0, 0, None))(first_keys, first_states, 0)[1]
         )
+        states = common.shard_seeds(states, mesh)
         start = time.perf_counter()
         risks, records = [], []
         for _ in tqdm(
@@ -427,6 +433,7 @@ def regression_study(
         seed_keys,
         lambda p: regression_theta(p, depth),
         "regression",
+        common.seed_mesh(config),
     )
     optima = distorted_optima(
         data,
@@ -541,7 +548,15 @@ def classification_study(
         return jnp.sqrt(jnp.sum(matrix**2) + jnp.sum(offset**2))
 
     runs = train_all(
-        model, loss_fn, task, data, [task.learning_rate], seed_keys, norm_record, "classification"
+        model,
+        loss_fn,
+        task,
+        data,
+        [task.learning_rate],
+        seed_keys,
+        norm_record,
+        "classification",
+        common.seed_mesh(config),
     )
     x, signs = data["x"].astype(np.float64), 2.0 * data["y"] - 1.0
     batches = _all_batches(
@@ -782,7 +797,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
     ]
     reg_metrics, reg_curves = regression_study(config, task_keys[0])
     cls_metrics, cls_curves = classification_study(config, task_keys[1])
-    metrics = {"regression": reg_metrics, "classification": cls_metrics}
+    metrics = {
+        "devices": common.seed_devices(config),  # the run axis was split over these
+        "regression": reg_metrics,
+        "classification": cls_metrics,
+    }
     table = format_table(metrics)
     rates, seeds = reg_curves["rates"], config.num_seeds
     common.write_csv(

@@ -68,6 +68,10 @@ slowly still, one system's far above the pooled ones.  The Itô error decreases 
 steps (strong order about :math:`\frac12`, Part C).  OR reaches the floor.  AND's exact gap is
 far below the average's, and neither matches the product.
 
+The independent units of every vmapped call (Parts A and B: the systems; C: the paths; D:
+the samples) are split over ``config.devices`` devices (:func:`unit_devices`), their keys
+built outside the compiled programs.
+
 Run: ``python -m experiments.composition --config configs/composition.py``.
 """
 
@@ -82,11 +86,13 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from experiments import common
-from shufflesgd import diffusion, metrics, problems
+from shufflesgd import diffusion, metrics, parallel, problems
 from shufflesgd.diffusion import smc
 
 matplotlib.use("Agg")
@@ -175,6 +181,31 @@ def validate(config: ConfigDict) -> None:
         raise ValueError(f"config.x64 must be True or False, got {config.x64!r}")
     if not isinstance(config.results_dir, str) or not config.results_dir:
         raise ValueError(f"config.results_dir must be a non-empty path, got {config.results_dir!r}")
+    unit_devices(config)
+
+
+def unit_devices(config: ConfigDict) -> int:
+    """How many devices the independent units are split over: :func:`experiments.common.
+    seed_devices` with, as the seeds, the greatest common divisor of the lengths of the vmapped
+    axes, ``2 * num_seeds * fk_systems`` (Parts A and B: the FK and the naive systems of every
+    seed), ``ito_paths`` and ``superdiff_samples`` (``ValueError`` naming ``config.devices`` when
+    it is not ``None`` or a positive int, exceeds the devices available, or does not divide that
+    divisor)."""
+    sizes = (2 * config.num_seeds * config.fk_systems, config.ito_paths, config.superdiff_samples)
+    label = "gcd(2 * num_seeds * fk_systems, ito_paths, superdiff_samples)"
+    return common.seed_devices(config, math.gcd(*sizes), label)
+
+
+def unit_mesh(config: ConfigDict) -> jax.sharding.Mesh:
+    """The 1-D ``"seeds"`` mesh over the first :func:`unit_devices` devices."""
+    return parallel.worker_mesh(unit_devices(config), axis=common.SEEDS)
+
+
+def indexed_keys(key: jax.Array, count: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """``fold_in(key, i)`` for ``i < count``, built here (outside the compiled programs) and
+    split over the ``"seeds"`` axis of ``mesh``."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
+    return common.shard_seeds(keys, mesh)
 
 
 def experts() -> tuple[problems.GaussianMixture, problems.GaussianMixture]:
@@ -307,6 +338,7 @@ def fk_program(
     reference: Callable[[jax.Array, Any, int], jax.Array],
     directions: jax.Array,
     partition: Callable[[Any], problems.GaussianMixture],
+    mesh: jax.sharding.Mesh,
 ) -> Callable[..., dict[str, jax.Array]]:
     """One compiled program for a part and a particle count ``num_particles``:
     ``(key, exponents, target) -> metrics`` ``[seeds, 3]`` of FK (``fk_ess_threshold``), of
@@ -316,7 +348,8 @@ def fk_program(
     (:func:`mass_tv`); for the figure, each seed's first FK system (``example_fk``) and as many
     exact draws (``example_exact``).  Seed :math:`s`, system :math:`j` runs from
     ``fold_in(fold_in(fold_in(key, s), 0), j)``; the systems of every seed and both thresholds
-    are one flat ``vmap``."""
+    are one flat ``vmap``, their keys built outside the compiled program and split over the
+    ``"seeds"`` axis of ``mesh`` (the per-seed metrics are partitioned as XLA sees fit)."""
     n, systems, seeds = num_particles, config.fk_systems, config.num_seeds
 
     def system(key: jax.Array, threshold: jax.Array, exponents: jax.Array) -> tuple[Any, ...]:
@@ -366,14 +399,13 @@ def fk_program(
         out["mass_tv"] = jax.vmap(lambda y: mass_tv(y, exact, law))(pooled)
         return out
 
+    replicated = NamedSharding(mesh, P())
+
     @jax.jit
-    def program(key: jax.Array, exponents: jax.Array, target: Any) -> dict[str, jax.Array]:
-        seed_keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(seeds))
-        index = jnp.arange(2 * seeds * systems)
-        seed, role = (index // systems) % seeds, index // (seeds * systems)
-        keys = jax.vmap(
-            lambda s, j: jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, s), 0), j)
-        )(seed, index % systems)
+    def compiled(
+        keys: jax.Array, seed_keys: jax.Array, exponents: jax.Array, target: Any
+    ) -> dict[str, jax.Array]:
+        role = jnp.arange(2 * seeds * systems) // (seeds * systems)
         thresholds = jnp.where(role == 0, config.fk_ess_threshold, 0.0)
         x, min_ess, resamplings, bad, nfe = jax.vmap(
             lambda k, threshold: system(k, threshold, exponents)
@@ -388,6 +420,15 @@ def fk_program(
             nfe=jnp.max(nfe),
         )
         return out
+
+    def program(key: jax.Array, exponents: jax.Array, target: Any) -> dict[str, jax.Array]:
+        seed_keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(seeds))
+        index = jnp.arange(2 * seeds * systems)
+        keys = jax.vmap(
+            lambda s, j: jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, s), 0), j)
+        )((index // systems) % seeds, index % systems)
+        keys = common.shard_seeds(keys, mesh)
+        return compiled(keys, jax.device_put(seed_keys, replicated), exponents, target)
 
     return program
 
@@ -445,6 +486,7 @@ def run_product(
             lambda k, law, num: law.sample(k, num),
             directions,
             lambda law: law,
+            unit_mesh(config),
         )
         out = program(jax.random.fold_in(jax.random.fold_in(key, 1), n), jnp.ones(2), product)
         rows.append(fk_rows(out, particles=n))
@@ -464,8 +506,11 @@ def run_anneal(
     log_p = np.asarray(log_densities(p1_t, jnp.asarray(points, jnp.result_type(float))))
     models = (diffusion.mixture_model(sde, p1.eigen()),)
     directions = metrics.random_directions(jax.random.fold_in(key, 0), config.num_directions, 2)
+    mesh = unit_mesh(config)
     programs = {
-        n: fk_program(models, sde, grid, n, config, quadrature_draws, directions, lambda _: p1_t)
+        n: fk_program(
+            models, sde, grid, n, config, quadrature_draws, directions, lambda _: p1_t, mesh
+        )
         for n in config.fk_particles
     }
     rows = []
@@ -488,13 +533,14 @@ def run_ito(config: ConfigDict, sde: diffusion.SDE, key: jax.Array) -> dict[str,
     PF-ODE likelihood's error beside it."""
     law = experts()[0].eigen()
     model = diffusion.mixture_model(sde, law)
+    mesh = unit_mesh(config)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def errors(steps: int, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def errors(steps: int, keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Path ``i`` from ``keys[i]`` (split over the devices of ``mesh``)."""
         grid = jnp.asarray(diffusion.time_grid(sde, config.grid, steps))
 
-        def path(index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            path_key = jax.random.fold_in(key, index)
+        def path(path_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
             x_T = sde.prior_sample(jax.random.fold_in(path_key, 0), (2,))
             x, log_q, info = diffusion.reverse_sde_log_density(
                 jax.random.fold_in(path_key, 1), model, sde, x_T, grid
@@ -502,11 +548,12 @@ def run_ito(config: ConfigDict, sde: diffusion.SDE, key: jax.Array) -> dict[str,
             exact = law.log_prob(x, sde.alpha(grid[-1]), sde.sigma(grid[-1]))
             return x, log_q - exact, info.nonfinite_step
 
-        return jax.vmap(path)(jnp.arange(config.ito_paths))
+        return jax.vmap(path)(keys)
 
+    path_keys = indexed_keys(jax.random.fold_in(key, 0), config.ito_paths, mesh)
     rows, last = [], None
     for steps in tqdm(sorted(config.ito_steps), desc=f"{NAME} C (Itô density)"):
-        x, error, bad = errors(steps, jax.random.fold_in(key, 0))
+        x, error, bad = errors(steps, path_keys)
         error = np.asarray(error, np.float64)
         mean, se = common.mean_and_stderr(np.abs(error))
         rows.append(
@@ -556,11 +603,13 @@ def run_superdiff(
     average = diffusion.Model(lambda x, t: 0.5 * (models[0].fn(x, t) + models[1].fn(x, t)), "score")
     directions = metrics.random_directions(jax.random.fold_in(key, 0), config.num_directions, 2)
     num = config.superdiff_samples
+    mesh = unit_mesh(config)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def samples(method: str, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        def one(index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            sample_key = jax.random.fold_in(key, index)
+    def samples(method: str, keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Sample ``i`` from ``keys[i]`` (split over the devices of ``mesh``)."""
+
+        def one(sample_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
             x_T = sde.prior_sample(jax.random.fold_in(sample_key, 0), (2,))
             run_key = jax.random.fold_in(sample_key, 1)
             if method == "average":
@@ -571,7 +620,7 @@ def run_superdiff(
                 estimates = info.log_densities
             return x, estimates, info.nonfinite_step
 
-        return jax.vmap(one)(jnp.arange(num))
+        return jax.vmap(one)(keys)
 
     @jax.jit
     def distances(key: jax.Array, x: jax.Array, law: Any) -> jax.Array:
@@ -589,7 +638,9 @@ def run_superdiff(
     pictures = {}
     for method, seed in tqdm(work, desc=f"{NAME} D (SuperDiff)"):
         seed_key = jax.random.fold_in(jax.random.fold_in(key, 1), seed)
-        x, estimates, bad = samples(method, jax.random.fold_in(seed_key, 0))
+        keys = indexed_keys(jax.random.fold_in(seed_key, 0), num, mesh)
+        # gathered: the distances below run on one device, as they did before the split
+        x, estimates, bad = jax.device_get(samples(method, keys))
         store = collected[method]
         target = mixture if method == "or" else product
         w2, floor = np.asarray(distances(jax.random.fold_in(seed_key, 1), x, target))
@@ -659,6 +710,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     results = dict(product=product, anneal=anneal, ito=ito, superdiff=superdiff)
     _write_csvs(folder, results)
     table = format_table(config, results)
+    results["devices"] = unit_devices(config)  # the units were split over these
     return common.finish(folder, table, results, lambda path: draw(results, pictures, path))
 
 

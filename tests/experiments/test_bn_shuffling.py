@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import bn_shuffling as config_module
-from experiments import bn_shuffling
+from experiments import bn_shuffling, common
 from shufflesgd.nn import models, training
 from shufflesgd.nn.data import ArraySource
 from shufflesgd.shuffling import make_scheme
@@ -33,7 +33,8 @@ def test_quick_study_reproduces_distortion_and_divergence(tmp_path, capsys, quic
     ):
         assert (folder / name).stat().st_size > 0, name
     saved = json.loads((folder / "metrics.json").read_text())
-    assert set(saved) == {"regression", "classification"}
+    assert set(saved) == {"devices", "regression", "classification"}
+    assert saved["devices"] == 3  # the 3 seeds over 3 of the 8 devices
     seeds, rates = config.num_seeds, list(config.regression.learning_rates)
     with (folder / "regression.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == seeds * len(rates)
@@ -79,6 +80,48 @@ def test_quick_study_reproduces_distortion_and_divergence(tmp_path, capsys, quic
     # SS's end-to-end map grows without bound, RR's stays bounded (measured 3.2-6.7 vs 0.56-0.75)
     assert min(ss["final_end_to_end_norm"]) > 2 * max(rr["final_end_to_end_norm"]), (ss, rr)
     assert not any(rr["diverged"]) and not any(gd["diverged"]), (rr, gd)
+
+
+def test_runs_split_over_8_devices_give_the_1_device_results(tmp_path, quick_config):
+    """GD, SS and RR on the regression data for 8 seeds and 2 rates (16 runs), a few epochs,
+    the run axis split over 8 devices (2 runs each) against all 16 on one device.  SS and RR
+    (minibatches of 4) agree bitwise; GD (full batches of 64) does not: XLA vectorises its
+    steps over 16 runs and over 2 differently, and the float32 risks and end-to-end maps differ
+    by rounding (2e-7 to 1.4e-6 absolute seen, a few float32 ulps); the tolerance allows about
+    ten times that.  The first orders agree exactly."""
+    results = {}
+    for devices in (1, 8):
+        config = quick_config("bn_shuffling", tmp_path, num_seeds=8, devices=devices)
+        task = config.regression
+        task.update(dict(hidden=(4,), num_epochs=4, epochs_per_chunk=2))
+        bn_shuffling.validate(config)
+        data = bn_shuffling.regression_data(task, np.random.default_rng(0))
+        model = models.LinearBatchNorm(hidden=(4,), num_outputs=1)
+        seed_keys = jax.random.split(jax.random.key(5), 8)
+        runs = bn_shuffling.train_all(
+            model,
+            bn_shuffling.squared_loss(model),
+            task,
+            data,
+            [0.02, 0.005],
+            seed_keys,
+            lambda p: bn_shuffling.regression_theta(p, 2),
+            "regression",
+            common.seed_mesh(config),
+        )
+        results[devices] = runs
+    for name in bn_shuffling.SCHEMES:
+        one, eight = results[1][name], results[8][name]
+        assert one["risk"].shape == (16, 4) and np.all(np.isfinite(one["risk"]))
+        assert np.ptp(one["record"][:8, -1], axis=0).max() > 0  # the seeds differ
+        np.testing.assert_array_equal(eight["order"], one["order"], err_msg=name)
+        for field in ("risk", "record"):
+            if name == "gd":
+                np.testing.assert_allclose(
+                    eight[field], one[field], rtol=1e-5, atol=1e-5, err_msg=f"{name} {field}"
+                )
+            else:
+                np.testing.assert_array_equal(eight[field], one[field], err_msg=f"{name} {field}")
 
 
 def test_end_to_end_map_reproduces_the_network():
@@ -185,6 +228,9 @@ def test_closed_form_optima_and_separability():
             0,
             r"config\.classification\.num_epochs must be positive integers",
         ),
+        ("devices", 9, r"config\.devices=9 exceeds the 8 available devices"),
+        ("devices", 2, r"config\.devices=2 does not divide config\.num_seeds=3"),
+        ("devices", 0, r"config\.devices must be"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(tmp_path, path, value, match, quick_config):

@@ -14,7 +14,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from experiments import composition
-from shufflesgd import problems
+from shufflesgd import diffusion, problems
 
 
 def margin(*standard_errors):
@@ -55,6 +55,7 @@ def test_quick_run_writes_every_output(quick, capsys):
     assert "figure_error" not in metrics
     saved = json.loads((run_folder / "metrics.json").read_text())
     assert saved["product"] == metrics["product"]
+    assert saved["devices"] == 8  # gcd(64 systems, 512 paths, 1024 samples) over the 8 devices
     assert "SuperDiff" in (run_folder / "table.txt").read_text()
 
 
@@ -112,6 +113,53 @@ def test_superdiff_or_samples_the_mixture_and_and_equalises_densities(quick):
         ), r
 
 
+def test_units_split_over_8_devices_give_the_1_device_results(tmp_path, quick_config):
+    """Parts A, C and D on a tiny config (8 FK systems in all, 16 Itô paths, 16 SuperDiff
+    samples, 10 steps), the units split over 8 devices (1 or 2 each) against all on one
+    device.  Not bitwise: XLA vectorises a batch of 8 or 16 units and one of 1 or 2
+    differently, so the float32 particles, paths and samples differ by rounding; the reported
+    numbers were seen to differ by at most 7e-5 relative (a standard error), apart from AND's
+    estimate gap, itself rounding (7e-7), which moved by 3e-7; the tolerance allows over ten
+    times that.  (With more particles and steps, as in the quick config, FK's resampling can
+    turn such rounding into other ancestors, and its numbers then differ by Monte Carlo
+    error.)  The counts (evaluations, non-finite units) agree exactly."""
+    tiny = dict(
+        num_steps=10,
+        fk_particles=(16,),
+        fk_systems=2,
+        num_seeds=2,
+        ito_steps=(5, 10),
+        ito_paths=16,
+        superdiff_samples=16,
+        num_directions=8,
+        quadrature_cells=16,
+    )
+    sde = diffusion.make_sde("vp")
+    results = {}
+    for devices in (1, 8):
+        config = quick_config("composition", tmp_path, devices=devices, **tiny)
+        composition.validate(config)
+        grid = jnp.asarray(diffusion.time_grid(sde, config.grid, config.num_steps))
+        key = jax.random.key(0)
+        results[devices] = (
+            composition.run_product(config, sde, grid, key)[0]["rows"],
+            composition.run_ito(config, sde, key)["rows"],
+            composition.run_superdiff(config, sde, grid, key)[0]["rows"],
+        )
+    one, eight = results[1], results[8]
+    assert one[0][0]["fk_pooled_w2"] > 0 and one[1][0]["abs_error"] > 0
+    for part_one, part_eight in zip(one, eight, strict=True):
+        for row_one, row_eight in zip(part_one, part_eight, strict=True):
+            assert row_eight.keys() == row_one.keys()
+            for name, value in row_one.items():
+                if isinstance(value, (int, str)):
+                    assert row_eight[name] == value, name
+                else:
+                    np.testing.assert_allclose(
+                        row_eight[name], value, rtol=1e-3, atol=1e-5, err_msg=name
+                    )
+
+
 @pytest.mark.parametrize("seeds", [(0, 1), (2, 3)])
 def test_product_mixture_is_the_normalised_product(seeds):
     """log(ab/Z) pointwise at random points, and log Z by quadrature, for random mixtures."""
@@ -149,6 +197,13 @@ def test_product_mixture_is_the_normalised_product(seeds):
         ({"superdiff_samples": 0}, "config.superdiff_samples"),
         ({"seed": -1}, "config.seed"),
         ({"num_directions": 0}, "config.num_directions"),
+        ({"devices": 9}, r"config\.devices=9 exceeds the 8 available devices"),
+        (
+            {"devices": 3},
+            r"config\.devices=3 does not divide gcd\(2 \* num_seeds \* fk_systems, ito_paths, "
+            r"superdiff_samples\)=64",
+        ),
+        ({"devices": 0}, r"config\.devices must be"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_runs(tmp_path, overrides, match, quick_config):
