@@ -22,13 +22,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m experiments.shuffling_rates --config configs/shuffling_rates.py:quick
 
+# --dist loadfile keeps each test file on one worker, so that a module's fixture (most run a
+# quick study) is set up once rather than once on each worker.
 # pytest exits 5 when it collects nothing: report that as its own failure, never as a pass.
 # The docs step is strict: -n reports every unresolved cross-reference, -W fails the build on
 # any warning (Sphinx >= 8.1 lists them all first), and -E rereads every page so that an
 # incremental build cannot skip the warnings of an unchanged one.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	@$(BIN)/python -m pytest -n 2 --durations=15; rc=$$?; \
+	@$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
 	exit $$rc
 	$(BIN)/python -m sphinx -b html -E -n -W -q docs docs/_build/html

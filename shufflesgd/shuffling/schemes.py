@@ -156,7 +156,7 @@ def _keyed_epoch_scheme(
     return checked_scheme(init, step, _ignore_gradient, n, epoch_length, False)
 
 
-#: Largest ``n`` whose permutation :func:`_permutation` computes from ranks rather than a sort.
+#: Largest ``n`` whose uniform permutations the schemes compute from ranks rather than a sort.
 RANKED_PERMUTATION_MAX = 128
 
 
